@@ -1,0 +1,117 @@
+"""What a model sees at ranking time: users, their histories, and (for evaluation) targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+
+from recforge.data.schema import ITEM, USER
+
+
+@dataclass
+class Histories:
+    """A batch of users with their histories.
+
+    ``users`` holds encoded user indices (-1 for a user unknown at training time),
+    ``indptr``/``items`` the time-ordered history of each row (ragged), ``n_items`` the catalogue
+    size. Models take what they need: ``matrix`` (CSR rows) for item-based models,
+    ``sequences(max_len)`` (left-padded LongTensor) for sequential ones, ``users`` for
+    user-embedding models.
+    """
+
+    users: np.ndarray
+    indptr: np.ndarray
+    items: np.ndarray
+    n_items: int
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @classmethod
+    def from_lists(cls, users, histories: list[list[int]], n_items: int) -> "Histories":
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        indptr = np.zeros(len(histories) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(lengths.sum()))
+        return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items)
+
+    def slice(self, start: int, stop: int) -> "Histories":
+        ip = self.indptr[start : stop + 1]
+        return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items)
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    @cached_property
+    def matrix(self) -> sp.csr_matrix:
+        """Binary CSR (batch, n_items + 1) of history items."""
+        data = np.ones(len(self.items), dtype=np.float32)
+        m = sp.csr_matrix((data, self.items, self.indptr), shape=(len(self.users), self.n_items + 1))
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        return m
+
+    def sequences(self, max_len: int) -> torch.Tensor:
+        """The last ``max_len`` history items of each row, left-padded with 0: (batch, max_len)."""
+        n = len(self.users)
+        out = np.zeros((n, max_len), dtype=np.int64)
+        lengths = np.minimum(self.lengths, max_len)
+        # position of each kept item: row r, column max_len - lengths[r] + j
+        rows = np.repeat(np.arange(n), lengths)
+        starts = self.indptr[1:] - lengths
+        offs = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        src = np.repeat(starts, lengths) + offs
+        cols = np.repeat(max_len - lengths, lengths) + offs
+        out[rows, cols] = self.items[src]
+        return torch.from_numpy(out)
+
+
+@dataclass
+class EvalSet:
+    """Users to rank for one split part, with their histories and padded targets (0 = none)."""
+
+    histories: Histories
+    targets: np.ndarray  # (n_users_eval, max_targets) int64, 0-padded
+    part: str
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+    @property
+    def users(self) -> np.ndarray:
+        return self.histories.users
+
+
+def build_evalset(history: pl.DataFrame, targets: pl.DataFrame, n_users: int, n_items: int, part: str) -> EvalSet:
+    """Evaluate every user that has at least one target; history in time order."""
+    from recforge.data.split import ragged_sequences
+
+    t = targets.sort([USER, "timestamp"], maintain_order=True)
+    users = t[USER].unique(maintain_order=True).to_numpy().astype(np.int64)
+    indptr_all, items_all = ragged_sequences(history, n_users)
+    lengths = indptr_all[users + 1] - indptr_all[users]
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    idx = np.repeat(indptr_all[users] - indptr[:-1], lengths) + np.arange(indptr[-1])
+    hist = Histories(users, indptr, items_all[idx], n_items)
+
+    tu = t[USER].to_numpy().astype(np.int64)
+    ti = t[ITEM].to_numpy().astype(np.int64)
+    row = np.searchsorted(users, tu) if np.all(np.diff(users) > 0) else _positions(users, tu)
+    counts = np.bincount(row, minlength=len(users))
+    width = int(counts.max()) if len(counts) else 1
+    col = np.arange(len(tu)) - np.repeat(np.cumsum(counts) - counts, counts)
+    tgt = np.zeros((len(users), max(width, 1)), dtype=np.int64)
+    tgt[row, col] = ti
+    return EvalSet(hist, tgt, part)
+
+
+def _positions(users: np.ndarray, tu: np.ndarray) -> np.ndarray:
+    order = np.argsort(users, kind="stable")
+    return order[np.searchsorted(users[order], tu)]

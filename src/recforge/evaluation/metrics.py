@@ -1,0 +1,90 @@
+"""Ranking metrics computed from the rank of every target item.
+
+Conventions (documented in ARCHITECTURE.md, checked against hand-worked cases and ranx):
+
+* the ranking is over the whole catalogue, minus the padding index and the user's history
+  (except items that are themselves targets), ties broken by item index (lower first), so
+  every target has a distinct 1-based rank ``r``;
+* ``hr@k``: 1 if any target has ``r <= k``;
+* ``recall@k``: targets with ``r <= k`` / number of targets;
+* ``precision@k``: targets with ``r <= k`` / ``k``;
+* ``ndcg@k``: sum over hits of ``1 / log2(r + 1)``, divided by the ideal
+  ``sum_{i=1..min(T, k)} 1 / log2(i + 1)`` (binary relevance);
+* ``mrr``: ``1 / r`` of the best-ranked target, no cut-off; ``mrr@k`` the same, 0 beyond ``k``;
+* ``map@k``: sum over hits of (hits at or above ``r``) / ``r``, divided by ``min(T, k)``.
+
+With one target per user (leave-one-out), HR@k = Recall@k and NDCG@k = 1 / log2(r + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("hr", "recall", "precision", "ndcg", "mrr", "map")
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each target (B, T) under ``scores`` (B, N); padded targets (0) get a
+    large rank. Ties are broken by item index. ``scores`` must already hold ``-inf`` for
+    excluded items."""
+    valid = targets > 0
+    b, t = targets.shape
+    big = torch.iinfo(torch.int64).max // 4
+    if t <= 8:
+        ranks = torch.empty((b, t), dtype=torch.int64)
+        for j in range(t):
+            col = targets[:, j : j + 1]
+            s = scores.gather(1, col)
+            ahead = (scores > s).sum(1, dtype=torch.int32).to(torch.int64)
+            ties = (scores == s).sum(1, dtype=torch.int32) > 1
+            if bool(ties.any()):  # rare with float scores: break ties by item index, row by row
+                rows = torch.nonzero(ties).ravel()
+                sub = scores[rows]
+                idx = torch.arange(scores.shape[1]).unsqueeze(0)
+                ahead[rows] += ((sub == s[rows]) & (idx < col[rows])).sum(1)
+            ranks[:, j] = ahead + 1
+    else:
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        pos = torch.empty_like(order)
+        pos.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+        ranks = pos.gather(1, targets) + 1
+    return torch.where(valid, ranks, torch.full_like(ranks, big))
+
+
+def metrics_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
+    """Per-user metric values (B,) for every metric at every k, plus ``mrr`` (no cut-off).
+
+    Rows with no valid target get NaN."""
+    ranks = torch.where(valid, ranks, torch.full_like(ranks, torch.iinfo(torch.int64).max // 4))
+    n_t = valid.sum(1).to(torch.float64)
+    empty = n_t == 0
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    r = ranks.to(torch.float64)
+    sorted_r, _ = torch.sort(r, dim=1)
+    out: dict[str, torch.Tensor] = {}
+    best = sorted_r[:, 0]
+    out["mrr"] = torch.where(empty, nan, 1.0 / best)
+    disc = 1.0 / torch.log2(r + 1.0)
+    for k in ks:
+        hit = (ranks <= k) & valid
+        n_hit = hit.sum(1).to(torch.float64)
+        ideal_n = torch.clamp(n_t, max=k)
+        pos = torch.arange(1, k + 1, dtype=torch.float64)
+        idcg_table = torch.cumsum(1.0 / torch.log2(pos + 1.0), 0)
+        idcg = idcg_table[(ideal_n.clamp(min=1) - 1).long()]
+        dcg = torch.where(hit, disc, torch.zeros_like(disc)).sum(1)
+        # MAP: j-th hit in rank order contributes j / r_j
+        s_hit = sorted_r <= k
+        j = torch.cumsum(s_hit.to(torch.float64), 1)
+        ap = torch.where(s_hit, j / sorted_r, torch.zeros_like(sorted_r)).sum(1) / ideal_n.clamp(min=1)
+        vals = {
+            "hr": (n_hit > 0).to(torch.float64),
+            "recall": n_hit / n_t.clamp(min=1),
+            "precision": n_hit / k,
+            "ndcg": dcg / idcg,
+            "map": ap,
+            "mrr": torch.where(best <= k, 1.0 / best, torch.zeros_like(best)),
+        }
+        for name, v in vals.items():
+            out[f"{name}@{k}"] = torch.where(empty, nan, v)
+    return out

@@ -1,0 +1,1 @@
+"""General (non-sequential) collaborative filtering models."""

@@ -1,0 +1,59 @@
+"""Models by name, with their YAML defaults (``recforge/configs/models/<name>.yaml``)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from recforge.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+#: name -> "module:Class"; modules import on first use so that `recforge --help` stays fast
+_MODELS: dict[str, str] = {
+    "pop": "recforge.models.general.pop:Pop",
+    "itemknn": "recforge.models.general.itemknn:ItemKNN",
+    "ease": "recforge.models.general.ease:EASE",
+    "bpr": "recforge.models.general.bpr:BPRMF",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register a model class given as ``"package.module:Class"``."""
+    _MODELS[name.lower()] = target
+
+
+def available() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(name: str):
+    key = name.lower()
+    if key not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available())}")
+    module, cls = _MODELS[key].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def defaults(name: str) -> dict:
+    """The model's YAML defaults (empty when it has no file)."""
+    get_model_class(name)
+    path = CONFIG_DIR / f"{name.lower()}.yaml"
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def create(name: str, **overrides):
+    """Instantiate a model from its defaults plus ``overrides``; unknown keys are an error."""
+    cls = get_model_class(name)
+    params = defaults(name) | overrides
+    allowed = cls.param_names()
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join(unknown)} for model {name!r}; valid: {', '.join(sorted(allowed))}"
+        )
+    return cls(**params)
