@@ -1,0 +1,194 @@
+"""The Python API: the same verbs as the command line.
+
+>>> import recforge
+>>> run = recforge.train("ease", data="synthetic", overrides={"reg_lambda": 200})
+>>> run.metrics["test"]["ndcg@10"]
+>>> recforge.recommend(run.path, user=1, k=10)
+>>> recforge.compare(run_a.path, run_b.path)
+>>> recforge.bench(["pop", "ease"], ["synthetic"], seeds=[0, 1, 2])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recforge import config as C
+from recforge.errors import RecForgeError
+from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate
+from recforge.evaluation.significance import paired_tests
+from recforge.models import registry
+from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset
+from recforge.runs import Run, RunWriter, run_name
+from recforge.training.trainer import set_seed
+
+log = logging.getLogger("recforge")
+
+HEADLINE = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+
+
+def resolve(model: str, data: str | None = None, overrides=None) -> dict:
+    """The resolved config of a run: model defaults, then overrides."""
+    return C.apply_overrides(C.base_config(model, data), overrides)
+
+
+def _protocol(cfg: dict) -> Protocol:
+    return Protocol.from_option(cfg["eval"].get("sampled"), bool(cfg["eval"].get("exclude_history", True)))
+
+
+def _eval(model, evalset, cfg, popularity) -> EvalResult:
+    e = cfg["eval"]
+    return _evaluate(model, evalset, ks=e["ks"], protocol=_protocol(cfg), batch_size=int(e["batch_size"]),
+                     popularity=popularity, hist_bins=e.get("hist_bins"), seed=cfg["seed"])
+
+
+def _protocol_record(cfg: dict, split, model) -> dict:
+    rec = {"split": split.protocol, **_protocol(cfg).describe(),
+           "subsequence_split": "none", "valid_metric": getattr(model, "valid_metric", None)}
+    notes = getattr(model, "protocol_notes", None)
+    if callable(notes):
+        rec.update(notes())
+    return rec
+
+
+def train(model: str, data: str | None = None, overrides=None, out: str | Path = "runs",
+          verbose: bool = True, config: dict | None = None) -> Run:
+    """Fit ``model`` on the training part of ``data``, evaluate on validation and test by full
+    ranking, and write a run folder. Returns the :class:`Run`."""
+    cfg = config or resolve(model, data, overrides)
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg["data"])
+    split = split_dataset(ds, cfg)
+    valid_set, test_set = eval_sets(split)
+    set_seed(cfg["seed"])
+    params = C.model_params(cfg)
+    if "verbose" in registry.get_model_class(cfg["model"]["name"]).param_names():
+        params["verbose"] = verbose
+    est = registry.create(cfg["model"]["name"], **params)
+    writer = RunWriter(out, run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"]))
+    try:
+        log.info("data %s: %s", cfg["data"]["path"], ds.summary())
+        tf = time.perf_counter()
+        est.fit(split, valid_set)
+        fit_seconds = time.perf_counter() - tf
+        pop = split.item_popularity
+        res_valid = _eval(est, valid_set, cfg, pop) if valid_set is not None else None
+        te = time.perf_counter()
+        res_test = _eval(est, test_set, cfg, pop)
+        eval_seconds = time.perf_counter() - te
+        metrics = {
+            "model": cfg["model"]["name"],
+            "data": cfg["data"]["path"],
+            "seed": cfg["seed"],
+            "valid": res_valid.metrics if res_valid else {},
+            "test": res_test.metrics,
+            "groups": res_test.groups,
+            "protocol": _protocol_record(cfg, split, est),
+            "dataset": ds.summary(),
+            "timing": {"fit_seconds": round(fit_seconds, 2), "test_eval_seconds": round(eval_seconds, 2),
+                       "total_seconds": round(time.perf_counter() - t0, 2)},
+        }
+        if hasattr(est, "history_"):
+            metrics["training"] = {k: v for k, v in est.history_.items() if k != "epochs"}
+            writer.write_json("history.json", est.history_)
+        writer.write_yaml("config.yaml", cfg)
+        writer.write_json("metrics.json", metrics)
+        _per_user(res_test, ds).write_parquet(writer.tmp / "per_user_test.parquet")
+        if res_valid:
+            _per_user(res_valid, ds).write_parquet(writer.tmp / "per_user_valid.parquet")
+        est.save(writer.tmp / "model")
+        ds.user_map.write_parquet(writer.tmp / "user_map.parquet")
+        ds.item_map.write_parquet(writer.tmp / "item_map.parquet")
+        ds.interactions.select("user_id", "item_id", "timestamp").write_parquet(writer.tmp / "interactions.parquet")
+        if ds.items is not None:
+            ds.items.write_parquet(writer.tmp / "items.parquet")
+        path = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return Run(path, cfg, metrics)
+
+
+def _per_user(res: EvalResult, ds) -> pl.DataFrame:
+    raw = ds.user_map.sort("idx")["raw"]
+    return res.per_user.with_columns(pl.Series("user_raw", raw.gather(res.per_user["user"].to_numpy()).cast(pl.Utf8)))
+
+
+def evaluate(run: str | Path | Run, sampled=None, ks=None) -> dict:
+    """Re-evaluate a run's model on its test split (optionally with other ks or sampled negatives)."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    cfg = C.apply_overrides(run.config, {k: v for k, v in {"eval.sampled": sampled, "eval.ks": ks}.items() if v is not None})
+    ds = load_dataset(cfg["data"])
+    split = split_dataset(ds, cfg)
+    _, test_set = eval_sets(split)
+    res = _eval(run.model, test_set, cfg, split.item_popularity)
+    return {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, run.model)}
+
+
+def recommend(run: str | Path | Run, user=None, history=None, k: int = 10) -> list[dict]:
+    run = run if isinstance(run, Run) else Run.load(run)
+    if user is None and not history:
+        raise RecForgeError("give a user id (--user RAW_ID) or a history of item ids (--history ITEM ...)")
+    return run.recommend(user=user, history=history, k=k)
+
+
+def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:
+    """Paired t-test and Wilcoxon signed-rank test on the per-user test metrics of two runs."""
+    a = run_a if isinstance(run_a, Run) else Run.load(run_a)
+    b = run_b if isinstance(run_b, Run) else Run.load(run_b)
+    pa, pb = a.metrics.get("protocol", {}), b.metrics.get("protocol", {})
+    warnings = []
+    for key in ("split", "ranking", "subsequence_split"):
+        if pa.get(key) != pb.get(key):
+            warnings.append(f"runs differ in protocol '{key}': {pa.get(key)} vs {pb.get(key)}")
+    metrics = metrics or [m for m in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr") if m in a.per_user().columns]
+    rows = paired_tests(a.per_user(), b.per_user(), metrics)
+    return {"a": str(a.path), "b": str(b.path), "rows": rows, "warnings": warnings,
+            "protocol": pa}
+
+
+def bench(models: list[str], datasets: list[str], seeds=(0, 1, 2), overrides=None, out: str | Path = "runs",
+          verbose: bool = False, model_overrides: dict | None = None, progress=None) -> dict:
+    """Train every model on every dataset with every seed; return and write a leaderboard
+    (mean and standard deviation over seeds) as Markdown and JSON in ``out/bench-<time>/``."""
+    for m in models:
+        registry.get_model_class(m)
+    rows = []
+    runs_dir = Path(out)
+    for d in datasets:
+        for m in models:
+            per_seed = []
+            for s in seeds:
+                ov = list(overrides or []) + list((model_overrides or {}).get(m, [])) + [f"seed={s}"]
+                r = train(m, d, ov, out=runs_dir, verbose=verbose)
+                per_seed.append(r)
+                if progress:
+                    progress(m, d, s, r)
+            rows.append(_leader_row(m, d, per_seed))
+    from recforge.reports.leaderboard import write_leaderboard
+
+    folder = runs_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    board = {"rows": rows, "seeds": list(seeds), "models": models, "datasets": datasets}
+    write_leaderboard(board, folder)
+    board["folder"] = str(folder)
+    return board
+
+
+def _leader_row(model: str, data: str, runs: list[Run]) -> dict:
+    keys = [k for k in HEADLINE if k in runs[0].metrics["test"]]
+    extra = [k for k in ("coverage@10",) if k in runs[0].metrics["test"]]
+    row = {"model": model, "data": data, "n_seeds": len(runs), "protocol": runs[0].metrics["protocol"],
+           "runs": [str(r.path) for r in runs]}
+    for k in keys + extra:
+        vals = np.array([r.metrics["test"][k] for r in runs], dtype=float)
+        row[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    for g in ("item:tail", "item:head"):
+        if all(g in r.metrics.get("groups", {}) for r in runs):
+            vals = np.array([r.metrics["groups"][g]["ndcg@10"] for r in runs])
+            row[f"{g} ndcg@10"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    row["fit_seconds"] = float(np.mean([r.metrics["timing"]["fit_seconds"] for r in runs]))
+    return row

@@ -1,0 +1,270 @@
+"""The ``recforge`` command.
+
+    recforge train MODEL --data PATH_OR_NAME [key=value ...]
+    recforge evaluate RUN [--sampled N] [--ks 5,10,20]
+    recforge recommend RUN --user RAW_ID [-k 10]      |  --history ITEM [ITEM ...]
+    recforge compare RUN_A RUN_B
+    recforge bench --models pop,ease --data synthetic --seeds 0,1,2 [key=value ...]
+    recforge data prepare INPUT --out DIR [options]   |  recforge data describe INPUT
+    recforge models                                    |  recforge demo
+
+Bad input prints one line naming the problem and the fix, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from recforge.errors import RecForgeError
+
+DATA_FLAGS = [
+    ("--format", "format", "force a reader: table, ml-100k, ml-1m, ml-latest, sequence, recbole, userbehavior, lightgcn"),
+    ("--user-col", "user_col", "column holding user ids (tables)"),
+    ("--item-col", "item_col", "column holding item ids (tables)"),
+    ("--time-col", "time_col", "column holding timestamps; 'none' when the file has no time (row order is used)"),
+    ("--rating-col", "rating_col", "column holding ratings"),
+    ("--behavior-col", "behavior_col", "column holding behaviour types"),
+    ("--items", "items", "item table file joined on the item id (titles, tags, ...)"),
+    ("--item-key", "item_key", "item id column of the --items file"),
+    ("--sep", "sep", "field separator of a text table"),
+    ("--time-format", "time_format", "strptime format of text timestamps"),
+    ("--min-user", "min_user", "k-core: minimum interactions per user"),
+    ("--min-item", "min_item", "k-core: minimum interactions per item"),
+    ("--rating-threshold", "rating_threshold", "keep ratings >= this value (implicit feedback)"),
+    ("--dedupe", "dedupe", "first | last | none: repeated (user, item) pairs"),
+    ("--behaviors", "behaviors", "comma-separated behaviours to keep (e.g. buy,cart)"),
+]
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data options")
+    for flag, dest, help_ in DATA_FLAGS:
+        g.add_argument(flag, dest=f"d_{dest}", default=None, help=help_)
+    g.add_argument("--no-cache", dest="d_no_cache", action="store_true", help="do not read or write the preparation cache")
+
+
+def _data_overrides(args) -> list[str]:
+    out = [f"data.{dest}={getattr(args, f'd_{dest}')}" for _, dest, _ in DATA_FLAGS
+           if getattr(args, f"d_{dest}", None) is not None]
+    if getattr(args, "d_no_cache", False):
+        out.append("data.cache=false")
+    return out
+
+
+def _data_cfg(args, path) -> dict:
+    from recforge.config import DATA_DEFAULTS, parse_value
+
+    cfg = dict(DATA_DEFAULTS, path=str(path))
+    for o in _data_overrides(args):
+        k, v = o.split("=", 1)
+        cfg[k.split(".", 1)[1]] = parse_value(v)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recforge", description="Recommender systems from raw logs to evaluated models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train and evaluate a model; prints the run folder last")
+    t.add_argument("model")
+    t.add_argument("--data", required=True, help="a file, a dataset folder, or a name (synthetic, ml-100k, ...)")
+    t.add_argument("overrides", nargs="*", help="key=value (model.hidden=64, split.method=temporal, seed=1)")
+    t.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_flags(t)
+
+    e = sub.add_parser("evaluate", help="re-evaluate a run on its test split")
+    e.add_argument("run")
+    e.add_argument("--sampled", default=None, help="sampled-negative ranking: N or N:popularity (default: full ranking)")
+    e.add_argument("--ks", default=None, help="cut-offs, e.g. 5,10,20")
+    e.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("recommend", help="top-k items for a user (raw ids in, raw ids out)")
+    r.add_argument("run")
+    r.add_argument("--user", default=None)
+    r.add_argument("--history", nargs="+", default=None, help="raw item ids, oldest first (for a new user)")
+    r.add_argument("-k", type=int, default=10)
+    r.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("compare", help="paired t-test and Wilcoxon test between two runs")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--metrics", default=None, help="comma-separated, default hr@10,ndcg@10,hr@20,ndcg@20,mrr")
+    c.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="models x datasets x seeds, then a leaderboard")
+    b.add_argument("--models", required=True, help="comma-separated model names")
+    b.add_argument("--data", required=True, help="comma-separated data paths or names")
+    b.add_argument("--seeds", default="0,1,2")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--out", default="runs")
+
+    d = sub.add_parser("data", help="prepare or describe data")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dp = dsub.add_parser("prepare", help="read, clean, k-core and encode; write Parquet")
+    dp.add_argument("input")
+    dp.add_argument("--out", required=True)
+    _add_data_flags(dp)
+    dd = dsub.add_parser("describe", help="statistics of a dataset")
+    dd.add_argument("input")
+    dd.add_argument("--json", action="store_true")
+    _add_data_flags(dd)
+
+    sub.add_parser("models", help="list the models")
+    dm = sub.add_parser("demo", help="train the baselines on the built-in synthetic data and print a leaderboard")
+    dm.add_argument("--out", default="runs")
+    dm.add_argument("--seeds", default="0")
+    return p
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecForgeError(f"{text!r}: expected comma-separated integers like 0,1,2") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand anywhere after the verb, before or after the flags
+    if args.cmd in ("train", "bench"):
+        args.overrides = list(args.overrides) + [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.getLogger().addHandler(console)
+    try:
+        return _dispatch(args) or 0
+    except RecForgeError as exc:
+        print(f"recforge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("recforge: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int | None:
+    import recforge.api as api
+
+    if args.cmd == "train":
+        run = api.train(args.model, args.data, _data_overrides(args) + list(args.overrides), out=args.out,
+                        verbose=not args.quiet)
+        _print_metrics(run.metrics)
+        print(run.path)
+    elif args.cmd == "evaluate":
+        res = api.evaluate(args.run, sampled=args.sampled, ks=_ints(args.ks) if args.ks else None)
+        print(json.dumps(res, indent=2) if args.json else _metrics_table(res["test"], res["protocol"]))
+    elif args.cmd == "recommend":
+        recs = api.recommend(args.run, user=args.user, history=args.history, k=args.k)
+        if args.json:
+            print(json.dumps(recs))
+        else:
+            for i, r in enumerate(recs, 1):
+                print(f"{i:>3}  {r['item_id']}  {r['score']:.4f}")
+    elif args.cmd == "compare":
+        res = api.compare(args.run_a, args.run_b, args.metrics.split(",") if args.metrics else None)
+        print(json.dumps(res, indent=2) if args.json else _compare_table(res))
+    elif args.cmd == "bench":
+        board = api.bench(args.models.split(","), args.data.split(","), _ints(args.seeds), args.overrides,
+                          out=args.out, progress=_progress_line)
+        from recforge.reports.leaderboard import format_leaderboard
+
+        print(format_leaderboard(board))
+        print(board["folder"])
+    elif args.cmd == "data":
+        _data_cmd(args)
+    elif args.cmd == "models":
+        from recforge.models import registry
+
+        for name in registry.available():
+            print(name)
+    elif args.cmd == "demo":
+        return _demo(args)
+    return 0
+
+
+def _progress_line(model, data, seed, run) -> None:
+    t = run.metrics["test"]
+    print(f"  {data:<12} {model:<10} seed {seed}: ndcg@10 {t['ndcg@10']:.4f}  hr@10 {t['hr@10']:.4f}"
+          f"  ({run.metrics['timing']['fit_seconds']:.1f} s fit)", file=sys.stderr, flush=True)
+
+
+def _demo(args) -> int:
+    import recforge.api as api
+    from recforge.models import registry
+    from recforge.reports.leaderboard import format_leaderboard
+
+    models = [m for m in ("pop", "itemknn", "ease", "bpr", "sasrec") if m in registry.available()]
+    print(f"RecForge demo: {', '.join(models)} on the built-in synthetic dataset "
+          "(leave-one-out, full ranking over all items)", file=sys.stderr)
+    board = api.bench(models, ["synthetic"], _ints(args.seeds), out=args.out, progress=_progress_line)
+    print(format_leaderboard(board))
+    print(board["folder"])
+    return 0
+
+
+def _data_cmd(args) -> None:
+    from recforge.pipeline import load_dataset
+
+    cfg = _data_cfg(args, args.input)
+    if args.data_cmd == "prepare":
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise RecForgeError(f"{out}: folder exists and is not empty; choose another --out or remove it")
+        ds = load_dataset(cfg)
+        import shutil
+        import tempfile
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+        try:
+            ds.save(tmp)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        s = ds.summary()
+        print(f"{s['users']} users, {s['items']} items, {s['interactions']} interactions -> {out}")
+    else:
+        from recforge.data.describe import describe, format_description
+
+        d = describe(load_dataset(cfg))
+        print(json.dumps(d, indent=2, default=str) if args.json else format_description(d))
+
+
+def _metrics_table(m: dict, protocol: dict) -> str:
+    keys = [k for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@10", "precision@10",
+                        "map@10", "mrr", "coverage@10", "n_users") if k in m]
+    label = protocol.get("label", "full ranking")
+    lines = [f"test ({label}):"] + [f"  {k:<13} {m[k]:.4f}" if isinstance(m[k], float) else f"  {k:<13} {m[k]}" for k in keys]
+    return "\n".join(lines)
+
+
+def _print_metrics(metrics: dict) -> None:
+    print(_metrics_table(metrics["test"], metrics["protocol"]))
+    for g, vals in metrics.get("groups", {}).items():
+        print(f"  {g:<13} ndcg@10 {vals.get('ndcg@10', float('nan')):.4f}  hr@10 {vals.get('hr@10', float('nan')):.4f}"
+              f"  (users {vals.get('n_users')})")
+
+
+def _compare_table(res: dict) -> str:
+    lines = [f"A: {res['a']}", f"B: {res['b']}", *[f"warning: {w}" for w in res["warnings"]],
+             f"{'metric':<10} {'A':>8} {'B':>8} {'diff':>9} {'rel':>8} {'t-test p':>10} {'wilcoxon p':>11}  users"]
+    for r in res["rows"]:
+        lines.append(f"{r['metric']:<10} {r['a']:>8.4f} {r['b']:>8.4f} {r['diff']:>+9.4f} {r['rel']:>+8.1%} "
+                     f"{r['t_test_p']:>10.2e} {r['wilcoxon_p']:>11.2e}  {r['n_users']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Run configuration: defaults, YAML model defaults, and ``key=value`` overrides.
+
+A resolved run config has five sections::
+
+    model: {name: ease, reg_lambda: 500.0, ...}   # the model's YAML defaults + overrides
+    data:  {path: ..., min_user: 0, ...}           # reader and preparation options
+    split: {method: loo, ...}                      # split method and its options
+    eval:  {ks: [5, 10, 20], sampled: null, ...}   # protocol
+    seed: 0
+
+Overrides are ``section.key=value`` (``model.hidden=128``, ``split.method=temporal``) or a bare
+``key=value`` looked up in ``model`` first, then the other sections; ``data=PATH`` sets the data
+path. Values are parsed as YAML scalars (``1e-3``, ``true``, ``[5, 10]``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from recforge.errors import ConfigError
+from recforge.models import registry
+
+DATA_DEFAULTS = {
+    "path": None, "format": None,
+    "user_col": None, "item_col": None, "time_col": None, "rating_col": None, "behavior_col": None,
+    "items": None, "item_key": None, "sep": None, "time_format": None,
+    "dedupe": "first", "rating_threshold": None, "min_user": 0, "min_item": 0, "behaviors": None,
+    "cache": True,
+}
+SPLIT_DEFAULTS = {"method": "loo"}
+SPLIT_OPTIONS = {
+    "loo": {"min_length"},
+    "temporal": {"test_quantile", "valid_quantile", "test_cutoff", "valid_cutoff"},
+    "random": {"ratios", "seed"},
+    "presplit": set(),
+}
+EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclude_history": True,
+                 "hist_bins": [5, 10, 20, 50]}
+SECTIONS = ("model", "data", "split", "eval")
+
+
+def parse_value(text: str):
+    try:
+        return yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        return text
+
+
+def base_config(model: str, data: str | None = None) -> dict:
+    cfg = {
+        "model": {"name": model.lower(), **registry.defaults(model)},
+        "data": dict(DATA_DEFAULTS),
+        "split": dict(SPLIT_DEFAULTS),
+        "eval": copy.deepcopy(EVAL_DEFAULTS),
+        "seed": 0,
+    }
+    if data is not None:
+        cfg["data"]["path"] = str(data)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: list[str] | dict | None) -> dict:
+    """Apply ``key=value`` overrides in order; unknown keys raise a ConfigError naming the valid ones."""
+    cfg = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_kv(o) for o in (overrides or [])]
+    model_cls = registry.get_model_class(cfg["model"]["name"])
+    model_keys = model_cls.param_names()
+    for key, value in items:
+        if isinstance(value, str):
+            value = parse_value(value)
+        if key in ("seed",):
+            cfg["seed"] = int(value)
+            continue
+        if key == "data":
+            cfg["data"]["path"] = str(value)
+            continue
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r} in {key!r}; use one of {', '.join(SECTIONS)}")
+        else:
+            section, sub = _find_section(cfg, key, model_keys), key
+        _check_key(cfg, section, sub, model_keys)
+        cfg[section][sub] = value
+    return cfg
+
+
+def _split_kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value; write e.g. model.hidden=128 or epochs=20")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def _find_section(cfg: dict, key: str, model_keys: set[str]) -> str:
+    if key in model_keys:
+        return "model"
+    for s in ("data", "split", "eval"):
+        if key in cfg[s] or (s == "split" and key in set().union(*SPLIT_OPTIONS.values())):
+            return s
+    raise ConfigError(
+        f"unknown override key {key!r} for model {cfg['model']['name']!r}; model keys: {', '.join(sorted(model_keys))}; "
+        "other keys: data.*, split.*, eval.*, seed"
+    )
+
+
+def _check_key(cfg: dict, section: str, key: str, model_keys: set[str]) -> None:
+    if section == "model":
+        if key not in model_keys:
+            raise ConfigError(f"unknown parameter {key!r} for model {cfg['model']['name']!r}; valid: {', '.join(sorted(model_keys))}")
+    elif section == "split":
+        allowed = {"method"} | set().union(*SPLIT_OPTIONS.values())
+        if key not in allowed:
+            raise ConfigError(f"unknown split option {key!r}; valid: {', '.join(sorted(allowed))}")
+    elif key not in cfg[section]:
+        raise ConfigError(f"unknown {section} option {key!r}; valid: {', '.join(sorted(cfg[section]))}")
+
+
+def split_options(cfg: dict) -> tuple[str, dict]:
+    method = cfg["split"].get("method", "loo")
+    if method not in SPLIT_OPTIONS:
+        raise ConfigError(f"unknown split {method!r}; choose one of {', '.join(SPLIT_OPTIONS)}")
+    opts = {k: v for k, v in cfg["split"].items() if k != "method"}
+    bad = set(opts) - SPLIT_OPTIONS[method]
+    if bad:
+        raise ConfigError(f"split {method!r} does not take {', '.join(sorted(bad))}; it takes: "
+                          f"{', '.join(sorted(SPLIT_OPTIONS[method])) or 'no options'}")
+    if "ratios" in opts:
+        opts["ratios"] = tuple(opts["ratios"])
+    return method, opts
+
+
+def model_params(cfg: dict) -> dict:
+    params = {k: v for k, v in cfg["model"].items() if k != "name"}
+    cls = registry.get_model_class(cfg["model"]["name"])
+    if "seed" in cls.param_names():
+        params["seed"] = cfg["seed"]
+    return params

@@ -1,0 +1,77 @@
+"""Data loading for runs: a path or a known name → prepared Dataset → Split → EvalSets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recforge.config import split_options
+from recforge.data.dataset import Dataset
+from recforge.data.prepare import PrepareOptions, prepare, prepare_cached
+from recforge.data.split import Split, make_split
+from recforge.errors import ConfigError
+from recforge.evaluation.batch import EvalSet, build_evalset
+
+READER_OPTIONS = ("format", "user_col", "item_col", "time_col", "rating_col", "behavior_col", "items",
+                  "item_key", "sep", "time_format")
+BUILTIN = ("synthetic",)
+
+
+def prepare_options(data_cfg: dict) -> PrepareOptions:
+    beh = data_cfg.get("behaviors")
+    if isinstance(beh, str):
+        beh = tuple(b.strip() for b in beh.split(",") if b.strip())
+    return PrepareOptions(dedupe=data_cfg.get("dedupe", "first"), rating_threshold=data_cfg.get("rating_threshold"),
+                          min_user=int(data_cfg.get("min_user") or 0), min_item=int(data_cfg.get("min_item") or 0),
+                          behaviors=tuple(beh) if beh else None)
+
+
+def reader_options(data_cfg: dict) -> dict:
+    opts = {k: data_cfg.get(k) for k in READER_OPTIONS if data_cfg.get(k) is not None}
+    if str(opts.get("time_col", "")).lower() == "none":
+        opts["time_col"] = None  # the file has no time: order of rows per user becomes the timestamp
+    if "format" in opts:
+        opts["fmt"] = opts.pop("format")
+    return opts
+
+
+def load_dataset(data_cfg: dict) -> Dataset:
+    """Read, clean and encode the data a config names (cached by source and options)."""
+    from recforge.data.download import resolve_dataset
+    from recforge.data.readers import load_raw, reader_key
+
+    path = data_cfg.get("path")
+    if not path:
+        raise ConfigError("no data given; pass --data PATH_OR_NAME (e.g. --data synthetic or a file or folder)")
+    opts = prepare_options(data_cfg)
+    name = str(path)
+    if name == "synthetic" or name.startswith("synthetic:"):
+        from recforge.data.synthetic import make_synthetic
+
+        seed = int(name.split(":", 1)[1]) if ":" in name else 0
+        return prepare(make_synthetic(seed=seed), opts)
+    source = resolve_dataset(name)
+    ropts = reader_options(data_cfg)
+    loader = lambda: load_raw(source, **ropts)  # noqa: E731
+    if not data_cfg.get("cache", True):
+        return prepare(loader(), opts)
+    return prepare_cached(loader, str(source), opts, reader_key(source, **ropts))
+
+
+def split_dataset(ds: Dataset, cfg: dict) -> Split:
+    method, opts = split_options(cfg)
+    return make_split(ds, method, **opts)
+
+
+def eval_sets(split: Split) -> tuple[EvalSet | None, EvalSet]:
+    valid = None
+    if split.valid.height:
+        valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
+    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
+    return valid, test
+
+
+def dataset_label(path: str | None) -> str:
+    if not path:
+        return "data"
+    p = Path(str(path))
+    return p.stem if p.suffix else p.name

@@ -1,0 +1,46 @@
+"""Leaderboards as Markdown and JSON, and a bar chart when matplotlib is available."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _protocol_text(p: dict) -> str:
+    split = p.get("split", {}).get("split", "?") if isinstance(p.get("split"), dict) else p.get("split")
+    ranking = p.get("label") or ("full ranking" if p.get("ranking") == "full" else p.get("ranking"))
+    sub = p.get("subsequence_split", "none")
+    return f"{split}, {ranking}, history excluded={p.get('exclude_history', True)}, sub-sequence split={sub}"
+
+
+def format_leaderboard(board: dict) -> str:
+    rows = board["rows"]
+    if not rows:
+        return "(no runs)"
+    metric_cols = [k for k in rows[0] if isinstance(rows[0][k], dict) and "mean" in rows[0][k]]
+    header = ["data", "model", *metric_cols, "fit s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [str(r["data"]), r["model"]]
+        for k in metric_cols:
+            v = r.get(k)
+            if not v:
+                cells.append("")
+            elif r.get("n_seeds", 1) > 1:
+                cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}")
+            else:
+                cells.append(f"{v['mean']:.4f}")
+        cells.append(f"{r['fit_seconds']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    protos = sorted({_protocol_text(r["protocol"]) for r in rows})
+    lines.append("")
+    seeds = board.get("seeds") or []
+    head = f"Mean ± std over seeds {seeds}" if len(seeds) > 1 else f"One seed ({seeds[0] if seeds else '?'}): no spread"
+    lines.append(f"{head}. Protocol: " + "; ".join(protos) + ".")
+    return "\n".join(lines)
+
+
+def write_leaderboard(board: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "leaderboard.json").write_text(json.dumps(board, indent=2, default=str))
+    (folder / "leaderboard.md").write_text(format_leaderboard(board) + "\n")

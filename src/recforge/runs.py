@@ -1,0 +1,144 @@
+"""Run folders: everything a trained model needs to be evaluated, compared and served.
+
+A run folder holds ``config.yaml`` (resolved), ``metrics.json``, ``per_user_valid.parquet`` and
+``per_user_test.parquet``, ``model/`` (weights), ``user_map.parquet`` / ``item_map.parquet``
+(raw ↔ encoded ids), ``interactions.parquet`` (encoded history used for recommendations),
+``items.parquet`` when the data has an item table, ``train.log`` and ``history.json``
+(per-epoch curve). It is written to a hidden temporary folder and renamed at the end, so a
+failed or interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from recforge.data.dataset import Dataset
+from recforge.data.schema import ITEM, TIME, USER
+from recforge.errors import RecForgeError
+from recforge.evaluation.batch import Histories
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    metrics: dict
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not (path / "metrics.json").exists() or not (path / "config.yaml").exists():
+            raise RecForgeError(f"{path}: not a run folder (no metrics.json/config.yaml); give the folder printed by 'recforge train'")
+        return cls(path, yaml.safe_load((path / "config.yaml").read_text()), json.loads((path / "metrics.json").read_text()))
+
+    @cached_property
+    def model(self):
+        from recforge.models.base import Recommender
+
+        return Recommender.load(self.path / "model")
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        items = self.path / "items.parquet"
+        return Dataset(
+            interactions=pl.read_parquet(self.path / "interactions.parquet"),
+            user_map=pl.read_parquet(self.path / "user_map.parquet"),
+            item_map=pl.read_parquet(self.path / "item_map.parquet"),
+            items=pl.read_parquet(items) if items.exists() else None,
+            name=self.config["data"].get("path") or "data",
+        )
+
+    def per_user(self, part: str = "test") -> pl.DataFrame:
+        return pl.read_parquet(self.path / f"per_user_{part}.parquet")
+
+    def history_of(self, user_idx: int) -> list[int]:
+        df = self.dataset.interactions.filter(pl.col(USER) == user_idx).sort(TIME, maintain_order=True)
+        return df[ITEM].to_list()
+
+    def recommend(self, user=None, history: list | None = None, k: int = 10, exclude_seen: bool = True) -> list[dict]:
+        """Top-k for a known raw user id, or for a raw history of raw item ids (a new user).
+
+        Returns a list of ``{"item_id": raw, "score": float}``."""
+        ds = self.dataset
+        if user is not None:
+            idx = int(ds.encode_users([user])[0])
+            if idx < 0:
+                raise RecForgeError(f"user {user!r} is not in this run's data; pass a history instead (--history ITEM ...)")
+            items = self.history_of(idx)
+        else:
+            enc = ds.encode_items(list(history or []))
+            items = [int(i) for i in enc if i > 0]
+            idx = -1
+        hist = Histories.from_lists([idx], [items], ds.n_items)
+        top, scores = self.model.recommend(hist, k=k, exclude_seen=exclude_seen)
+        raw = ds.decode_items(top[0])
+        return [{"item_id": r, "score": float(s)} for r, s in zip(raw, scores[0]) if np.isfinite(s)]
+
+
+class RunWriter:
+    """Collects a run's files in a temporary folder and moves it into place on ``commit``."""
+
+    def __init__(self, out: str | Path, name: str):
+        self.root = Path(out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        self.handler = logging.FileHandler(self.tmp / "train.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.logger = logging.getLogger("recforge")
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+
+    def write_json(self, name: str, obj) -> None:
+        (self.tmp / name).write_text(json.dumps(obj, indent=2, default=_jsonable))
+
+    def write_yaml(self, name: str, obj) -> None:
+        (self.tmp / name).write_text(yaml.safe_dump(obj, sort_keys=False))
+
+    def commit(self) -> Path:
+        self._close_log()
+        final = self.root / self.name
+        n = 1
+        while final.exists():
+            n += 1
+            final = self.root / f"{self.name}-{n}"
+        self.tmp.rename(final)
+        return final
+
+    def abort(self) -> None:
+        self._close_log()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _close_log(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
+def run_name(model: str, data: str, seed: int) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{data}-s{seed}"
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray,)):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

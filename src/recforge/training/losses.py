@@ -1,0 +1,133 @@
+"""Next-item losses and the contrastive loss shared by the sequential models.
+
+Every next-item loss takes the hidden states of the *target positions only* (``h``: (P, d), the
+valid positions of a batch gathered beforehand), the output item table (``table``:
+(n_items + 1, d), row 0 the padding item) and the target items (``targets``: (P,)). Logits are
+computed once for those P rows; padded positions never reach a matmul, which is what keeps the
+full softmax affordable.
+
+* ``ce``: softmax cross-entropy over the whole catalogue (row 0 excluded);
+* ``bce``: binary cross-entropy with ``k`` sampled negatives per position (``negatives``: (P, k)),
+  ``-log σ(s⁺) - Σ_j log(1 - σ(s⁻_j))`` averaged over positions (SASRec's original loss for k=1);
+* ``sampled_softmax``: softmax over the target and ``k`` negatives shared by the whole batch
+  (``negatives``: (k,)) drawn from a proposal ``Q``; every logit is corrected by ``- log Q(item)``
+  (the log-Q correction of sampled softmax), and a negative equal to the position's target is
+  removed (accidental hit);
+* ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald, "gSASRec: Reducing Overconfidence in
+  Sequential Recommendation Trained with Negative Sampling", RecSys 2023):
+  ``-β log σ(s⁺) - Σ_j log(1 - σ(s⁻_j))`` with ``β = α (t (1 - 1/α) + 1/α)``, ``α = k / (n_items - 1)``
+  the negative sampling rate and ``t`` the calibration parameter (t=0: plain BCE; t=1: β=α).
+  Negatives are shared by the batch as for sampled softmax (accidental hits removed).
+
+:func:`info_nce` is the InfoNCE / NT-Xent loss of contrastive sequence models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("ce", "bce", "sampled_softmax", "gbce")
+
+#: the number of negatives each loss uses when the model leaves ``n_negatives`` unset
+DEFAULT_NEGATIVES = {"ce": 0, "bce": 1, "sampled_softmax": 256, "gbce": 256}
+
+
+def ce_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy over items 1..n (column 0, the padding item, is excluded)."""
+    logits = h @ table.T
+    logits[:, 0] = -torch.inf
+    return F.cross_entropy(logits, targets)
+
+
+def bce_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+             negatives: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with per-position negatives ``negatives`` (P, k)."""
+    pos = (h * table[targets]).sum(-1)
+    neg = torch.einsum("pd,pkd->pk", h, table[negatives])
+    return (F.softplus(-pos) + F.softplus(neg).sum(-1)).mean()
+
+
+def sampled_softmax_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                         negatives: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax with log-Q correction; ``negatives`` (k,) shared by all positions,
+    ``log_q`` (n_items + 1,) the log proposal probability of every item."""
+    pos = (h * table[targets]).sum(-1, keepdim=True) - log_q[targets].unsqueeze(1)
+    neg = h @ table[negatives].T - log_q[negatives].unsqueeze(0)
+    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
+    logits = torch.cat([pos, neg], 1)
+    return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+
+
+def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
+    """gSASRec's exponent ``β`` of the positive probability."""
+    alpha = n_negatives / max(n_items - 1, 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+              n_items: int, t: float) -> torch.Tensor:
+    """Generalised BCE; ``negatives`` (k,) shared by all positions."""
+    beta = gbce_beta(int(negatives.numel()), n_items, t)
+    pos = (h * table[targets]).sum(-1)
+    neg = h @ table[negatives].T
+    hit = negatives.unsqueeze(0) == targets.unsqueeze(1)
+    neg_term = F.softplus(neg).masked_fill(hit, 0.0).sum(-1)
+    return (beta * F.softplus(-pos) + neg_term).mean()
+
+
+def next_item_loss(name: str, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                   negatives: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+                   gbce_t: float = 0.75) -> torch.Tensor:
+    """Dispatch on the loss name (one of :data:`LOSSES`)."""
+    if name == "ce":
+        return ce_loss(h, table, targets)
+    if name == "bce":
+        return bce_loss(h, table, targets, negatives)
+    if name == "sampled_softmax":
+        return sampled_softmax_loss(h, table, targets, negatives, log_q)
+    if name == "gbce":
+        return gbce_loss(h, table, targets, negatives, table.shape[0] - 1, gbce_t)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
+             labels: torch.Tensor | None = None, similarity: str = "dot") -> torch.Tensor:
+    """InfoNCE over a batch of pairs (NT-Xent): row ``i`` of ``z1`` and row ``i`` of ``z2`` are
+    positives; the other ``2N - 2`` views of the batch are negatives.
+
+    ``labels`` (N,), when given, removes false negatives: views of other rows with the same
+    label (e.g. the same next item) are not used as negatives. ``similarity`` is ``"dot"`` or
+    ``"cos"``.
+    """
+    n = z1.shape[0]
+    z = torch.cat([z1, z2], 0)
+    if similarity == "cos":
+        z = F.normalize(z, dim=-1)
+    sim = (z @ z.T) / temperature
+    idx = torch.arange(2 * n, device=z.device)
+    pos_idx = (idx + n) % (2 * n)
+    blocked = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    if labels is not None:
+        lab = torch.cat([labels, labels])
+        same = lab.unsqueeze(0) == lab.unsqueeze(1)
+        same[idx, pos_idx] = False
+        blocked |= same
+    sim = sim.masked_fill(blocked, -torch.inf)
+    return F.cross_entropy(sim, pos_idx)
+
+
+def log_proposal(popularity, smoothing: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Popularity proposal over items 1..n: ``q ∝ count + smoothing`` (``q[0] = 0``).
+
+    Returns ``(cdf over items 1..n, log q over 0..n)``; ``log q[0]`` is a large negative number."""
+    counts = torch.as_tensor(popularity, dtype=torch.float64).clone()
+    counts[0] = 0.0
+    w = counts + smoothing
+    w[0] = 0.0
+    q = w / w.sum()
+    log_q = torch.log(q.clamp_min(1e-30)).to(torch.float32)
+    cdf = torch.cumsum(q[1:], 0)
+    cdf[-1] = 1.0
+    return cdf, log_q
+

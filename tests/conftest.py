@@ -1,0 +1,25 @@
+"""Shared test set-up: an isolated preparation cache, and the location of the real datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RECFORGE_CACHE", str(tmp_path_factory.mktemp("recforge-cache")))
+    yield
+    mp.undo()
+
+
+def shared_dataset(*parts: str) -> Path:
+    """Path of a real dataset beside the project; skips the test with a clear message if absent."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real dataset not available at {p} (the shared data folder sits beside the project)")
+    return p

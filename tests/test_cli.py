@@ -1,0 +1,142 @@
+"""End-to-end checks of the command line and the Python API on the built-in synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import recforge
+import recforge.data.dataset
+from recforge.cli import main
+
+SMALL = ["data=synthetic"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    a = recforge.train("ease", "synthetic", {"reg_lambda": 100.0}, out=out, verbose=False)
+    b = recforge.train("pop", "synthetic", {}, out=out, verbose=False)
+    return out, a, b
+
+
+def test_train_writes_complete_run_folder(runs):
+    out, a, _ = runs
+    files = {p.name for p in a.path.iterdir()}
+    assert {"config.yaml", "metrics.json", "per_user_test.parquet", "per_user_valid.parquet", "model",
+            "user_map.parquet", "item_map.parquet", "interactions.parquet", "train.log"} <= files
+    m = json.loads((a.path / "metrics.json").read_text())
+    for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr"):
+        assert 0.0 <= m["test"][key] <= 1.0
+    assert "ndcg@10" in m["valid"]
+    assert m["protocol"]["ranking"] == "full"
+    assert m["protocol"]["split"]["split"] == "leave-one-out"
+    assert m["protocol"]["subsequence_split"] == "none"
+    per_user = pl.read_parquet(a.path / "per_user_test.parquet")
+    assert per_user.height == m["test"]["n_users"]
+    assert per_user["ndcg@10"].mean() == pytest.approx(m["test"]["ndcg@10"])
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+
+
+def test_same_seed_same_metrics(tmp_path):
+    r1 = recforge.train("bpr", "synthetic", {"epochs": 2, "seed": 3}, out=tmp_path, verbose=False)
+    r2 = recforge.train("bpr", "synthetic", {"epochs": 2, "seed": 3}, out=tmp_path, verbose=False)
+    assert r1.metrics["test"]["ndcg@10"] == r2.metrics["test"]["ndcg@10"]
+    assert r1.path != r2.path
+
+
+def test_evaluate_matches_training_and_labels_sampled(runs):
+    _, a, _ = runs
+    full = recforge.evaluate(a.path)
+    assert full["test"]["ndcg@10"] == pytest.approx(a.metrics["test"]["ndcg@10"])
+    sampled = recforge.evaluate(a.path, sampled="50")
+    assert sampled["protocol"]["ranking"] == "sampled"
+    assert "SAMPLED" in sampled["protocol"]["label"]
+    assert sampled["test"]["hr@10"] > full["test"]["hr@10"]  # 50 negatives are easier than 1000 items
+
+
+def test_recommend_raw_ids_in_and_out(runs, capsys):
+    _, a, _ = runs
+    ds = a.dataset
+    user = ds.user_map["raw"][0]
+    recs = recforge.recommend(a.path, user=user, k=5)
+    assert len(recs) == 5
+    history = set(ds.decode_items(a.history_of(0)))
+    assert not history & {r["item_id"] for r in recs}
+    assert set(r["item_id"] for r in recs) <= set(ds.item_map["raw"].to_list())
+    # a brand-new user given a raw history
+    raw_hist = ds.decode_items([1, 2, 3])
+    recs_new = recforge.recommend(a.path, history=raw_hist, k=3)
+    assert len(recs_new) == 3 and not set(raw_hist) & {r["item_id"] for r in recs_new}
+    assert main(["recommend", str(a.path), "--user", str(user), "-k", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
+def test_compare_reports_p_values(runs, capsys):
+    _, a, b = runs
+    res = recforge.compare(b.path, a.path)
+    row = {r["metric"]: r for r in res["rows"]}["ndcg@10"]
+    assert row["b"] > row["a"]  # EASE beats Pop on the synthetic data
+    assert row["t_test_p"] < 0.05 and row["wilcoxon_p"] < 0.05
+    assert main(["compare", str(b.path), str(a.path)]) == 0
+    assert "wilcoxon" in capsys.readouterr().out
+
+
+def test_bench_leaderboard(tmp_path):
+    board = recforge.bench(["pop", "itemknn"], ["synthetic"], seeds=[0, 1], out=tmp_path)
+    folder = Path(board["folder"])
+    md = (folder / "leaderboard.md").read_text()
+    assert "itemknn" in md and "±" in md and "full ranking" in md
+    data = json.loads((folder / "leaderboard.json").read_text())
+    assert {r["model"] for r in data["rows"]} == {"pop", "itemknn"}
+    assert all(r["n_seeds"] == 2 for r in data["rows"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "nosuch", "--data", "synthetic"], "unknown model"),
+    (["train", "ease", "--data", "/does/not/exist.csv"], "unknown dataset"),
+    (["train", "ease", "--data", "synthetic", "foo=1"], "unknown override key 'foo'"),
+    (["train", "ease", "--data", "synthetic", "model.nope=1"], "unknown parameter 'nope'"),
+    (["train", "ease", "--data", "synthetic", "data.min_user=100000"], "no interactions left"),
+    (["train", "ease", "--data", "synthetic", "split.method=magic"], "unknown split"),
+    (["train", "ease", "--data", "synthetic", "eval.sampled=abc"], "eval.sampled"),
+    (["recommend", "/no/run"], "not a run folder"),
+])
+def test_bad_input_one_line_exit_2(argv, fragment, tmp_path, capsys):
+    code = main(argv + (["--out", str(tmp_path)] if argv[0] == "train" else []))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert fragment in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_bad_table_columns(tmp_path, capsys):
+    f = tmp_path / "log.csv"
+    f.write_text("uid,iid,ts\n1,2,3\n1,3,4\n2,2,5\n")
+    out = tmp_path / "runs"
+    code = main(["train", "pop", "--data", str(f), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--user-col" in err
+    assert not out.exists() or not any(out.iterdir())
+    code = main(["train", "pop", "--data", str(f), "--user-col", "uid", "--item-col", "iid", "--time-col", "ts",
+                 "--out", str(out), "--quiet", "data.cache=false"])
+    assert code == 0
+    f2 = tmp_path / "bad_time.csv"
+    f2.write_text("user_id,item_id,timestamp\n1,2,yesterday\n")
+    assert main(["train", "pop", "--data", str(f2), "--out", str(out), "data.cache=false"]) == 2
+    assert "timestamp" in capsys.readouterr().err
+
+
+def test_data_prepare_and_describe(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "synthetic", "--out", str(out), "--min-user", "5"]) == 0
+    ds = recforge.data.dataset.Dataset.load(out)
+    assert ds.interactions.group_by("user_id").len()["len"].min() >= 5
+    assert main(["data", "describe", "synthetic"]) == 0
+    text = capsys.readouterr().out
+    assert "users" in text and "item columns" in text
+    assert main(["data", "prepare", "synthetic", "--out", str(out)]) == 2  # refuses to overwrite
