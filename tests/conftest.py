@@ -13,6 +13,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def _isolated_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("RECFORGE_CACHE", str(tmp_path_factory.mktemp("recforge-cache")))
+    # eager ranking in tests (no compile time per test process); test_ranking_kernel checks the fused path
+    mp.setenv("RECFORGE_COMPILE", "0")
     yield
     mp.undo()
 

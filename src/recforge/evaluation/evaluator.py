@@ -87,9 +87,9 @@ def rank_scores(model, hist: Histories, targets: torch.Tensor, protocol: Protoco
                 popularity: np.ndarray | None, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Score one batch, apply exclusions (and negative sampling), return (scores, ranks)."""
     with torch.no_grad():
-        scores = model.score(hist).to(torch.float32)
-    if scores._is_view() or not scores.is_contiguous():
-        scores = scores.clone()  # the masking below works in place
+        # always a private copy: the masking below works in place and must never write into a
+        # tensor the model keeps (a view like Pop's, or cached scores returned as they are)
+        scores = model.score(hist).to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     b, n = scores.shape
     if protocol.exclude_history and len(hist.items):
         kept = scores.gather(1, targets)  # a repeated target stays rankable
@@ -143,7 +143,7 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
         scores, ranks = rank_scores(model, hist, tg, protocol, popularity, rng)
         for name, v in metrics_from_ranks(ranks, valid, ks).items():
             per_user.setdefault(name, []).append(v.numpy())
-        top = torch.topk(scores, kmax, dim=1).indices
+        top = torch.topk(scores, min(kmax, n), dim=1).indices  # k may exceed a tiny catalogue
         finite = torch.isfinite(scores.gather(1, top))
         for k in ks:
             sel = top[:, :k][finite[:, :k]]
