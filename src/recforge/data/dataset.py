@@ -58,8 +58,11 @@ class Dataset:
         return self._lookup(self.item_map, raw)
 
     def decode_items(self, idx) -> list:
+        idx = np.asarray(idx).ravel()
+        if len(idx) and (idx.min() < 1 or idx.max() > self.n_items):
+            raise ValueError(f"item indices must lie in 1..{self.n_items} (0 is padding)")
         raws = self.item_map.sort("idx")["raw"].to_list()  # idx 1..n -> position idx-1
-        return [raws[int(i) - 1] for i in np.asarray(idx).ravel()]
+        return [raws[int(i) - 1] for i in idx]
 
     def decode_users(self, idx) -> list:
         raws = self.user_map.sort("idx")["raw"].to_list()

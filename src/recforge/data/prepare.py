@@ -59,6 +59,8 @@ def clean(raw: RawData, opts: PrepareOptions) -> pl.DataFrame:
             )
         df = df.filter(pl.col(RATING) >= opts.rating_threshold)
     if opts.dedupe != "none":
+        # "first"/"last" mean earliest/latest in time (ties: source order)
+        df = df.sort([USER, TIME], maintain_order=True)
         keys = [USER, ITEM] + (["behavior"] if "behavior" in df.columns else []) + (["split"] if "split" in df.columns else [])
         df = df.unique(subset=keys, keep=opts.dedupe, maintain_order=True)
     df = kcore(df, opts.min_user, opts.min_item)

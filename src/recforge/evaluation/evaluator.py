@@ -76,8 +76,11 @@ def head_items(popularity: np.ndarray, share: float = 0.8) -> np.ndarray:
 
 def _hist_bin_labels(bins) -> list[str]:
     labels, lo = [], 0
-    for b in bins:
-        labels.append(f"hist:{lo + 1}-{b}" if lo + 1 < b else f"hist:{b}")
+    for j, b in enumerate(bins):
+        if j == 0:
+            labels.append(f"hist:0-{b}")  # the first group also holds users with an empty history
+        else:
+            labels.append(f"hist:{lo + 1}-{b}" if lo + 1 < b else f"hist:{b}")
         lo = b
     labels.append(f"hist:>{lo}")
     return labels
@@ -170,7 +173,7 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
             out_groups[label] = {m: float(np.nanmean(a)) for m, a in arrs.items()} | {"n_users": n_in}
     if groups and hist_bins:
         lengths = evalset.histories.lengths
-        edges = [0, *hist_bins, np.inf]
+        edges = [-1, *hist_bins, np.inf]
         for label, lo, hi in zip(_hist_bin_labels(hist_bins), edges[:-1], edges[1:]):
             m = (lengths > lo) & (lengths <= hi)
             if m.any():
