@@ -15,7 +15,13 @@ def _isolated_cache(tmp_path_factory):
     mp.setenv("RECFORGE_CACHE", str(tmp_path_factory.mktemp("recforge-cache")))
     # eager ranking in tests (no compile time per test process); test_ranking_kernel checks the fused path
     mp.setenv("RECFORGE_COMPILE", "0")
+    # tiny tensors: one thread avoids oversubscription when the machine is busy
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     mp.undo()
 
 

@@ -20,7 +20,6 @@ import polars as pl
 from recforge import config as C
 from recforge.errors import RecForgeError
 from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate
-from recforge.evaluation.significance import paired_tests
 from recforge.models import registry
 from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset
 from recforge.runs import Run, RunWriter, run_name
@@ -138,6 +137,8 @@ def recommend(run: str | Path | Run, user=None, history=None, k: int = 10) -> li
 
 def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:
     """Paired t-test and Wilcoxon signed-rank test on the per-user test metrics of two runs."""
+    from recforge.evaluation.significance import paired_tests
+
     a = run_a if isinstance(run_a, Run) else Run.load(run_a)
     b = run_b if isinstance(run_b, Run) else Run.load(run_b)
     pa, pb = a.metrics.get("protocol", {}), b.metrics.get("protocol", {})
