@@ -140,3 +140,11 @@ def test_data_prepare_and_describe(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "users" in text and "item columns" in text
     assert main(["data", "prepare", "synthetic", "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_plot_run_png(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, a, _ = runs
+    out = tmp_path / "p.png"
+    assert main(["plot", str(a.path), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

@@ -44,3 +44,9 @@ def write_leaderboard(board: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "leaderboard.json").write_text(json.dumps(board, indent=2, default=str))
     (folder / "leaderboard.md").write_text(format_leaderboard(board) + "\n")
+    try:
+        from recforge.reports.plots import plot_leaderboard
+
+        plot_leaderboard(board, folder / "leaderboard.png")
+    except Exception:  # plotting is a convenience: a missing matplotlib never fails a benchmark
+        pass
