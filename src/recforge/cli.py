@@ -7,6 +7,8 @@
     recforge bench --models pop,ease --data synthetic --seeds 0,1,2 [key=value ...]
     recforge data prepare INPUT --out DIR [options]   |  recforge data describe INPUT
     recforge models                                    |  recforge demo
+    recforge export RUN --out DIR                      |  recforge serve DIR [--host 127.0.0.1 --port 8000]
+    recforge embed DATA [--template T] [--encoder PATH] [--out FILE]
 
 Bad input prints one line naming the problem and the fix, and exits with status 2.
 """
@@ -115,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--json", action="store_true")
     _add_data_flags(dd)
 
+    ex = sub.add_parser("export", help="write a checksummed serving artifact of a run")
+    ex.add_argument("run")
+    ex.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    sv = sub.add_parser("serve", help="serve an exported artifact over HTTP (needs the 'serve' extra)")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--events", default="events.sqlite", help="SQLite file of the event log (default: events.sqlite)")
+    sv.add_argument("--threads", type=int, default=1, help="compute threads of PyTorch, BLAS and FAISS (default: 1)")
+    sv.add_argument("--ann-threshold", type=int, default=100_000,
+                    help="use the FAISS index above this many items (default: 100000)")
+
+    em = sub.add_parser("embed", help="write the semantic item table of a dataset (needs the 'text' extra)")
+    em.add_argument("input", help="a file, a dataset folder, or a name")
+    em.add_argument("--template", default=None, help="item text template, e.g. '{title}. Genres: {genres}'")
+    em.add_argument("--encoder", default=None, help="local sentence-transformers model folder (default: packaged MiniLM)")
+    em.add_argument("--out", default=None, help="Parquet file to write (default: <data>.semantic.parquet)")
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation of the encoder (faster)")
+    em.add_argument("--json", action="store_true")
+    _add_data_flags(em)
+
+    pl_ = sub.add_parser("plot", help="PNG of a run's training curve and per-group metrics (needs matplotlib)")
+    pl_.add_argument("run")
+    pl_.add_argument("--out", default=None, help="PNG file (default: RUN/plot.png)")
+
     sub.add_parser("models", help="list the models")
     dm = sub.add_parser("demo", help="train the baselines on the built-in synthetic data and print a leaderboard")
     dm.add_argument("--out", default="runs")
@@ -182,6 +210,19 @@ def _dispatch(args) -> int | None:
         print(board["folder"])
     elif args.cmd == "data":
         _data_cmd(args)
+    elif args.cmd == "embed":
+        from recforge.semantic.store import embed
+
+        res = embed(_data_cfg(args, args.input), out=args.out, template=args.template, encoder=args.encoder,
+                    batch_size=args.batch_size, quantize=args.quantize)
+        print(json.dumps(res, indent=2) if args.json else
+              f"{res['items']} items ({res['encoded']} encoded, {res['cached']} from cache, {res['empty']} without text)"
+              f" in {res['seconds']} s -> {res['out']}")
+    elif args.cmd == "plot":
+        from recforge.reports.plots import plot_run
+        from recforge.runs import Run
+
+        print(plot_run(Run.load(args.run).path, args.out))
     elif args.cmd == "models":
         from recforge.models import registry
 
@@ -189,6 +230,15 @@ def _dispatch(args) -> int | None:
             print(name)
     elif args.cmd == "demo":
         return _demo(args)
+    elif args.cmd == "export":
+        from recforge.serving.artifact import export_artifact
+
+        print(export_artifact(args.run, args.out))
+    elif args.cmd == "serve":
+        from recforge.serving.app import run_server
+
+        run_server(args.artifact, host=args.host, port=args.port, events_path=args.events, threads=args.threads,
+                   ann_threshold=args.ann_threshold)
     return 0
 
 
