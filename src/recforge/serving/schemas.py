@@ -1,0 +1,136 @@
+"""Request and response bodies of the serving API (they make ``/openapi.json`` precise)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints
+
+MAX_K = 1000
+MAX_HISTORY_ITEMS = 2000
+MAX_EXCLUDE = 1000
+MAX_CATEGORIES = 100
+MAX_EVENTS = 1000
+MAX_ID_CHARS = 256
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text (no lone surrogates)") from None
+    return text
+
+
+def _integral(value):
+    """JSON Schema counts 5.0 as an integer: accept integral numbers, refuse booleans."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(**limits):  # noqa: N802 - reads as a type
+    """A strict integer within ``limits`` that also takes integral floats (5.0)."""
+    return Annotated[StrictInt, Field(**limits), BeforeValidator(_integral)]
+
+
+Text = lambda n: Annotated[str, StringConstraints(min_length=1, max_length=n), AfterValidator(_utf8)]  # noqa: E731
+IdText = Text(MAX_ID_CHARS)
+#: integers beyond ±(2**53 - 1) lose precision in many JSON parsers (RFC 7493): send such ids as strings
+IdInt = Int(ge=-(2**53 - 1), le=2**53 - 1)
+#: a raw user or item id as the data gives it: an integer or a string (``5`` and ``"5"`` are one id)
+RawId = Annotated[IdInt | IdText, Field(description="raw id as in the training data: an integer, or a string "
+                                                    "(also for integers beyond ±(2^53 - 1))")]
+#: an id in a response: as the data has it
+OutId = Annotated[int | str, Field(description="raw id as in the training data")]
+Category = Text(100)
+K = Annotated[Int(ge=1, le=MAX_K), Field(description="number of items to return")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoredItem(BaseModel):
+    item_id: OutId
+    score: float
+
+
+class RecommendationRequest(_Body):
+    history: Annotated[list[RawId], Field(max_length=MAX_HISTORY_ITEMS)] = Field(
+        default_factory=list, description="raw item ids, oldest first; unknown ids are ignored and listed back")
+    k: K = 10
+    exclude: Annotated[list[RawId], Field(max_length=MAX_EXCLUDE)] = Field(
+        default_factory=list, description="raw item ids never to return")
+    categories: Annotated[list[Category], Field(max_length=MAX_CATEGORIES)] | None = Field(
+        default=None, description="allow-list of categories (the item table's category/genres column)")
+    exclude_seen: bool = Field(default=True, description="leave out the items of the history")
+
+
+class RecommendationResponse(BaseModel):
+    user_id: str | None = None
+    model: str
+    items: list[ScoredItem]
+    fallback: Literal["popularity"] | None = Field(
+        default=None, description="'popularity' when the user or history is unknown to the model")
+    unknown_items: list[OutId] = Field(default_factory=list, description="history item ids not in the catalogue")
+
+
+class SimilarItemsResponse(BaseModel):
+    item_id: OutId
+    model: str
+    method: Literal["cosine-item-vectors", "cosine-cooccurrence"]
+    items: list[ScoredItem]
+
+
+class Event(_Body):
+    user_id: RawId
+    item_id: RawId
+    timestamp: Int(ge=0, le=2**53 - 1) | None = Field(
+        default=None, description="seconds since the epoch; the server's clock when left out")
+    behavior: Text(32) | None = Field(default=None, description="e.g. view, click, cart, buy")
+
+
+class EventsRequest(_Body):
+    events: Annotated[list[Event], Field(min_length=1, max_length=MAX_EVENTS)]
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events written durably before this reply")
+    unknown_items: list[OutId] = Field(
+        default_factory=list, description="item ids not in the current catalogue (stored, not used for ranking)")
+
+
+class ReloadRequest(_Body):
+    path: Text(4096) = Field(description="folder of a serving artifact on the server's file system")
+
+
+class ModelInfo(BaseModel):
+    model: str
+    artifact: str
+    created: str | None = None
+    format_version: int | None = None
+    n_users: int
+    n_items: int
+    ann: str
+    similar_items: str
+    category_column: str | None = None
+
+
+class ReloadResponse(BaseModel):
+    status: Literal["reloaded"]
+    previous: ModelInfo
+    current: ModelInfo
+    load_seconds: float
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    uptime_seconds: float
+    model: ModelInfo
+
+
+class ErrorBody(BaseModel):
+    detail: str
