@@ -17,6 +17,21 @@ _MODELS: dict[str, str] = {
     "itemknn": "recforge.models.general.itemknn:ItemKNN",
     "ease": "recforge.models.general.ease:EASE",
     "bpr": "recforge.models.general.bpr:BPRMF",
+    "sasrec": "recforge.models.sequential.sasrec:SASRec",
+    "gru4rec": "recforge.models.sequential.gru4rec:GRU4Rec",
+    "bert4rec": "recforge.models.sequential.bert4rec:BERT4Rec",
+    "cl4srec": "recforge.models.sequential.cl4srec:CL4SRec",
+    "duorec": "recforge.models.sequential.duorec:DuoRec",
+    "lightgcn": "recforge.models.graph.lightgcn:LightGCN",
+    "sgl": "recforge.models.graph.sgl:SGL",
+    "simgcl": "recforge.models.graph.simgcl:SimGCL",
+    "lsgrec": "recforge.models.graph.lsgrec:LSGRec",
+    "llmesr": "recforge.models.semantic.llmesr:LLMESR",
+    "llmesr-gru4rec": "recforge.models.semantic.llmesr:LLMESRGRU4Rec",
+    "llmesr-bert4rec": "recforge.models.semantic.llmesr:LLMESRBERT4Rec",
+    "faerec": "recforge.models.semantic.faerec:FAERec",
+    "faerec-gru4rec": "recforge.models.semantic.faerec:FAERecGRU4Rec",
+    "faerec-bert4rec": "recforge.models.semantic.faerec:FAERecBERT4Rec",
 }
 
 

@@ -75,7 +75,8 @@ def popularity_weights(counts: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     """Sampling weights ``count ** alpha`` over items 0..n (``alpha=0``: uniform over items with
     any interaction, ``alpha=1``: proportional to popularity; word2vec used 0.75). Index 0, the
     padding item, gets weight 0."""
-    w = np.asarray(counts, dtype=np.float64).clip(min=0) ** float(alpha)
+    c = np.asarray(counts, dtype=np.float64).clip(min=0)
+    w = np.where(c > 0, c, 1.0) ** float(alpha) * (c > 0)
     w[0] = 0.0
     return w
 

@@ -1,0 +1,168 @@
+"""SASRec alone vs SASRec + LLM-ESR vs SASRec + FAERec on MovieLens, with item text.
+
+    python benchmarks/semantic_ml.py [--seeds 0,1,2] [--data PATH,PATH] [--epochs 100] [key=value ...]
+
+Protocol: leave-one-out (last item test, second-to-last validation), full ranking over all
+items with the user's history excluded, NDCG@10 / HR@10 overall and for the test targets among
+the head items (the most popular items holding 80% of training interactions) and the tail items.
+Every model uses the SASRec defaults (``configs/models/sasrec.yaml``: max_len 50, hidden 64,
+2 layers, full-softmax cross-entropy, early stopping on validation NDCG@10, patience 10) with
+``epochs`` capped; the text models read the packaged all-MiniLM-L6-v2 vectors of the default
+item text template (``recforge embed``, cached). Runs are written by ``recforge.api.train``
+(run folders under ``benchmarks/results/runs/``) and compared per seed with
+``recforge.api.compare`` (paired t-test and Wilcoxon test over users).
+
+Results go to ``benchmarks/results/semantic_ml.json`` and ``.md``; the JSON is updated after
+every run and finished runs are skipped when the script is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODELS = ("sasrec", "llmesr", "faerec")
+DATA = ("../shared/data/movielens-100k", "../shared/data/movielens-latest-small")
+
+
+def _label(path: str) -> str:
+    return Path(path).name
+
+
+def _row(run) -> dict:
+    m = run.metrics
+    groups = {g: {"ndcg@10": v.get("ndcg@10"), "hr@10": v.get("hr@10"), "n_users": v.get("n_users")}
+              for g, v in m.get("groups", {}).items()}
+    return {"run": str(run.path), "test": {k: m["test"][k] for k in ("ndcg@10", "hr@10", "ndcg@20", "mrr") if k in m["test"]},
+            "valid_ndcg@10": m["valid"].get("ndcg@10"), "groups": groups,
+            "best_epoch": m.get("training", {}).get("best_epoch"), "fit_seconds": m["timing"]["fit_seconds"]}
+
+
+def _summary(results: dict) -> dict:
+    out = {}
+    for data, per_model in results["runs"].items():
+        out[data] = {}
+        for model, per_seed in per_model.items():
+            rows = list(per_seed.values())
+            if not rows:
+                continue
+            entry = {"seeds": sorted(int(s) for s in per_seed)}
+            for key, get in (("ndcg@10", lambda r: r["test"]["ndcg@10"]), ("hr@10", lambda r: r["test"]["hr@10"]),
+                             ("head ndcg@10", lambda r: r["groups"].get("item:head", {}).get("ndcg@10")),
+                             ("tail ndcg@10", lambda r: r["groups"].get("item:tail", {}).get("ndcg@10")),
+                             ("fit_seconds", lambda r: r["fit_seconds"])):
+                vals = np.array([get(r) for r in rows if get(r) is not None], dtype=float)
+                if len(vals):
+                    entry[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+            out[data][model] = entry
+    return out
+
+
+def _markdown(results: dict) -> str:
+    s = results["summary"]
+    lines = ["# Text-enhanced SASRec on MovieLens", "",
+             results["protocol"], "",
+             "| data | model | seeds | NDCG@10 | HR@10 | head NDCG@10 | tail NDCG@10 | fit s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda e, k: f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" if k in e else "-"  # noqa: E731
+    for data, per_model in s.items():
+        for model, e in per_model.items():
+            lines.append(f"| {data} | {model} | {','.join(map(str, e['seeds']))} | {fmt(e, 'ndcg@10')} | "
+                         f"{fmt(e, 'hr@10')} | {fmt(e, 'head ndcg@10')} | {fmt(e, 'tail ndcg@10')} | "
+                         f"{e.get('fit_seconds', {}).get('mean', float('nan')):.0f} |")
+    lines += ["", "Users per group (seed 0): " + "; ".join(
+        f"{d}: head {r.get('0', {}).get('groups', {}).get('item:head', {}).get('n_users')}, "
+        f"tail {r.get('0', {}).get('groups', {}).get('item:tail', {}).get('n_users')}"
+        for d, per in results["runs"].items() for r in [per.get("sasrec", {})]), "",
+        "## Paired tests against SASRec (per seed, over users; `recforge compare`)", "",
+        "| data | model | seed | metric | SASRec | model | diff | t-test p | Wilcoxon p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in results["compare"]:
+        for r in c["rows"]:
+            if r["metric"] in ("ndcg@10", "hr@10"):
+                lines.append(f"| {c['data']} | {c['model']} | {c['seed']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | "
+                             f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="key=value for every model (e.g. model.max_len=100)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--data", default=",".join(DATA))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--out", default=str(RESULTS / "semantic_ml.json"))
+    args = ap.parse_args(argv)
+
+    import recforge.api as api
+    from recforge.config import DATA_DEFAULTS
+    from recforge.semantic.store import embed
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"runs": {}, "compare": [], "tables": {}}
+    results["protocol"] = (
+        "Leave-one-out, full ranking over all items (history excluded); SASRec defaults (max_len 50, hidden 64, "
+        f"2 layers, CE loss, early stopping on validation NDCG@10), at most {args.epochs} epochs"
+        + (f", overrides: {' '.join(args.overrides)}" if args.overrides else "") + "; "
+        "text: packaged all-MiniLM-L6-v2 over the default item template; head = most popular items holding 80% of "
+        "training interactions, tail = the rest (groups of test targets).")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    datasets = args.data.split(",")
+    models = args.models.split(",")
+    tables = {}
+    for d in datasets:
+        path = RESULTS / "tmp" / f"{_label(d)}.semantic.parquet"
+        info = embed(dict(DATA_DEFAULTS, path=d), out=path, progress=False)
+        tables[d] = str(path)
+        results["tables"][_label(d)] = {k: info[k] for k in ("items", "dim", "encoder", "encoded", "cached", "seconds")}
+        print(f"{_label(d)}: semantic table {info['items']} items ({info['encoded']} encoded now) -> {path}", flush=True)
+
+    def save():
+        results["summary"] = _summary(results)
+        out.write_text(json.dumps(results, indent=2))
+        out.with_suffix(".md").write_text(_markdown(results))
+
+    for seed in seeds:
+        for d in datasets:
+            label = _label(d)
+            per_model = results["runs"].setdefault(label, {})
+            for model in models:
+                if str(seed) in per_model.get(model, {}):
+                    continue
+                ov = [f"seed={seed}", f"epochs={args.epochs}", *args.overrides]
+                if model != "sasrec":
+                    ov.append(f"semantic_table={tables[d]}")
+                t0 = time.perf_counter()
+                run = api.train(model, d, ov, out=RESULTS / "runs", verbose=False)
+                per_model.setdefault(model, {})[str(seed)] = _row(run)
+                r = per_model[model][str(seed)]
+                print(f"{label:<24} {model:<8} seed {seed}: ndcg@10 {r['test']['ndcg@10']:.4f} "
+                      f"head {r['groups'].get('item:head', {}).get('ndcg@10', float('nan')):.4f} "
+                      f"tail {r['groups'].get('item:tail', {}).get('ndcg@10', float('nan')):.4f} "
+                      f"(best epoch {r['best_epoch']}, {time.perf_counter() - t0:.0f} s)", flush=True)
+                save()
+            base = per_model.get("sasrec", {}).get(str(seed))
+            for model in models:
+                other = per_model.get(model, {}).get(str(seed))
+                done = any(c["data"] == label and c["model"] == model and c["seed"] == seed for c in results["compare"])
+                if model == "sasrec" or not base or not other or done:
+                    continue
+                cmp = api.compare(base["run"], other["run"], ["ndcg@10", "hr@10"])
+                results["compare"].append({"data": label, "model": model, "seed": seed, "rows": cmp["rows"],
+                                           "warnings": cmp["warnings"]})
+                save()
+    save()
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

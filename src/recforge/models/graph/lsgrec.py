@@ -1,0 +1,155 @@
+"""LSGRec: light signed graph convolution for sign-aware recommendation.
+
+Liu, Dang, Liang, Liu, Guo, Zhao & Wang, "Towards Unified Modeling for Positive and Negative
+Preferences in Sign-Aware Recommendation" (LSGRec), arXiv 2403.08246, 2024.
+
+A signed user-item graph from explicit ratings of the *training* part: a positive link for a
+rating ``>= pos_threshold`` (default 4), a negative link for a rating ``<= neg_threshold``
+(default 2); ratings in between are neither. Without a ``rating`` column every interaction is
+positive and the model is LightGCN. A pair with both a positive and a negative rating (only
+possible with ``data.dedupe=none``) counts as positive only, so a negative link is never an edge
+of the positive graph.
+
+Our reading of the method:
+
+* **positive preference** ``P``: LightGCN propagation over the symmetric-normalised *positive*
+  graph ``Â⁺`` (mean of layers ``0..K``), for users and items;
+* **negative preference** of users: first order from the negative links,
+  ``N_1 = Â⁻ E_0`` (``Â⁻`` the normalised negative graph: a user gathers the ego embeddings of the
+  items they rated low), then high order propagated along positive edges,
+  ``N_{k+1} = Â⁺ N_k`` (walks with exactly one negative link: "disliked by someone I agree
+  with", "similar to something I disliked"); ``N = mean(N_1..N_K)``;
+* **ranking by positive preference**: ``r(u, i) = p_u · p_i``;
+* **training**: BPR on positive links against sampled items that are not positive for the user
+  (LightGCN's loss, so a negative or neutral item may be drawn as the negative), plus for every
+  negative link ``(u, n)`` and an item ``j`` the user never rated:
+
+  - ``neg_weight * -log σ(r(u, j) - r(u, n))``: a disliked item is pushed below items the user
+    has not seen at all (and so, transitively, below the liked ones);
+  - ``aux_weight * -log σ(q(u, n) - q(u, j))`` with ``q(u, i) = n_u · p_i``: the negative
+    preference recognises the disliked item (the auxiliary task that trains the
+    negative-preference path, which shares ``E_0`` with the ranking path);
+
+  and L2 on the batch's ego embeddings (LightGCN's). Every negative link is visited once per epoch,
+  spread evenly over the epoch's batches.
+
+Deviations: the paper's exact auxiliary objectives and how negative preference enters the
+ranking loss may differ from this reading; the ranking itself uses only the positive
+preference, as the paper states. Unknown users are folded in from their history items as in
+LightGCN, without signs (a raw history has no ratings).
+
+Evaluation: the model does not filter targets. ``recforge train lsgrec`` ranks against every
+held-out interaction, including low-rated ones; the positive-target protocol (one split of all
+ratings, validation/test targets restricted to ratings ``>= 4``, the same evaluation sets for
+LightGCN trained on the positive training links) is in ``benchmarks/graph_signed.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from recforge.data.schema import RATING
+from recforge.data.split import interactions_to_csr
+from recforge.errors import ConfigError
+from recforge.models.graph.lightgcn import LightGCN
+from recforge.models.graph.propagation import normalized_adjacency, spmm, split_nodes, to_torch
+from recforge.training.graph_losses import bpr_loss
+from recforge.training.samplers import SeenPairs, sample_negatives
+
+
+def signed_frames(train: pl.DataFrame, pos_threshold: float, neg_threshold: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(positive rows, negative rows) of a training frame; all rows positive without ratings."""
+    if RATING not in train.columns or train[RATING].null_count() == train.height:
+        return train, train.clear()
+    r = pl.col(RATING)
+    return train.filter(r >= pos_threshold), train.filter(r <= neg_threshold)
+
+
+class LSGRec(LightGCN):
+    name = "lsgrec"
+
+    def __init__(self, pos_threshold: float = 4.0, neg_threshold: float = 2.0, neg_weight: float = 1.0,
+                 aux_weight: float = 0.1, **base):
+        super().__init__(**base)
+        if neg_threshold >= pos_threshold:
+            raise ConfigError(f"neg_threshold={neg_threshold} must be below pos_threshold={pos_threshold}")
+        if self.loss_type != "bpr":
+            raise ConfigError("LSGRec trains with BPR on positive links; loss=cpr is not supported")
+        self.pos_threshold, self.neg_threshold = pos_threshold, neg_threshold
+        self.neg_weight, self.aux_weight = neg_weight, aux_weight
+
+    # ---- graphs -------------------------------------------------------------------------------
+    def graph_matrix(self, split):
+        pos, _ = signed_frames(split.train, self.pos_threshold, self.neg_threshold)
+        return interactions_to_csr(pos, split.n_users, split.n_items)
+
+    def prepare_fit(self, split) -> None:
+        super().prepare_fit(split)
+        _, neg = signed_frames(split.train, self.pos_threshold, self.neg_threshold)
+        n = interactions_to_csr(neg, split.n_users, split.n_items)
+        n = n - n.multiply(self.graph_)  # positive wins: a negative link is never a positive edge
+        n.eliminate_zeros()
+        self.neg_graph_ = n.tocsr()
+        self._neg_adj = None
+        coo = self.neg_graph_.tocoo()
+        self._neg_pairs = np.stack([coo.row, coo.col], 1).astype(np.int64)
+        # items the user rated in any way: never drawn as "unseen" for the negative-link terms
+        self._rated = SeenPairs(split.train_matrix)
+
+    def negative_adjacency(self) -> torch.Tensor:
+        adj = getattr(self, "_neg_adj", None)
+        if adj is None:
+            adj = self._neg_adj = to_torch(normalized_adjacency(self.neg_graph_))
+        return adj
+
+    def negative_preference(self) -> torch.Tensor:
+        """Users' negative preference (n_users, d): first order over negative links, higher
+        orders along positive edges, mean of orders ``1..max(K, 1)``."""
+        e = spmm(self.negative_adjacency(), self.ego())
+        layers = [e]
+        for _ in range(max(self.n_layers, 1) - 1):
+            e = spmm(self.adjacency(), e)
+            layers.append(e)
+        n = torch.stack(layers, 0).mean(0)
+        return split_nodes(n, self.n_users_)[0]
+
+    # ---- batches ------------------------------------------------------------------------------
+    def train_batches(self, split, rng):
+        n_batches = self.n_train_batches(split)
+        neg_order = rng.permutation(len(self._neg_pairs))
+        chunks = np.array_split(neg_order, n_batches) if len(neg_order) else [neg_order] * n_batches
+        for b, batch in enumerate(super().train_batches(split, rng)):
+            links = self._neg_pairs[chunks[b]] if b < len(chunks) else self._neg_pairs[:0]
+            if len(links):
+                j = sample_negatives(self._rated, links[:, 0], 1, self.n_items_, rng)[:, 0]
+                batch.update(nu=torch.from_numpy(links[:, 0]), nn=torch.from_numpy(links[:, 1]),
+                             nj=torch.from_numpy(j))
+            yield batch
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def loss(self, batch):
+        self._cache = None
+        users, items = self.propagate()
+        total = self.rank_loss(batch, users, items)
+        if "nu" not in batch or (self.neg_weight <= 0 and self.aux_weight <= 0):
+            return total
+        u, n, j = batch["nu"], batch["nn"], batch["nj"]
+        pu = users[u]
+        if self.neg_weight > 0:
+            push = bpr_loss((pu * items[j]).sum(-1), (pu * items[n]).sum(-1))
+            total = total + self.neg_weight * push
+        if self.aux_weight > 0:
+            nu = self.negative_preference()[u]
+            aux = bpr_loss((nu * items[n]).sum(-1), (nu * items[j]).sum(-1))
+            total = total + self.aux_weight * aux
+        w_u, w_i = self.net_.user.weight, self.net_.item.weight
+        l2 = w_u[u].pow(2).sum() + w_i[n].pow(2).sum() + w_i[j].pow(2).sum()
+        return total + self.reg * 0.5 * l2 / len(u)
+
+    def protocol_notes(self) -> dict:
+        return {**super().protocol_notes(),
+                "signed_graph": f"positive: rating >= {self.pos_threshold}, negative: rating <= {self.neg_threshold} "
+                                "(training part only)",
+                "targets": "as given by the split (not filtered by rating); see benchmarks/graph_signed.py"}
