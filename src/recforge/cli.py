@@ -256,7 +256,12 @@ def _demo(args) -> int:
     models = [m for m in ("pop", "itemknn", "ease", "bpr", "sasrec") if m in registry.available()]
     print(f"RecForge demo: {', '.join(models)} on the built-in synthetic dataset "
           "(leave-one-out, full ranking over all items)", file=sys.stderr)
-    board = api.bench(models, ["synthetic"], _ints(args.seeds), out=args.out, progress=_progress_line)
+    # short training budgets keep the demo within a few minutes on 2 cores; `recforge train` uses the full defaults
+    budget = {"bpr": ["epochs=30"], "sasrec": ["epochs=15", "patience=3"]}
+    print("  (demo budgets: " + "; ".join(f"{m} {' '.join(v)}" for m, v in budget.items() if m in models) + ")",
+          file=sys.stderr)
+    board = api.bench(models, ["synthetic"], _ints(args.seeds), out=args.out, progress=_progress_line,
+                      model_overrides=budget)
     print(format_leaderboard(board))
     print(board["folder"])
     return 0
