@@ -5,7 +5,7 @@
 Protocol (leakage-free and identical for both models):
 
 1. Read the ratings with no threshold (every rating kept, one row per user-item pair) and split
-   them once per seed, per user at random 80/10/10 (``split=random``); the split does not look at
+   them once per seed, per user at random 80/10/10 (``split=random``, seeded); the split does not look at
    ratings.
 2. Targets are the held-out *positive* links: validation and test rows with rating >= 4. Users
    with no positive held-out item are not evaluated. Ranking is over all items; the items a user
@@ -19,7 +19,8 @@ Protocol (leakage-free and identical for both models):
    3 layers, lr 1e-3, batch 2048, reg 1e-4), early stopping on validation Recall@20 of the same
    validation set, and the best-validation weights are evaluated on test.
 
-Reported: test Recall@20 / NDCG@20 / NDCG@10 on positive targets, and ``disliked@20``: the share of a
+``--variants push_below=positive ...`` adds LSGRec runs with other settings (``--models`` limits
+the two base runs). Reported: test Recall@20 / NDCG@20 / NDCG@10 on positive targets, and ``disliked@20``: the share of a
 user's held-out *disliked* items (test rating <= 2) that land in the top 20 (lower is better;
 over users with at least one), and the fit time.
 """
@@ -54,7 +55,7 @@ def evalsets(split: Split):
     return valid, test, disliked
 
 
-def run(path: str, seed: int, overrides: dict) -> list[dict]:
+def run(path: str, seed: int, overrides: dict, variants=(), models=("lightgcn", "lsgrec")) -> list[dict]:
     ds = prepare(load_raw(path))
     split = random_ratio(ds, (0.8, 0.1, 0.1), seed=seed)
     valid, test, disliked = evalsets(split)
@@ -63,21 +64,22 @@ def run(path: str, seed: int, overrides: dict) -> list[dict]:
     common = {"valid_metric": "recall@20", "seed": seed, "verbose": False, "batch_size": 2048, "lr": 1e-3,
               "patience": 5, "eval_every": 5, **overrides}
     rows = []
-    for name, fit_split in (("lightgcn", positive_only), ("lsgrec", split)):
-        model = create(name, **common)
+    runs = [("lightgcn", positive_only, {}), ("lsgrec", split, {})] + [
+        (f"lsgrec[{v}]", split, dict(kv.split("=") for kv in v.split(","))) for v in variants]
+    for label, fit_split, extra in [r for r in runs if r[0] in models or "[" in r[0]]:
+        name = label.split("[")[0]
+        model = create(name, **common, **{k: yaml.safe_load(v) for k, v in extra.items()})
         t = time.perf_counter()
         model.fit(fit_split, valid)
         fit_s = time.perf_counter() - t
         m = evaluate(model, test, ks=[10, 20], groups=False).metrics
         d = evaluate(model, disliked, ks=[20], groups=False).metrics
-        row = {"data": Path(path).name, "seed": seed, "model": name, "recall@20": m["recall@20"],
+        row = {"data": Path(path).name, "seed": seed, "model": label, "recall@20": m["recall@20"],
                "ndcg@20": m["ndcg@20"], "ndcg@10": m["ndcg@10"], "disliked@20": d["recall@20"],
-               "best_epoch": model.history_["best_epoch"], "epochs": len(model.history_["epochs"]),
-               "fit_seconds": round(fit_s, 1), "test_users": len(test), "train_rows_seen": fit_split.train.height}
-        if name == "lsgrec":
-            row["positive_links"], row["negative_links"] = int(model.graph_.nnz), int(model.neg_graph_.nnz)
-        else:
-            row["positive_links"], row["negative_links"] = int(model.graph_.nnz), 0
+               "valid_recall@20": model.history_["best_metric"], "best_epoch": model.history_["best_epoch"],
+               "epochs": len(model.history_["epochs"]), "fit_seconds": round(fit_s, 1), "test_users": len(test),
+               "train_rows_seen": fit_split.train.height, "positive_links": int(model.graph_.nnz),
+               "negative_links": int(model.neg_graph_.nnz) if name == "lsgrec" else 0}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -88,12 +90,15 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value for both models")
     ap.add_argument("--data", nargs="+", default=["../shared/data/movielens-100k", "../shared/data/movielens-latest-small"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra LSGRec settings to compare, e.g. push_below=positive or neg_weight=0.1,aux_weight=0")
+    ap.add_argument("--models", nargs="*", default=["lightgcn", "lsgrec"], help="which of the two base models to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("recforge.train").setLevel(logging.INFO)  # one line per epoch
     overrides = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in args.overrides)}
-    rows = [r for s in args.seeds for path in args.data for r in run(path, s, overrides)]  # seed by seed
+    rows = [r for s in args.seeds for path in args.data for r in run(path, s, overrides, args.variants, args.models)]  # seed by seed
     table = pl.DataFrame(rows).group_by("data", "model", maintain_order=True).agg(
         pl.len().alias("seeds"),
         *[pl.col(c).mean().round(4).alias(c) for c in ("recall@20", "ndcg@20", "ndcg@10", "disliked@20")],

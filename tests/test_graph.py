@@ -267,6 +267,8 @@ def test_config_errors():
         create("simgcl", cl_loss="triplet")
     with pytest.raises(ConfigError):
         create("lsgrec", pos_threshold=2, neg_threshold=3)
+    with pytest.raises(ConfigError):
+        create("lsgrec", push_below="everything")
 
 
 # ---- LSGRec signs -----------------------------------------------------------------------------------
@@ -313,11 +315,12 @@ def test_lsgrec_negative_links_never_become_positive_edges(data):
     assert pos.nnz == split.train_matrix.nnz + 1
 
 
-def test_lsgrec_negative_link_lowers_the_item(data):
+@pytest.mark.parametrize("push_below", ["unseen", "positive"])
+def test_lsgrec_negative_link_lowers_the_item(data, push_below):
     split, _, _ = data
     neg = _negative_rows(split, 40)
     users, items = neg["user_id"].to_numpy(), neg["item_id"].to_numpy()
-    params = {**FAST, "epochs": 15, "seed": 3}
+    params = {**FAST, "epochs": 15, "seed": 3, "push_below": push_below}
     with_neg = create("lsgrec", **params).fit(_rated(split, neg), None)
     without = create("lsgrec", **params).fit(_rated(split), None)
     hist = Histories.from_lists(users, [[] for _ in users], split.n_items)

@@ -68,6 +68,8 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
     if "verbose" in registry.get_model_class(cfg["model"]["name"]).param_names():
         params["verbose"] = verbose
     est = registry.create(cfg["model"]["name"], **params)
+    if getattr(est, "needs_items", False):  # text-enhanced models read the item side table
+        est.attach_dataset(ds)
     writer = RunWriter(out, run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"]))
     try:
         log.info("data %s: %s", cfg["data"]["path"], ds.summary())

@@ -115,7 +115,9 @@ class TextEncoder:
             width = json.loads(cfg.read_text()).get("hidden_size")
             if width and not (self.model_path / "2_Dense").exists():
                 return int(width)
-        return int(self.model.get_embedding_dimension())
+        model = self.model
+        width = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(width())
 
     def encode(self, texts: list[str], progress: bool | None = None) -> np.ndarray:
         texts = list(texts)

@@ -24,8 +24,10 @@ Our reading of the method:
   (LightGCN's loss, so a negative or neutral item may be drawn as the negative), plus for every
   negative link ``(u, n)`` and an item ``j`` the user never rated:
 
-  - ``neg_weight * -log σ(r(u, j) - r(u, n))``: a disliked item is pushed below items the user
-    has not seen at all (and so, transitively, below the liked ones);
+  - ``neg_weight * -log σ(r(u, a) - r(u, n))``: a disliked item is pushed below ``a``, with
+    ``push_below=unseen`` (default) an item the user never rated, ``j`` (so, transitively, below
+    the liked ones too), with ``push_below=positive`` a random item the user liked (milder: the
+    disliked item may stay above unseen ones);
   - ``aux_weight * -log σ(q(u, n) - q(u, j))`` with ``q(u, i) = n_u · p_i``: the negative
     preference recognises the disliked item (the auxiliary task that trains the
     negative-preference path, which shares ``E_0`` with the ranking path);
@@ -67,18 +69,23 @@ def signed_frames(train: pl.DataFrame, pos_threshold: float, neg_threshold: floa
     return train.filter(r >= pos_threshold), train.filter(r <= neg_threshold)
 
 
+PUSH_BELOW = ("unseen", "positive")
+
+
 class LSGRec(LightGCN):
     name = "lsgrec"
 
     def __init__(self, pos_threshold: float = 4.0, neg_threshold: float = 2.0, neg_weight: float = 1.0,
-                 aux_weight: float = 0.1, **base):
+                 aux_weight: float = 0.1, push_below: str = "unseen", **base):
         super().__init__(**base)
         if neg_threshold >= pos_threshold:
             raise ConfigError(f"neg_threshold={neg_threshold} must be below pos_threshold={pos_threshold}")
         if self.loss_type != "bpr":
             raise ConfigError("LSGRec trains with BPR on positive links; loss=cpr is not supported")
         self.pos_threshold, self.neg_threshold = pos_threshold, neg_threshold
-        self.neg_weight, self.aux_weight = neg_weight, aux_weight
+        if push_below not in PUSH_BELOW:
+            raise ConfigError(f"push_below={push_below!r}: choose one of {', '.join(PUSH_BELOW)}")
+        self.neg_weight, self.aux_weight, self.push_below = neg_weight, aux_weight, push_below
 
     # ---- graphs -------------------------------------------------------------------------------
     def graph_matrix(self, split):
@@ -124,9 +131,17 @@ class LSGRec(LightGCN):
             links = self._neg_pairs[chunks[b]] if b < len(chunks) else self._neg_pairs[:0]
             if len(links):
                 j = sample_negatives(self._rated, links[:, 0], 1, self.n_items_, rng)[:, 0]
+                above = self.positive_of(links[:, 0], rng, j) if self.push_below == "positive" else j
                 batch.update(nu=torch.from_numpy(links[:, 0]), nn=torch.from_numpy(links[:, 1]),
-                             nj=torch.from_numpy(j))
+                             nj=torch.from_numpy(j), np=torch.from_numpy(above))
             yield batch
+
+    def positive_of(self, users: np.ndarray, rng: np.random.Generator, fallback: np.ndarray) -> np.ndarray:
+        """A random positive item of each user (``fallback`` for users without one)."""
+        ip, idx = self.graph_.indptr, self.graph_.indices
+        deg = ip[users + 1] - ip[users]
+        pick = ip[users] + np.floor(rng.random(len(users)) * np.maximum(deg, 1)).astype(np.int64)
+        return np.where(deg > 0, idx[np.minimum(pick, len(idx) - 1)], fallback).astype(np.int64)
 
     # ---- loss -----------------------------------------------------------------------------------
     def loss(self, batch):
@@ -135,10 +150,10 @@ class LSGRec(LightGCN):
         total = self.rank_loss(batch, users, items)
         if "nu" not in batch or (self.neg_weight <= 0 and self.aux_weight <= 0):
             return total
-        u, n, j = batch["nu"], batch["nn"], batch["nj"]
+        u, n, j, above = batch["nu"], batch["nn"], batch["nj"], batch["np"]
         pu = users[u]
         if self.neg_weight > 0:
-            push = bpr_loss((pu * items[j]).sum(-1), (pu * items[n]).sum(-1))
+            push = bpr_loss((pu * items[above]).sum(-1), (pu * items[n]).sum(-1))
             total = total + self.neg_weight * push
         if self.aux_weight > 0:
             nu = self.negative_preference()[u]
