@@ -253,8 +253,7 @@ def _demo(args) -> int:
     from recforge.models import registry
     from recforge.reports.leaderboard import format_leaderboard
 
-    # SASRec joins the demo once its training on small data is fast enough for the 3-minute budget
-    models = [m for m in ("pop", "itemknn", "ease", "bpr") if m in registry.available()]
+    models = [m for m in ("pop", "itemknn", "ease", "bpr", "sasrec") if m in registry.available()]
     print(f"RecForge demo: {', '.join(models)} on the built-in synthetic dataset "
           "(leave-one-out, full ranking over all items)", file=sys.stderr)
     # short training budgets keep the demo within a few minutes on 2 cores; `recforge train` uses the full defaults
