@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=str(HERE / "results" / "runs"))
+    ap.add_argument("--tag", default="", help="suffix of the result files (to keep variants of one model apart)")
     args, overrides = ap.parse_known_args()
     import recforge
     from recforge.reports.leaderboard import format_leaderboard
@@ -42,6 +43,7 @@ def main() -> None:
     md = format_leaderboard(board)
     print(md)
     tag = "-".join(Path(d).stem or Path(d).name for d in args.data.split(",")) + "-" + args.models.replace(",", "_")
+    tag += f"-{args.tag}" if args.tag else ""
     meta = {"command": "python benchmarks/leaderboard.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "wall_seconds": round(time.time() - t0)}
     res = HERE / "results"

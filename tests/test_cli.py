@@ -139,6 +139,12 @@ def test_data_prepare_and_describe(tmp_path, capsys):
     assert main(["data", "describe", "synthetic"]) == 0
     text = capsys.readouterr().out
     assert "users" in text and "item columns" in text
+    # the item text the text-enhanced models would read, with the template in use
+    assert "template: {title}. Category: {category}." in text and "1: " in text
+    assert main(["data", "describe", "synthetic", "--template", "{category}"]) == 0
+    assert "template: {category}" in capsys.readouterr().out
+    assert main(["data", "describe", "synthetic", "--template", "{brand}"]) == 2
+    assert "template" in capsys.readouterr().err
     assert main(["data", "prepare", "synthetic", "--out", str(out)]) == 2  # refuses to overwrite
 
 

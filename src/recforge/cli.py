@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd = dsub.add_parser("describe", help="statistics of a dataset")
     dd.add_argument("input")
     dd.add_argument("--json", action="store_true")
+    dd.add_argument("--template", default=None,
+                    help="item text template shown in the preview (default: the text models' default template)")
     _add_data_flags(dd)
 
     ex = sub.add_parser("export", help="write a checksummed serving artifact of a run")
@@ -293,7 +295,7 @@ def _data_cmd(args) -> None:
     else:
         from recforge.data.describe import describe, format_description
 
-        d = describe(load_dataset(cfg))
+        d = describe(load_dataset(cfg), template=args.template)
         print(json.dumps(d, indent=2, default=str) if args.json else format_description(d))
 
 

@@ -64,10 +64,11 @@ def _side_columns(table: pl.DataFrame | None, key: str) -> list[str]:
     return [] if table is None else [c for c in table.columns if c != key]
 
 
-def describe(ds: Dataset) -> dict:
+def describe(ds: Dataset, template: str | None = None) -> dict:
     """Statistics of an encoded :class:`Dataset`: sizes, density, per-user sequence lengths,
-    item popularity (with long-tail measures), behaviours, ratings, splits, time range and the
-    side columns available for items and users."""
+    item popularity (with long-tail measures), behaviours, ratings, splits, time range, the
+    side columns available for items and users, and the item text the text-enhanced models
+    would read (``template``: None for the default template)."""
     df = ds.interactions
     n = df.height
     lengths = df.group_by(USER).len()["len"].to_numpy()
@@ -95,6 +96,10 @@ def describe(ds: Dataset) -> dict:
     d["interaction_columns"] = [c for c in df.columns if c not in (USER, ITEM, TIME)]
     d["item_columns"] = _side_columns(ds.items, ITEM)
     d["user_columns"] = _side_columns(ds.users, USER)
+    if ds.items is not None:
+        from recforge.semantic.text import text_preview
+
+        d["item_text"] = text_preview(ds, template=template)
     return d
 
 
@@ -150,4 +155,8 @@ def format_description(d: dict) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"Dataset {d.get('name', '')}".rstrip()]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if d.get("item_text"):
+        from recforge.semantic.text import format_preview
+
+        lines.append(format_preview(d["item_text"]))
     return "\n".join(lines)

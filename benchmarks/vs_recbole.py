@@ -1,0 +1,165 @@
+"""RecForge's SASRec beside RecBole 1.2.1's SASRec on Amazon Beauty, in one run on this machine.
+
+    python benchmarks/vs_recbole.py [--threads 2] [--seed 0] [--recbole-budget 2400] [--skip-recforge]
+
+Both train the same architecture (2 blocks, 1 head, hidden 64, feed-forward 256, GELU, dropout
+0.2, max length 50, full-softmax cross-entropy, Adam 1e-3) with early stopping on validation
+NDCG@10 (patience 10) and the same leave-one-out, full-ranking protocol (history excluded).
+Each keeps its own default batch size (RecForge 128 sequences, RecBole 2048 samples) and its own
+way of cutting sequences: RecBole always trains on every prefix of every sequence; RecForge
+trains each sequence once with every position as a target (``subseq=none``).
+
+RecBole runs in its own virtual environment, ``benchmarks/.venv-recbole`` (created on first use:
+``torch==2.13.0`` CPU, ``recbole==1.2.1``, ``numpy<2``, ``pandas<2.2``, ``setuptools<70``), with
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` so that it can reload its checkpoint; it is never a
+dependency of RecForge. ``--recbole-budget`` (seconds) bounds RecBole's training: when reached,
+the best checkpoint so far is tested and the result is marked ``stopped_by_budget``.
+
+Prints and writes ``benchmarks/results/vs_recbole_sasrec.json``: seconds per epoch, wall time to
+the best validation NDCG@10, test HR@10 / NDCG@10 of both, and the speed ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / ".venv-recbole"
+TMP = HERE / "results" / "tmp" / "recbole"
+DATA = Path("../shared/data/amazon-beauty/Beauty.txt")
+
+ARCH = {"n_layers": 2, "n_heads": 1, "hidden": 64, "inner": 256, "dropout": 0.2, "max_len": 50, "loss": "ce",
+        "lr": 0.001, "patience": 10}
+
+
+def ensure_venv() -> Path:
+    py = VENV / "bin" / "python"
+    stamp = VENV / ".installed"
+    if stamp.exists():
+        return py
+    print(f"creating {VENV} (RecBole 1.2.1 and its pins) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    # torch first (the CPU build), then RecBole with the pins it needs on current Python
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["recbole==1.2.1", "numpy<2", "pandas<2.2"], check=True)
+    subprocess.run(pip + ["setuptools<70"], check=True)  # RecBole imports pkg_resources-era APIs
+    stamp.touch()
+    return py
+
+
+def write_atomic(split_data, folder: Path) -> None:
+    """The prepared interactions as a RecBole ``.inter`` file; the timestamp is the position in
+    the user's sequence, so RecBole's time-ordered leave-one-out equals ours."""
+    from recforge.data.dataset import sort_interactions
+    from recforge.data.schema import ITEM, USER
+
+    df = sort_interactions(split_data.interactions)
+    users, items = df[USER].to_numpy(), df[ITEM].to_numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "beauty.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for n, (u, i) in enumerate(zip(users, items)):
+            f.write(f"{u}\t{i}\t{n}\n")
+
+
+def run_recforge(threads: int, seed: int) -> dict:
+    import recforge
+
+    overrides = [f"{k}={v}" for k, v in ARCH.items()] + [f"threads={threads}", f"seed={seed}"]
+    t0 = time.perf_counter()
+    run = recforge.train("sasrec", str(DATA), overrides, out=str(TMP / "runs"), verbose=False)
+    wall = time.perf_counter() - t0
+    hist = json.loads((run.path / "history.json").read_text())
+    elapsed, at = 0.0, {}
+    for e in hist["epochs"]:
+        elapsed += e["train_seconds"] + e.get("valid_seconds", 0.0)
+        at[e["epoch"]] = elapsed
+    train_s = [e["train_seconds"] for e in hist["epochs"]]
+    return {"library": f"RecForge {recforge.__version__}", "threads": threads,
+            "epochs": hist["epochs"], "best_epoch": hist["best_epoch"], "best_valid": hist["best_metric"],
+            "seconds_to_best": round(at[hist["best_epoch"]], 1), "fit_seconds": round(hist["seconds"], 1),
+            "run_wall_seconds": round(wall, 1),
+            "seconds_per_epoch": round(sum(train_s) / len(train_s), 2),
+            "test": {"hit@10": run.metrics["test"]["hr@10"], "ndcg@10": run.metrics["test"]["ndcg@10"]},
+            "run": str(run.path)}
+
+
+def run_recbole(threads: int, seed: int, budget: float) -> dict:
+    py = ensure_venv()
+    ds_dir = TMP / "data"
+    job = {
+        "model": "SASRec", "dataset": "beauty", "threads": threads, "budget_seconds": budget,
+        "config": {
+            "data_path": str(ds_dir), "checkpoint_dir": str(TMP / "saved"), "seed": seed, "reproducibility": True,
+            "device": "cpu", "use_gpu": False, "show_progress": False, "log_wandb": False, "save_dataset": False,
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "n_layers": ARCH["n_layers"], "n_heads": ARCH["n_heads"], "hidden_size": ARCH["hidden"],
+            "inner_size": ARCH["inner"], "hidden_dropout_prob": ARCH["dropout"], "attn_dropout_prob": ARCH["dropout"],
+            "hidden_act": "gelu", "MAX_ITEM_LIST_LENGTH": ARCH["max_len"], "loss_type": "CE",
+            "train_neg_sample_args": None, "learning_rate": ARCH["lr"], "stopping_step": ARCH["patience"],
+            "epochs": 300, "eval_step": 1,
+            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+            "metrics": ["Hit", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
+        },
+    }
+    job_path, out_path = TMP / "job.json", TMP / "recbole_result.json"
+    job_path.write_text(json.dumps(job))
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    subprocess.run([str(py), str(HERE / "recbole_worker.py"), str(job_path), str(out_path)], check=True, env=env,
+                   cwd=str(TMP))
+    res = json.loads(out_path.read_text())
+    res["run_wall_seconds"] = round(time.perf_counter() - t0, 1)
+    train_s = [e["train_seconds"] for e in res["epochs"]]
+    res["seconds_per_epoch"] = round(sum(train_s) / len(train_s), 2)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recbole-budget", type=float, default=2400.0, help="seconds of RecBole training at most")
+    ap.add_argument("--skip-recforge", action="store_true", help="reuse the RecForge result of the last run")
+    args = ap.parse_args()
+    if not DATA.exists():
+        print(f"skipped: {DATA} not found (the shared data folder sits beside the project)")
+        return 0
+    out = HERE / "results" / "vs_recbole_sasrec.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    from recforge.data.prepare import prepare
+    from recforge.data.readers import load_raw
+
+    write_atomic(prepare(load_raw(str(DATA))), TMP / "data" / "beauty")
+    if args.skip_recforge and "recforge" in previous:
+        ours = previous["recforge"]
+    else:
+        ours = run_recforge(args.threads, args.seed)
+        print(f"RecForge: {ours['seconds_per_epoch']} s/epoch, best valid at epoch {ours['best_epoch']} after "
+              f"{ours['seconds_to_best']} s, test NDCG@10 {ours['test']['ndcg@10']:.4f}", flush=True)
+    theirs = run_recbole(args.threads, args.seed, args.recbole_budget)
+    print(f"RecBole:  {theirs['seconds_per_epoch']} s/epoch, best valid at epoch {theirs['best_epoch']} after "
+          f"{theirs['seconds_to_best']} s, test NDCG@10 {theirs['test']['ndcg@10']:.4f}"
+          + (" (stopped by the time budget)" if theirs["stopped_by_budget"] else ""), flush=True)
+    res = {
+        "command": "python benchmarks/vs_recbole.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_at_end": os.getloadavg(),
+        "architecture": ARCH, "recforge": ours, "recbole": theirs,
+        "epoch_speedup": round(theirs["seconds_per_epoch"] / ours["seconds_per_epoch"], 1),
+        "time_to_best_speedup": round(theirs["seconds_to_best"] / ours["seconds_to_best"], 1),
+    }
+    print(f"per epoch: {res['epoch_speedup']}x faster; to the best validation point: {res['time_to_best_speedup']}x")
+    out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
