@@ -154,3 +154,34 @@ def test_plot_run_png(runs, tmp_path):
     out = tmp_path / "p.png"
     assert main(["plot", str(a.path), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def _rated_csv(path: Path) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_users, per_user = 60, 12
+    users = np.repeat(np.arange(n_users), per_user)
+    items = np.concatenate([rng.choice(50, per_user, replace=False) for _ in range(n_users)])
+    pl.DataFrame({"user_id": users, "item_id": items, "rating": rng.integers(1, 6, len(users)),
+                  "timestamp": np.arange(len(users))}).write_csv(path)
+    return path
+
+
+def test_target_min_rating_keeps_only_liked_targets(tmp_path):
+    data = str(_rated_csv(tmp_path / "rated.csv"))
+    raw = pl.read_csv(data).sort("timestamp")
+    last = raw.group_by("user_id", maintain_order=True).last()  # leave-one-out test rows
+    liked = int((last["rating"] >= 4).sum())
+    assert 0 < liked < last.height
+    base = recforge.train("pop", data, ["data.cache=false"], out=tmp_path / "runs", verbose=False)
+    run = recforge.train("pop", data, ["data.cache=false", "eval.target_min_rating=4"], out=tmp_path / "runs",
+                         verbose=False)
+    assert base.metrics["test"]["n_users"] == last.height
+    assert run.metrics["test"]["n_users"] == liked
+    assert "rated >= 4" in run.metrics["protocol"]["targets"]
+    # a signed-rating model ranks liked items: its positive threshold is the default
+    signed = recforge.train("lsgrec", data, ["data.cache=false", "epochs=1"], out=tmp_path / "runs", verbose=False)
+    assert signed.metrics["test"]["n_users"] == liked
+    with pytest.raises(recforge.errors.ConfigError, match="rating"):
+        recforge.train("pop", "synthetic", ["eval.target_min_rating=4"], out=tmp_path / "runs", verbose=False)

@@ -21,7 +21,7 @@ from recforge import config as C
 from recforge.errors import RecForgeError
 from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate
 from recforge.models import registry
-from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset
+from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset, target_min_rating
 from recforge.runs import Run, RunWriter, run_name
 from recforge.training.trainer import set_seed
 
@@ -48,6 +48,9 @@ def _eval(model, evalset, cfg, popularity) -> EvalResult:
 def _protocol_record(cfg: dict, split, model) -> dict:
     rec = {"split": split.protocol, **_protocol(cfg).describe(),
            "subsequence_split": "none", "valid_metric": getattr(model, "valid_metric", None)}
+    threshold = target_min_rating(cfg, split)
+    if threshold is not None:
+        rec["targets"] = f"held-out rows rated >= {threshold:g} (lower-rated held-out items count as non-relevant)"
     notes = getattr(model, "protocol_notes", None)
     if callable(notes):
         rec.update(notes())
@@ -62,7 +65,7 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
     t0 = time.perf_counter()
     ds = load_dataset(cfg["data"])
     split = split_dataset(ds, cfg)
-    valid_set, test_set = eval_sets(split)
+    valid_set, test_set = eval_sets(split, target_min_rating(cfg, split))
     set_seed(cfg["seed"])
     params = C.model_params(cfg)
     if "verbose" in registry.get_model_class(cfg["model"]["name"]).param_names():
@@ -125,7 +128,7 @@ def evaluate(run: str | Path | Run, sampled=None, ks=None) -> dict:
     cfg = C.apply_overrides(run.config, {k: v for k, v in {"eval.sampled": sampled, "eval.ks": ks}.items() if v is not None})
     ds = load_dataset(cfg["data"])
     split = split_dataset(ds, cfg)
-    _, test_set = eval_sets(split)
+    _, test_set = eval_sets(split, target_min_rating(cfg, split))
     res = _eval(run.model, test_set, cfg, split.item_popularity)
     return {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, run.model)}
 

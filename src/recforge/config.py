@@ -37,7 +37,7 @@ SPLIT_OPTIONS = {
     "presplit": set(),
 }
 EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclude_history": True,
-                 "hist_bins": [5, 10, 20, 50]}
+                 "hist_bins": [5, 10, 20, 50], "target_min_rating": None}
 SECTIONS = ("model", "data", "split", "eval")
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
+
 from recforge.config import split_options
 from recforge.data.dataset import Dataset
 from recforge.data.prepare import PrepareOptions, prepare, prepare_cached
+from recforge.data.schema import RATING
 from recforge.data.split import Split, make_split
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import EvalSet, build_evalset
@@ -62,12 +65,35 @@ def split_dataset(ds: Dataset, cfg: dict) -> Split:
     return make_split(ds, method, **opts)
 
 
-def eval_sets(split: Split) -> tuple[EvalSet | None, EvalSet]:
+def eval_sets(split: Split, target_min_rating: float | None = None) -> tuple[EvalSet | None, EvalSet]:
+    """Validation and test sets. ``target_min_rating``: only held-out rows rated at least this
+    are targets (the others stay out of the ranking: the history holds every visible row,
+    whatever its rating); users left without a target are not evaluated."""
+    valid_rows, test_rows = split.valid, split.test
+    if target_min_rating is not None:
+        if RATING not in split.test.columns:
+            raise ConfigError(f"eval.target_min_rating={target_min_rating}: the data has no rating column; "
+                              "remove the option or give the rating column (data.rating_col=NAME)")
+        valid_rows = valid_rows.filter(pl.col(RATING) >= target_min_rating)
+        test_rows = test_rows.filter(pl.col(RATING) >= target_min_rating)
+        if test_rows.height == 0:
+            raise ConfigError(f"eval.target_min_rating={target_min_rating}: no test row is rated that high; "
+                              "lower the threshold")
     valid = None
-    if split.valid.height:
-        valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
+    if valid_rows.height:
+        valid = build_evalset(split.history("valid"), valid_rows, split.n_users, split.n_items, "valid")
+    test = build_evalset(split.history("test"), test_rows, split.n_users, split.n_items, "test")
     return valid, test
+
+
+def target_min_rating(cfg: dict, split: Split) -> float | None:
+    """``eval.target_min_rating``; when unset, for a model that learns from signed ratings (one
+    with a ``pos_threshold``) on rated data, its positive threshold: such a model ranks liked
+    items, so a low rating is not a hit to reward."""
+    value = cfg["eval"].get("target_min_rating")
+    if value is None and RATING in split.test.columns:
+        value = cfg["model"].get("pos_threshold")
+    return None if value is None else float(value)
 
 
 def dataset_label(path: str | None) -> str:

@@ -40,10 +40,10 @@ ranking loss may differ from this reading; the ranking itself uses only the posi
 preference, as the paper states. Unknown users are folded in from their history items as in
 LightGCN, without signs (a raw history has no ratings).
 
-Evaluation: the model does not filter targets. ``recforge train lsgrec`` ranks against every
-held-out interaction, including low-rated ones; the positive-target protocol (one split of all
-ratings, validation/test targets restricted to ratings ``>= 4``, the same evaluation sets for
-LightGCN trained on the positive training links) is in ``benchmarks/graph_signed.py``.
+Evaluation: on rated data, ``recforge train lsgrec`` counts as targets only the held-out rows
+rated ``>= pos_threshold`` (``eval.target_min_rating``, which defaults to it for this model); a
+lower-rated held-out item is ranked like any other non-relevant item. The side-by-side protocol
+with LightGCN trained on the same positive links is in ``benchmarks/graph_signed.py``.
 """
 
 from __future__ import annotations
@@ -166,5 +166,4 @@ class LSGRec(LightGCN):
     def protocol_notes(self) -> dict:
         return {**super().protocol_notes(),
                 "signed_graph": f"positive: rating >= {self.pos_threshold}, negative: rating <= {self.neg_threshold} "
-                                "(training part only)",
-                "targets": "as given by the split (not filtered by rating); see benchmarks/graph_signed.py"}
+                                "(training part only)"}
