@@ -42,6 +42,21 @@ class TorchRecommender(Recommender):
 
     # ---- shared -------------------------------------------------------------------------------
     def fit(self, split, valid=None):
+        """Train with the shared trainer. A model with a ``threads`` parameter (not None) runs
+        with that many PyTorch intra-op threads during fit: on a shared, oversubscribed machine
+        one thread can be much faster than two, because short operations whose threads wait on
+        each other lose their time slices."""
+        threads = getattr(self, "threads", None)
+        if threads is None:
+            return self._fit(split, valid)
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return self._fit(split, valid)
+        finally:
+            torch.set_num_threads(before)
+
+    def _fit(self, split, valid):
         set_seed(self.seed)
         self.n_users_, self.n_items_ = split.n_users, split.n_items
         self.prepare_fit(split)

@@ -82,19 +82,6 @@ class LightGCN(TorchRecommender):
         params["loss"] = self.loss_type
         return params
 
-    def fit(self, split, valid=None):
-        """``threads`` (when set) is PyTorch's intra-op thread count during fit. On a shared,
-        oversubscribed machine one thread can be many times faster than two: the sparse products
-        are short and threads that wait on each other at every operation lose their time slices."""
-        if self.threads is None:
-            return super().fit(split, valid)
-        before = torch.get_num_threads()
-        torch.set_num_threads(int(self.threads))
-        try:
-            return super().fit(split, valid)
-        finally:
-            torch.set_num_threads(before)
-
     # ---- graph ------------------------------------------------------------------------------
     def graph_matrix(self, split) -> sp.csr_matrix:
         """The training graph: the binary user x item matrix of the training part."""

@@ -132,16 +132,6 @@ class SequentialRecommender(TorchRecommender):
         return notes
 
     # ---- fit ------------------------------------------------------------------------------
-    def fit(self, split, valid=None):
-        if self.threads is None:
-            return super().fit(split, valid)
-        before = torch.get_num_threads()
-        torch.set_num_threads(int(self.threads))
-        try:
-            return super().fit(split, valid)
-        finally:
-            torch.set_num_threads(before)
-
     def prepare_fit(self, split) -> None:
         indptr, items = split.train_sequences
         user, start, end = sample_bounds(indptr, self.max_len, self.subseq)
