@@ -298,3 +298,18 @@ class SemanticMixin:
         notes["item_text"] = {"encoder": self.encoder or "packaged all-MiniLM-L6-v2",
                               "template": self.template or "default", "cold_items": self.cold_items}
         return notes
+
+
+def on_backbones(mixin: type, name: str, class_names: tuple[str, str, str], title: str) -> tuple[type, ...]:
+    """The classes of a text-enhancement ``mixin`` on the SASRec, GRU4Rec and BERT4Rec backbones,
+    registered as ``name``, ``name-gru4rec`` and ``name-bert4rec``."""
+    from recforge.models.sequential.bert4rec import BERT4Rec
+    from recforge.models.sequential.gru4rec import GRU4Rec
+    from recforge.models.sequential.sasrec import SASRec
+
+    made = []
+    for cls_name, backbone, suffix in zip(class_names, (SASRec, GRU4Rec, BERT4Rec), ("", "-gru4rec", "-bert4rec")):
+        attrs = {"name": name + suffix, "__doc__": f"{title} on {backbone.__name__}.",
+                 "__module__": mixin.__module__, "__qualname__": cls_name, "bidirectional": backbone is BERT4Rec}
+        made.append(type(cls_name, (mixin, backbone), attrs))
+    return tuple(made)

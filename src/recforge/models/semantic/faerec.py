@@ -37,10 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.semantic.base import SemanticMixin
-from recforge.models.sequential.bert4rec import BERT4Rec
-from recforge.models.sequential.gru4rec import GRU4Rec
-from recforge.models.sequential.sasrec import SASRec
+from recforge.models.semantic.base import SemanticMixin, on_backbones
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -136,20 +133,5 @@ class FAERecMixin(SemanticMixin):
             "feature_weight": self.feature_weight}}
 
 
-class FAERec(FAERecMixin, SASRec):
-    """FAERec on SASRec."""
-
-    name = "faerec"
-
-
-class FAERecGRU4Rec(FAERecMixin, GRU4Rec):
-    """FAERec on GRU4Rec."""
-
-    name = "faerec-gru4rec"
-
-
-class FAERecBERT4Rec(FAERecMixin, BERT4Rec):
-    """FAERec on BERT4Rec."""
-
-    name = "faerec-bert4rec"
-    bidirectional = True
+FAERec, FAERecGRU4Rec, FAERecBERT4Rec = on_backbones(
+    FAERecMixin, "faerec", ("FAERec", "FAERecGRU4Rec", "FAERecBERT4Rec"), "FAERec")

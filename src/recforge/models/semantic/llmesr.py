@@ -49,12 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.semantic.base import SemanticMixin, pca_init
+from recforge.models.semantic.base import SemanticMixin, on_backbones, pca_init
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import Dropout
-from recforge.models.sequential.bert4rec import BERT4Rec
-from recforge.models.sequential.gru4rec import GRU4Rec
-from recforge.models.sequential.sasrec import SASRec
 
 
 class CrossView(nn.Module):
@@ -195,20 +192,5 @@ class LLMESRMixin(SemanticMixin):
                                                                 "n_similar": self.n_similar}}
 
 
-class LLMESR(LLMESRMixin, SASRec):
-    """LLM-ESR on SASRec."""
-
-    name = "llmesr"
-
-
-class LLMESRGRU4Rec(LLMESRMixin, GRU4Rec):
-    """LLM-ESR on GRU4Rec."""
-
-    name = "llmesr-gru4rec"
-
-
-class LLMESRBERT4Rec(LLMESRMixin, BERT4Rec):
-    """LLM-ESR on BERT4Rec."""
-
-    name = "llmesr-bert4rec"
-    bidirectional = True
+LLMESR, LLMESRGRU4Rec, LLMESRBERT4Rec = on_backbones(
+    LLMESRMixin, "llmesr", ("LLMESR", "LLMESRGRU4Rec", "LLMESRBERT4Rec"), "LLM-ESR")
