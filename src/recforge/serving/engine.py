@@ -34,6 +34,7 @@ from recforge.errors import RecForgeError
 from recforge.evaluation.batch import Histories
 from recforge.serving.ann import ANNIndex, query_vectors
 from recforge.serving.artifact import Artifact
+from recforge.serving.batching import drain
 
 log = logging.getLogger("recforge.serving")
 
@@ -95,16 +96,7 @@ class ScoreBatcher:
             first = self._queue.get()
             if first is None:
                 return
-            batch, stop = [first], False
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+            batch, stop = drain(self._queue, first, self.max_batch)
             try:
                 rows = _score_rows(self.model, [b[0] for b in batch], [b[1] for b in batch], self.n_items)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting request

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from recforge.serving.batching import drain
+
 log = logging.getLogger("recforge.serving")
 
 SCHEMA = """
@@ -93,19 +95,8 @@ class EventStore:
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
-            n = len(first[0])
-            stop = False
-            while n < self._max_batch_rows:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-                n += len(nxt[0])
+            batch, stop = drain(self._queue, first, self._max_batch_rows, size=lambda job: len(job[0]))
+            n = sum(len(rows) for rows, _ in batch)
             now = time.time()
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
