@@ -236,3 +236,23 @@ def test_cold_items_are_recommended_by_their_text():
     assert hits(llmesr) >= 0.6 * len(cold)
     assert hits(llmesr) > hits(sasrec)
     assert hits(registry.create("pop").fit(cold_split)) == 0
+
+
+def test_llmesr_self_distillation_retrieves_like_minded_users(tiny):
+    ds, split, _, _ = tiny
+    hist = Histories.from_lists(np.arange(3), [[1, 2, 3], [4, 5], [6]], ds.n_items)
+    with_sd = _fit("llmesr", split, None, ds, epochs=2, seed=7, distill_weight=0.5, n_similar=5)
+    without = _fit("llmesr", split, None, ds, epochs=2, seed=7, distill_weight=0.0)
+    assert not torch.equal(with_sd.score(hist), without.score(hist))  # the term reaches the weights
+    similar = with_sd._similar
+    assert similar.shape == (split.n_users, 5)
+    assert not (similar == np.arange(split.n_users)[:, None]).any()  # never oneself
+    # retrieved users share the user's favourite category far more often than random users do
+    cat = ds.items.sort("item_id")["category"].to_numpy()
+    indptr, items = split.train_sequences
+    fav = np.array([np.bincount(np.searchsorted(np.unique(cat), cat[items[a:b] - 1])).argmax()
+                    for a, b in zip(indptr[:-1], indptr[1:])])
+    same = (fav[similar] == fav[:, None]).mean()
+    rng = np.random.default_rng(0)
+    chance = (fav[rng.integers(0, split.n_users, similar.shape)] == fav[:, None]).mean()
+    assert same > 2 * chance, (same, chance)
