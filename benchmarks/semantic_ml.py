@@ -13,7 +13,8 @@ item text template (``recforge embed``, cached). Runs are written by ``recforge.
 ``recforge.api.compare`` (paired t-test and Wilcoxon test over users).
 
 Results go to ``benchmarks/results/semantic_ml.json`` and ``.md``; the JSON is updated after
-every run and finished runs are skipped when the script is started again.
+every run and finished runs are skipped when the script is started again with the same
+``--epochs`` and overrides.
 """
 
 from __future__ import annotations
@@ -107,7 +108,12 @@ def main(argv=None) -> int:
     from recforge.semantic.store import embed
 
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"runs": {}, "compare": [], "tables": {}}
+    settings = {"epochs": args.epochs, "overrides": list(args.overrides)}
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if results.get("settings") != settings:  # finished runs are reused only under the same settings
+        if results:
+            print(f"{out}: written with other settings ({results.get('settings')}); starting afresh", flush=True)
+        results = {"settings": settings, "runs": {}, "compare": [], "tables": {}}
     results["protocol"] = (
         "Leave-one-out, full ranking over all items (history excluded); SASRec defaults (max_len 50, hidden 64, "
         f"2 layers, CE loss, early stopping on validation NDCG@10), at most {args.epochs} epochs"
