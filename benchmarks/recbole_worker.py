@@ -10,6 +10,7 @@ passed (recorded as ``stopped_by_budget``).
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 
@@ -70,15 +71,16 @@ def main() -> int:
     except BudgetReached:
         stopped_by_budget = True
     fit_seconds = time.perf_counter() - t_fit
-    scored = [e for e in epochs if "valid_score" in e]
-    best = max(scored, key=lambda e: e["valid_score"])
+    scored = [e for e in epochs if "valid_score" in e] or epochs[-1:]
+    best = max(scored, key=lambda e: e.get("valid_score", 0.0))
     test = trainer.evaluate(test_data, load_best_model=True, model_file=trainer.saved_model_file)
     result = {
         "library": "RecBole 1.2.1", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "prep_seconds": round(prep_seconds, 1), "fit_seconds": round(fit_seconds, 1),
         "train_samples": len(train_data.dataset), "epochs": epochs, "best_epoch": best["epoch"],
-        "best_valid": best["valid_score"], "seconds_to_best": best.get("elapsed"),
+        "best_valid": best.get("valid_score"), "seconds_to_best": best.get("elapsed"),
         "stopped_by_budget": stopped_by_budget, "test": {k: float(v) for k, v in test.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
     }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
