@@ -93,6 +93,14 @@ def test_bench_leaderboard(tmp_path):
     data = json.loads((folder / "leaderboard.json").read_text())
     assert {r["model"] for r in data["rows"]} == {"pop", "itemknn"}
     assert all(r["n_seeds"] == 2 for r in data["rows"])
+    # every row holds the tail/head item groups and the history-length groups
+    row = data["rows"][0]
+    assert {"item:tail ndcg@10", "item:head ndcg@10", "hist:0-5 ndcg@10", "hist:>50 ndcg@10"} <= set(row)
+    assert "item:tail" in md and "hist:" not in md
+    from recforge.reports.leaderboard import format_leaderboard
+
+    assert "hist:6-10 ndcg@10" in format_leaderboard(board, "hist") and "item:" not in format_leaderboard(board, "hist")
+    assert "item:" not in format_leaderboard(board, "none")
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -158,9 +158,11 @@ def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:
 
 
 def bench(models: list[str], datasets: list[str], seeds=(0, 1, 2), overrides=None, out: str | Path = "runs",
-          verbose: bool = False, model_overrides: dict | None = None, progress=None) -> dict:
+          verbose: bool = False, model_overrides: dict | None = None, progress=None, groups: str = "item") -> dict:
     """Train every model on every dataset with every seed; return and write a leaderboard
-    (mean and standard deviation over seeds) as Markdown and JSON in ``out/bench-<time>/``."""
+    (mean and standard deviation over seeds) as Markdown and JSON in ``out/bench-<time>/``.
+    Every row holds the tail/head item and history-length group NDCG@10; ``groups`` picks the
+    ones the Markdown table shows (``item``, ``hist``, ``all``, ``none``)."""
     for m in models:
         registry.get_model_class(m)
     rows = []
@@ -179,7 +181,7 @@ def bench(models: list[str], datasets: list[str], seeds=(0, 1, 2), overrides=Non
 
     folder = runs_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     board = {"rows": rows, "seeds": list(seeds), "models": models, "datasets": datasets}
-    write_leaderboard(board, folder)
+    write_leaderboard(board, folder, groups)
     board["folder"] = str(folder)
     return board
 
@@ -192,7 +194,8 @@ def _leader_row(model: str, data: str, runs: list[Run]) -> dict:
     for k in keys + extra:
         vals = np.array([r.metrics["test"][k] for r in runs], dtype=float)
         row[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-    for g in ("item:tail", "item:head"):
+    groups = [g for g in runs[0].metrics.get("groups", {}) if g.startswith(("item:", "hist:"))]
+    for g in sorted(groups, key=lambda g: (not g.startswith("item:"), g != "item:tail")):
         if all(g in r.metrics.get("groups", {}) for r in runs):
             vals = np.array([r.metrics["groups"][g]["ndcg@10"] for r in runs])
             row[f"{g} ndcg@10"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default="0,1,2")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--out", default="runs")
+    b.add_argument("--groups", choices=["item", "hist", "all", "none"], default="item",
+                   help="group columns of the table: tail/head items (default), history-length bins, both or none")
 
     d = sub.add_parser("data", help="prepare or describe data")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -205,10 +207,10 @@ def _dispatch(args) -> int | None:
         print(json.dumps(res, indent=2) if args.json else _compare_table(res))
     elif args.cmd == "bench":
         board = api.bench(args.models.split(","), args.data.split(","), _ints(args.seeds), args.overrides,
-                          out=args.out, progress=_progress_line)
+                          out=args.out, progress=_progress_line, groups=args.groups)
         from recforge.reports.leaderboard import format_leaderboard
 
-        print(format_leaderboard(board))
+        print(format_leaderboard(board, args.groups))
         print(board["folder"])
     elif args.cmd == "data":
         _data_cmd(args)

@@ -13,11 +13,15 @@ def _protocol_text(p: dict) -> str:
     return f"{split}, {ranking}, history excluded={p.get('exclude_history', True)}, sub-sequence split={sub}"
 
 
-def format_leaderboard(board: dict) -> str:
+def format_leaderboard(board: dict, groups: str = "item") -> str:
+    """Markdown table of a leaderboard. ``groups`` picks the group columns: ``item`` (tail and head
+    items, the default), ``hist`` (history-length bins), ``all`` or ``none``."""
     rows = board["rows"]
     if not rows:
         return "(no runs)"
-    metric_cols = [k for k in rows[0] if isinstance(rows[0][k], dict) and "mean" in rows[0][k]]
+    shown = {"item": ("item:",), "hist": ("hist:",), "all": ("item:", "hist:"), "none": ()}[groups]
+    metric_cols = [k for k in rows[0] if isinstance(rows[0][k], dict) and "mean" in rows[0][k]
+                   and (not k.startswith(("item:", "hist:")) or k.startswith(shown))]
     header = ["data", "model", *metric_cols, "fit s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -40,10 +44,10 @@ def format_leaderboard(board: dict) -> str:
     return "\n".join(lines)
 
 
-def write_leaderboard(board: dict, folder: Path) -> None:
+def write_leaderboard(board: dict, folder: Path, groups: str = "item") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "leaderboard.json").write_text(json.dumps(board, indent=2, default=str))
-    (folder / "leaderboard.md").write_text(format_leaderboard(board) + "\n")
+    (folder / "leaderboard.md").write_text(format_leaderboard(board, groups) + "\n")
     try:
         from recforge.reports.plots import plot_leaderboard
 
