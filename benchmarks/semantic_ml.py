@@ -90,7 +90,51 @@ def _markdown(results: dict) -> str:
             if r["metric"] in ("ndcg@10", "hr@10"):
                 lines.append(f"| {c['data']} | {c['model']} | {c['seed']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | "
                              f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
+    if results.get("pooled"):
+        lines += ["", "## Paired tests against SASRec over the seeds (each user's metric averaged over the seeds "
+                  "first; `recforge compare A1,A2,A3 B1,B2,B3`)", "",
+                  "| data | model | users | metric | SASRec | model | diff | t-test p | Wilcoxon p |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in results["pooled"]:
+            for r in c["rows"]:
+                lines.append(f"| {c['data']} | {c['model']} | {c['users']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | "
+                             f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
     return "\n".join(lines) + "\n"
+
+
+def pooled_tests(results: dict, data_paths: list[str], models) -> list[dict]:
+    """Seed-averaged paired tests against SASRec, over all users and over the users whose test
+    item is a tail item (the group is a property of the split, the same for every model/seed)."""
+    import polars as pl
+
+    import recforge.api as api
+    from recforge.config import DATA_DEFAULTS
+    from recforge.evaluation.evaluator import head_items
+    from recforge.evaluation.significance import paired_tests
+    from recforge.pipeline import eval_sets, load_dataset
+    from recforge.data.split import leave_one_out
+
+    out = []
+    for d in data_paths:
+        per_model = results["runs"].get(_label(d), {})
+        base = per_model.get("sasrec", {})
+        split = leave_one_out(load_dataset(dict(DATA_DEFAULTS, path=d)))
+        _, test = eval_sets(split)
+        tail_users = test.users[~head_items(split.item_popularity)[test.targets[:, 0]]]
+        for model in models:
+            other = per_model.get(model, {})
+            seeds = sorted(set(base) & set(other))
+            if model == "sasrec" or len(seeds) < 2:
+                continue
+            a = api._mean_per_user(api._runs([base[s]["run"] for s in seeds]))
+            b = api._mean_per_user(api._runs([other[s]["run"] for s in seeds]))
+            rows = paired_tests(a, b, ["ndcg@10", "hr@10"])
+            keep = pl.col("user").is_in(tail_users.tolist())
+            for r in paired_tests(a.filter(keep), b.filter(keep), ["ndcg@10"]):
+                rows.append(r | {"metric": "tail ndcg@10"})
+            out.append({"data": _label(d), "model": model, "seeds": seeds, "users": f"{a.height} / tail {len(tail_users)}",
+                        "rows": rows})
+    return out
 
 
 def main(argv=None) -> int:
@@ -165,6 +209,7 @@ def main(argv=None) -> int:
                 results["compare"].append({"data": label, "model": model, "seed": seed, "rows": cmp["rows"],
                                            "warnings": cmp["warnings"]})
                 save()
+    results["pooled"] = pooled_tests(results, datasets, models)
     save()
     print(out.with_suffix(".md").read_text())
     return 0

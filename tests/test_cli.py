@@ -85,6 +85,18 @@ def test_compare_reports_p_values(runs, capsys):
     assert "wilcoxon" in capsys.readouterr().out
 
 
+def test_compare_averages_seeds_per_user(runs, tmp_path, capsys):
+    out, a, b = runs
+    a2 = recforge.train("ease", "synthetic", {"reg_lambda": 10.0}, out=tmp_path, verbose=False)
+    res = recforge.compare([a, a2], b)
+    row = {r["metric"]: r for r in res["rows"]}["ndcg@10"]
+    both = (a.metrics["test"]["ndcg@10"] + a2.metrics["test"]["ndcg@10"]) / 2
+    assert row["a"] == pytest.approx(both) and row["b"] == pytest.approx(b.metrics["test"]["ndcg@10"])
+    assert res["n_runs"] == [2, 1] and row["n_users"] == a.metrics["test"]["n_users"]
+    assert main(["compare", f"{a.path},{a2.path}", str(b.path)]) == 0
+    assert "per-user means over 2 and 1 runs" in capsys.readouterr().out
+
+
 def test_bench_leaderboard(tmp_path):
     board = recforge.bench(["pop", "itemknn"], ["synthetic"], seeds=[0, 1], out=tmp_path)
     folder = Path(board["folder"])

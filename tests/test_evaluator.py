@@ -178,6 +178,11 @@ def test_head_tail_and_history_groups(split, evalset):
     assert g["item:tail"]["recall@2"] == pytest.approx((1 + 1 / 2) / 2)
     assert g["hist:0-2"]["n_users"] == 1 and g["hist:0-2"]["mrr"] == pytest.approx(1.0)
     assert g["hist:3"]["n_users"] == 2 and g["hist:3"]["mrr"] == pytest.approx(0.5)
+    # the item groups' NDCG/HR are also kept per user (NaN outside the group) for paired tests
+    tail = res.per_user["item:tail hr@2"].to_numpy()
+    assert np.isnan(tail).sum() == 1 and np.nanmean(tail) == pytest.approx(g["item:tail"]["hr@2"])
+    assert "item:tail ndcg@1" in res.per_user.columns and "item:tail mrr" not in res.per_user.columns
+    assert "item:tail ndcg@1" not in res.metrics
     # without popularity there are no item groups; groups=False gives none at all
     assert "item:head" not in evaluate(FakeScorer(), evalset, ks=(1,), hist_bins=(2, 3)).groups
     assert evaluate(FakeScorer(), evalset, ks=(1,), popularity=split.item_popularity, groups=False).groups == {}

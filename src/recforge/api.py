@@ -140,21 +140,45 @@ def recommend(run: str | Path | Run, user=None, history=None, k: int = 10) -> li
     return run.recommend(user=user, history=history, k=k)
 
 
+def _runs(spec) -> list[Run]:
+    if isinstance(spec, (Run, str, Path)):
+        spec = [spec]
+    return [r if isinstance(r, Run) else Run.load(r) for r in spec]
+
+
+def _mean_per_user(runs: list[Run]) -> pl.DataFrame:
+    """Per-user test metrics averaged over runs (seeds) of one model; users evaluated in every run."""
+    tables = [r.per_user() for r in runs]
+    if len(tables) == 1:
+        return tables[0]
+    metrics = [c for c in tables[0].columns if c not in ("user", "user_raw", "history_length")
+               and tables[0].schema[c].is_numeric()]
+    stacked = pl.concat([t.select(["user", *metrics]) for t in tables])
+    return (stacked.group_by("user").agg([pl.len().alias("_n"), *[pl.col(m).mean() for m in metrics]])
+            .filter(pl.col("_n") == len(tables)).drop("_n").sort("user"))
+
+
 def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:
-    """Paired t-test and Wilcoxon signed-rank test on the per-user test metrics of two runs."""
+    """Paired t-test and Wilcoxon signed-rank test on the per-user test metrics of two runs.
+
+    ``run_a`` / ``run_b`` may each be a list of runs (the seeds of one model): each user's metric
+    is then averaged over the seeds before the test, which removes most of the seed noise from
+    the per-user differences."""
     from recforge.evaluation.significance import paired_tests
 
-    a = run_a if isinstance(run_a, Run) else Run.load(run_a)
-    b = run_b if isinstance(run_b, Run) else Run.load(run_b)
-    pa, pb = a.metrics.get("protocol", {}), b.metrics.get("protocol", {})
+    a, b = _runs(run_a), _runs(run_b)
+    pa = a[0].metrics.get("protocol", {})
     warnings = []
-    for key in ("split", "ranking", "subsequence_split"):
-        if pa.get(key) != pb.get(key):
-            warnings.append(f"runs differ in protocol '{key}': {pa.get(key)} vs {pb.get(key)}")
-    metrics = metrics or [m for m in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr") if m in a.per_user().columns]
-    rows = paired_tests(a.per_user(), b.per_user(), metrics)
-    return {"a": str(a.path), "b": str(b.path), "rows": rows, "warnings": warnings,
-            "protocol": pa}
+    for other in a[1:] + b:
+        po = other.metrics.get("protocol", {})
+        for key in ("split", "ranking", "subsequence_split"):
+            if pa.get(key) != po.get(key):
+                warnings.append(f"runs differ in protocol '{key}': {pa.get(key)} vs {po.get(key)} ({other.path.name})")
+    pua, pub = _mean_per_user(a), _mean_per_user(b)
+    metrics = metrics or [m for m in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr") if m in pua.columns]
+    rows = paired_tests(pua, pub, metrics)
+    return {"a": ",".join(str(r.path) for r in a), "b": ",".join(str(r.path) for r in b),
+            "n_runs": [len(a), len(b)], "rows": rows, "warnings": warnings, "protocol": pa}
 
 
 def bench(models: list[str], datasets: list[str], seeds=(0, 1, 2), overrides=None, out: str | Path = "runs",

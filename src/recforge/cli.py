@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
 
     c = sub.add_parser("compare", help="paired t-test and Wilcoxon test between two runs")
-    c.add_argument("run_a")
-    c.add_argument("run_b")
+    c.add_argument("run_a", help="a run folder, or comma-separated run folders (seeds) averaged per user")
+    c.add_argument("run_b", help="the same for the other model")
     c.add_argument("--metrics", default=None, help="comma-separated, default hr@10,ndcg@10,hr@20,ndcg@20,mrr")
     c.add_argument("--json", action="store_true")
 
@@ -203,7 +203,7 @@ def _dispatch(args) -> int | None:
             for i, r in enumerate(recs, 1):
                 print(f"{i:>3}  {r['item_id']}  {r['score']:.4f}")
     elif args.cmd == "compare":
-        res = api.compare(args.run_a, args.run_b, args.metrics.split(",") if args.metrics else None)
+        res = api.compare(args.run_a.split(","), args.run_b.split(","), args.metrics.split(",") if args.metrics else None)
         print(json.dumps(res, indent=2) if args.json else _compare_table(res))
     elif args.cmd == "bench":
         board = api.bench(args.models.split(","), args.data.split(","), _ints(args.seeds), args.overrides,
@@ -317,7 +317,9 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _compare_table(res: dict) -> str:
-    lines = [f"A: {res['a']}", f"B: {res['b']}", *[f"warning: {w}" for w in res["warnings"]],
+    n_a, n_b = res.get("n_runs", [1, 1])
+    seeds = f" (per-user means over {n_a} and {n_b} runs)" if max(n_a, n_b) > 1 else ""
+    lines = [f"A: {res['a']}", f"B: {res['b']}{seeds}", *[f"warning: {w}" for w in res["warnings"]],
              f"{'metric':<10} {'A':>8} {'B':>8} {'diff':>9} {'rel':>8} {'t-test p':>10} {'wilcoxon p':>11}  users"]
     for r in res["rows"]:
         lines.append(f"{r['metric']:<10} {r['a']:>8.4f} {r['b']:>8.4f} {r['diff']:>+9.4f} {r['rel']:>+8.1%} "

@@ -57,6 +57,11 @@ class EvalResult:
     protocol: dict = field(default_factory=dict)
 
 
+#: metrics also kept per user for the item groups (columns ``item:tail ndcg@10`` ...; NaN for a
+#: user without a target in the group), so that a paired test can run on a group's users
+GROUP_USER_METRICS = ("ndcg@", "hr@")
+
+
 def head_items(popularity: np.ndarray, share: float = 0.8) -> np.ndarray:
     """Boolean mask (n_items + 1): the most popular items that together hold ``share`` of
     training interactions (the "head"); the others are the "tail"."""
@@ -156,10 +161,12 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
             for label, mask in (("item:head", is_head), ("item:tail", valid & ~is_head)):
                 for name, v in metrics_from_ranks(ranks, mask, ks).items():
                     group_vals.setdefault(label, {}).setdefault(name, []).append(v.numpy())
+                    if name.startswith(GROUP_USER_METRICS):  # per user too, for paired tests on a group
+                        per_user.setdefault(f"{label} {name}", []).append(v.numpy())
 
     cols = {name: np.concatenate(v) for name, v in per_user.items()}
     table = pl.DataFrame({"user": evalset.users, "history_length": evalset.histories.lengths, **cols})
-    metric_names = list(cols)
+    metric_names = [m for m in cols if not m.startswith("item:")]
     metrics = {m: float(np.nanmean(cols[m])) for m in metric_names}
     for k in ks:
         metrics[f"coverage@{k}"] = float(covered[k][1:].mean())
@@ -177,5 +184,6 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
         for label, lo, hi in zip(_hist_bin_labels(hist_bins), edges[:-1], edges[1:]):
             m = (lengths > lo) & (lengths <= hi)
             if m.any():
-                out_groups[label] = {k: float(np.nanmean(v[m])) for k, v in cols.items()} | {"n_users": int(m.sum())}
+                out_groups[label] = ({k: float(np.nanmean(cols[k][m])) for k in metric_names}
+                                     | {"n_users": int(m.sum())})
     return EvalResult(metrics, table, out_groups, protocol.describe())
