@@ -12,7 +12,7 @@ way of cutting sequences: RecBole always trains on every prefix of every sequenc
 trains each sequence once with every position as a target (``subseq=none``).
 
 RecBole runs in its own virtual environment, ``benchmarks/.venv-recbole`` (created on first use:
-``torch==2.13.0`` CPU, ``recbole==1.2.1``, ``numpy<2``, ``pandas<2.2``, ``setuptools<70``), with
+``torch==2.13.0`` CPU, ``recbole==1.2.1``, ``numpy<2``, ``pandas<2.2``, ``scipy<1.12``, ``setuptools<70``), with
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` so that it can reload its checkpoint; it is never a
 dependency of RecForge. ``--recbole-budget`` (seconds) bounds RecBole's training: when reached,
 the best checkpoint so far is tested and the result is marked ``stopped_by_budget``.
@@ -60,7 +60,8 @@ def ensure_venv() -> Path:
     pip = [str(py), "-m", "pip", "install", "-q"]
     # torch first (the CPU build), then RecBole with the pins it needs on current Python
     subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + ["recbole==1.2.1", "numpy<2", "pandas<2.2"], check=True)
+    # scipy<1.12: RecBole's LightGCN builds its adjacency through dok_matrix._update, removed in 1.12
+    subprocess.run(pip + ["recbole==1.2.1", "numpy<2", "pandas<2.2", "scipy<1.12"], check=True)
     subprocess.run(pip + ["setuptools<70"], check=True)  # RecBole imports pkg_resources-era APIs
     stamp.touch()
     return py
