@@ -29,7 +29,7 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.sequential.base import SequentialRecommender
-from recforge.models.sequential.modules import ACTIVATIONS, TransformerEncoder, init_weights
+from recforge.models.sequential.modules import ACTIVATIONS, TransformerEncoder, init_weights, set_transformer_params
 
 
 class BERT4RecNet(nn.Module):
@@ -55,12 +55,7 @@ class BERT4Rec(SequentialRecommender):
             raise ConfigError(f"mask_prob={mask_prob}: must be in (0, 1]")
         if not 0.0 <= mask_last_prob <= 1.0:
             raise ConfigError(f"mask_last_prob={mask_last_prob}: must be in [0, 1]")
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-        if hidden % n_heads:
-            raise ConfigError(f"hidden={hidden} must be a multiple of n_heads={n_heads}")
-        self.hidden, self.n_layers, self.n_heads, self.inner = hidden, n_layers, n_heads, inner
-        self.dropout, self.attn_dropout, self.activation = dropout, attn_dropout, activation
+        set_transformer_params(self, hidden, n_layers, n_heads, inner, dropout, attn_dropout, activation)
         self.mask_prob, self.mask_last_prob = mask_prob, mask_last_prob
 
     @property

@@ -10,6 +10,19 @@ from torch import nn
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 
+def set_transformer_params(model, hidden: int, n_layers: int, n_heads: int, inner: int, dropout: float,
+                           attn_dropout: float | None, activation: str) -> None:
+    """Check and store the Transformer hyper-parameters shared by SASRec and BERT4Rec."""
+    from recforge.errors import ConfigError
+
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+    if hidden % n_heads:
+        raise ConfigError(f"hidden={hidden} must be a multiple of n_heads={n_heads}")
+    model.hidden, model.n_layers, model.n_heads, model.inner = hidden, n_layers, n_heads, inner
+    model.dropout, model.attn_dropout, model.activation = dropout, attn_dropout, activation
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """Normal(0, std) for linear and embedding weights, zero biases, unit layer norms; the
     padding row of an embedding stays zero."""

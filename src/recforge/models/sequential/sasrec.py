@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from recforge.errors import ConfigError
 from recforge.models.sequential.base import SequentialRecommender
-from recforge.models.sequential.modules import ACTIVATIONS, TransformerEncoder, init_weights
+from recforge.models.sequential.modules import TransformerEncoder, init_weights, set_transformer_params
 
 
 class SASRec(SequentialRecommender):
@@ -38,12 +37,7 @@ class SASRec(SequentialRecommender):
     def __init__(self, hidden: int = 64, n_layers: int = 2, n_heads: int = 1, inner: int = 256,
                  dropout: float = 0.2, attn_dropout: float | None = None, activation: str = "gelu", **base):
         super().__init__(**base)
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-        if hidden % n_heads:
-            raise ConfigError(f"hidden={hidden} must be a multiple of n_heads={n_heads}")
-        self.hidden, self.n_layers, self.n_heads, self.inner = hidden, n_layers, n_heads, inner
-        self.dropout, self.attn_dropout, self.activation = dropout, attn_dropout, activation
+        set_transformer_params(self, hidden, n_layers, n_heads, inner, dropout, attn_dropout, activation)
 
     #: extra tokens after the catalogue in the embedding table (a mask token for subclasses)
     extra_tokens = 0
