@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
+
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-recbole"
 TMP = HERE / "results" / "tmp" / "recbole"
@@ -74,12 +76,10 @@ def write_atomic(split_data, folder: Path) -> None:
     from recforge.data.schema import ITEM, USER
 
     df = sort_interactions(split_data.interactions)
-    users, items = df[USER].to_numpy(), df[ITEM].to_numpy()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "beauty.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for n, (u, i) in enumerate(zip(users, items)):
-            f.write(f"{u}\t{i}\t{n}\n")
+    (df.select(pl.col(USER).alias("user_id:token"), pl.col(ITEM).alias("item_id:token"),
+               pl.int_range(pl.len()).cast(pl.Float64).alias("timestamp:float"))
+     .write_csv(folder / "beauty.inter", separator="\t"))
 
 
 def run_recforge(threads: int, seed: int) -> dict:

@@ -210,18 +210,21 @@ def bench(models: list[str], datasets: list[str], seeds=(0, 1, 2), overrides=Non
     return board
 
 
+def _mean_std(values) -> dict:
+    vals = np.asarray(values, dtype=float)
+    return {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+
+
 def _leader_row(model: str, data: str, runs: list[Run]) -> dict:
     keys = [k for k in HEADLINE if k in runs[0].metrics["test"]]
     extra = [k for k in ("coverage@10",) if k in runs[0].metrics["test"]]
     row = {"model": model, "data": data, "n_seeds": len(runs), "protocol": runs[0].metrics["protocol"],
            "runs": [str(r.path) for r in runs]}
     for k in keys + extra:
-        vals = np.array([r.metrics["test"][k] for r in runs], dtype=float)
-        row[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        row[k] = _mean_std([r.metrics["test"][k] for r in runs])
     groups = [g for g in runs[0].metrics.get("groups", {}) if g.startswith(("item:", "hist:"))]
     for g in sorted(groups, key=lambda g: (not g.startswith("item:"), g != "item:tail")):
         if all(g in r.metrics.get("groups", {}) for r in runs):
-            vals = np.array([r.metrics["groups"][g]["ndcg@10"] for r in runs])
-            row[f"{g} ndcg@10"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+            row[f"{g} ndcg@10"] = _mean_std([r.metrics["groups"][g]["ndcg@10"] for r in runs])
     row["fit_seconds"] = float(np.mean([r.metrics["timing"]["fit_seconds"] for r in runs]))
     return row
