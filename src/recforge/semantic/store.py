@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 import uuid
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recforge.data.prepare import cache_dir
 from recforge.errors import ConfigError, DataError
 from recforge.semantic.encoder import get_encoder
 from recforge.semantic.text import DEFAULT_TEMPLATE, item_texts
@@ -37,7 +37,7 @@ MAX_SHARDS = 16
 
 def cache_root() -> Path:
     """``$RECFORGE_CACHE/semantic`` (default ``~/.cache/recforge/semantic``)."""
-    return Path(os.environ.get("RECFORGE_CACHE", Path.home() / ".cache" / "recforge")) / "semantic"
+    return cache_dir() / "semantic"
 
 
 def text_key(encoder_name: str, text: str) -> str:
@@ -193,12 +193,14 @@ class SemanticTable:
 
 
 def semantic_table(ds, encoder=None, template: str | None = None, cache: VectorCache | None = None,
-                   progress: bool | None = None, batch_size: int = 64, quantize: bool = False) -> SemanticTable:
+                   progress: bool | None = None, batch_size: int = 64, quantize: bool = False,
+                   backend: str = "torch") -> SemanticTable:
     """The semantic item table of dataset ``ds`` (vectors from the cache, new texts encoded).
 
-    ``encoder``: an encoder object, None (the packaged MiniLM), ``"hashing[:DIM]"`` or a model folder.
+    ``encoder``: an encoder object, None (the packaged MiniLM), ``"hashing[:DIM]"`` or a model folder;
+    ``backend``: ``"torch"`` or ``"onnx"`` for a model encoder (see :class:`~recforge.semantic.encoder.TextEncoder`).
     """
-    enc = get_encoder(encoder, batch_size=batch_size, quantize=quantize)
+    enc = get_encoder(encoder, batch_size=batch_size, quantize=quantize, backend=backend)
     texts = item_texts(ds, template)
     cache = cache or VectorCache()
     vecs, stats = cache.vectors(texts, enc, progress=progress)
@@ -209,7 +211,7 @@ def semantic_table(ds, encoder=None, template: str | None = None, cache: VectorC
 
 
 def embed(data_cfg: dict, out: str | Path | None = None, template: str | None = None, encoder=None,
-          batch_size: int = 64, quantize: bool = False, progress: bool = True) -> dict:
+          batch_size: int = 64, quantize: bool = False, progress: bool = True, backend: str = "torch") -> dict:
     """``recforge embed``: load the data a config names, build its semantic table, write it.
 
     Returns a summary (items, encoded now, taken from the cache, seconds, output path)."""
@@ -217,7 +219,8 @@ def embed(data_cfg: dict, out: str | Path | None = None, template: str | None = 
 
     ds = load_dataset(data_cfg)
     t0 = time.perf_counter()
-    table = semantic_table(ds, encoder, template, progress=progress, batch_size=batch_size, quantize=quantize)
+    table = semantic_table(ds, encoder, template, progress=progress, batch_size=batch_size, quantize=quantize,
+                           backend=backend)
     seconds = time.perf_counter() - t0
     path = Path(out) if out else Path(f"{dataset_label(data_cfg.get('path'))}.semantic.parquet")
     table.save(path)
