@@ -144,7 +144,7 @@ def test_both_rank_paths_agree_on_integer_scores_with_ties():
     ref = _reference_ranks(scores, targets)
     s = torch.from_numpy(scores)
     tg = torch.from_numpy(targets)
-    sort_path = target_ranks(s, tg).numpy()  # T = 12 > 8
+    sort_path = target_ranks(s, tg).numpy()  # T = 12 > 8: the packed path
     cmp_path = np.concatenate([target_ranks(s, tg[:, j : j + 4]).numpy() for j in range(0, t, 4)], 1)  # T = 4
     assert np.array_equal(sort_path, ref)
     assert np.array_equal(cmp_path, ref)
@@ -155,6 +155,32 @@ def test_both_rank_paths_agree_on_integer_scores_with_ties():
     mc = metrics_from_ranks(torch.from_numpy(cmp_path), tg > 0, [5, 10])
     for name in ms:
         assert torch.equal(ms[name], mc[name]), name
+
+
+def test_many_target_slots_match_brute_force_with_padding_duplicates_and_some_ties():
+    # T > 8 (rows reordered by target count, valid targets packed first): float scores, a
+    # non-target item tied with a target in some rows, padding in the middle and at the end of
+    # rows, a repeated target, rows without any target
+    rng = np.random.default_rng(3)
+    b, n, t = 600, 300, 20
+    scores = rng.standard_normal((b, n)).astype(np.float32)
+    scores[:, 0] = -np.inf
+    targets = np.stack([rng.choice(np.arange(1, n), t, replace=False) for _ in range(b)])
+    targets[::7, 15:] = 0  # padding at the end
+    targets[::9, 3:6] = 0  # and in the middle
+    targets[::50] = 0  # no target at all
+    targets[::11, 1] = targets[::11, 0]  # a repeated target
+    for row in range(0, b, 5):  # exclusions as the evaluator does (-inf, not a target)
+        excl = np.setdiff1d(rng.choice(np.arange(1, n), 30, replace=False), targets[row])
+        scores[row, excl] = -np.inf
+    for row in range(0, b, 13):  # a non-target item tied with a target
+        other = np.setdiff1d(np.arange(1, n), targets[row])[0]
+        scores[row, other] = scores[row, targets[row, 2]]
+    ours = target_ranks(torch.from_numpy(scores), torch.from_numpy(targets)).numpy()
+    ref = _reference_ranks(scores, targets)
+    valid = targets > 0
+    assert np.array_equal(ours[valid], ref[valid])
+    assert (ours[~valid] > n).all()
 
 
 # ---- cross-check with ranx -------------------------------------------------------------------

@@ -58,30 +58,47 @@ def _count_ahead(scores: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, t
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank of each target (B, T) under ``scores`` (B, N); padded targets (0) get a
     large rank. Ties are broken by item index. ``scores`` must already hold ``-inf`` for
-    excluded items."""
+    excluded items.
+
+    A target's rank is one plus the items scored above it, counted in one pass over its row
+    (:func:`_count_ahead`), so the cost is (targets) x N, never a sort of the catalogue. With
+    many target slots (T > 8, e.g. a random or pre-made split where a few users have hundreds of
+    test items and most have a handful) the rows are ordered by their number of targets and the
+    valid targets moved to the front, so target slot ``j`` only visits the rows that have one."""
     valid = targets > 0
     b, t = targets.shape
     big = torch.iinfo(torch.int64).max // 4
     if t <= 8:
-        ranks = torch.empty((b, t), dtype=torch.int64)
-        for j in range(t):
-            col = targets[:, j : j + 1]
-            s = scores.gather(1, col)
-            gt, eq = _count_ahead(scores, s)
-            ahead = gt.to(torch.int64)
-            ties = eq > 1
-            if bool(ties.any()):  # rare with float scores: break ties by item index, row by row
-                rows = torch.nonzero(ties).ravel()
-                sub = scores[rows]
-                idx = torch.arange(scores.shape[1]).unsqueeze(0)
-                ahead[rows] += ((sub == s[rows]) & (idx < col[rows])).sum(1)
-            ranks[:, j] = ahead + 1
+        ranks = _rank_columns(scores, targets, [b] * t)
     else:
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        pos = torch.empty_like(order)
-        pos.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
-        ranks = pos.gather(1, targets) + 1
+        counts = valid.sum(1)
+        rows = torch.argsort(counts, descending=True, stable=True)
+        cols = torch.argsort((~valid[rows]).to(torch.int8), dim=1, stable=True)  # valid targets first
+        sorted_counts = counts[rows]
+        depth = [int((sorted_counts > j).sum()) for j in range(int(sorted_counts[0]) if b else 0)]
+        packed = _rank_columns(scores[rows], targets[rows].gather(1, cols), depth, fill=big)
+        ranks = torch.empty_like(packed)
+        ranks[rows] = torch.empty_like(packed).scatter_(1, cols, packed)
     return torch.where(valid, ranks, torch.full_like(ranks, big))
+
+
+def _rank_columns(scores: torch.Tensor, targets: torch.Tensor, depth: list[int], fill: int = 0) -> torch.Tensor:
+    """Ranks of target slot ``j`` for the first ``depth[j]`` rows (the others get ``fill``)."""
+    ranks = torch.full(targets.shape, fill, dtype=torch.int64)
+    idx = torch.arange(scores.shape[1]).unsqueeze(0)
+    for j, m in enumerate(depth):
+        if m == 0:
+            break
+        sc, col = scores[:m], targets[:m, j : j + 1]
+        s = sc.gather(1, col)
+        gt, eq = _count_ahead(sc, s)
+        ahead = gt.to(torch.int64)
+        ties = eq > 1
+        if bool(ties.any()):  # rare with float scores: break ties by item index, row by row
+            rows = torch.nonzero(ties).ravel()
+            ahead[rows] += ((sc[rows] == s[rows]) & (idx < col[rows])).sum(1)
+        ranks[:m, j] = ahead + 1
+    return ranks
 
 
 def metrics_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
