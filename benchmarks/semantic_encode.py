@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="../shared/data/movielens-latest-small")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime backend")
     ap.add_argument("--out", default=str(HERE / "results" / "semantic_encode.json"))
     args = ap.parse_args(argv)

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--template", default=None, help="item text template, e.g. '{title}. Genres: {genres}'")
     em.add_argument("--encoder", default=None, help="local sentence-transformers model folder (default: packaged MiniLM)")
     em.add_argument("--out", default=None, help="Parquet file to write (default: <data>.semantic.parquet)")
-    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--batch-size", type=int, default=16, help="texts per encoder call (16 is fastest on CPUs)")
     em.add_argument("--quantize", action="store_true", help="int8 weights for the encoder (faster, vectors differ slightly)")
     em.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                     help="run the encoder on PyTorch or on ONNX Runtime (exported once, cached; fastest with --quantize)")

@@ -29,7 +29,7 @@ import polars as pl
 
 from recforge.data.prepare import cache_dir
 from recforge.errors import ConfigError, DataError
-from recforge.semantic.encoder import get_encoder
+from recforge.semantic.encoder import ENCODE_BATCH, get_encoder
 from recforge.semantic.text import DEFAULT_TEMPLATE, item_texts
 
 MAX_SHARDS = 16
@@ -193,7 +193,7 @@ class SemanticTable:
 
 
 def semantic_table(ds, encoder=None, template: str | None = None, cache: VectorCache | None = None,
-                   progress: bool | None = None, batch_size: int = 64, quantize: bool = False,
+                   progress: bool | None = None, batch_size: int = ENCODE_BATCH, quantize: bool = False,
                    backend: str = "torch") -> SemanticTable:
     """The semantic item table of dataset ``ds`` (vectors from the cache, new texts encoded).
 
@@ -211,7 +211,7 @@ def semantic_table(ds, encoder=None, template: str | None = None, cache: VectorC
 
 
 def embed(data_cfg: dict, out: str | Path | None = None, template: str | None = None, encoder=None,
-          batch_size: int = 64, quantize: bool = False, progress: bool = True, backend: str = "torch") -> dict:
+          batch_size: int = ENCODE_BATCH, quantize: bool = False, progress: bool = True, backend: str = "torch") -> dict:
     """``recforge embed``: load the data a config names, build its semantic table, write it.
 
     Returns a summary (items, encoded now, taken from the cache, seconds, output path)."""
