@@ -131,7 +131,7 @@ def test_onnx_backend_matches_torch_and_exports_once(minilm, monkeypatch):
     assert v.shape == (len(texts), 384) and v.dtype == np.float32 and enc.dim == 384
     assert ((v * ref).sum(1) > 0.99).all()  # float graph: the torch vectors to rounding
     assert enc.name == minilm.name + "+onnx"
-    folder = onnx_backend.export_folder(enc.model_path, enc._fingerprint)
+    folder = onnx_backend.export_folder(enc.model_path, enc.model_id)
     assert (folder / "model.onnx").exists() and folder.parent == onnx_backend.onnx_cache_root()
 
     def no_export(*args):

@@ -70,7 +70,7 @@ class TextEncoder:
     ``model_path``: a sentence-transformers model folder (None: the packaged all-MiniLM-L6-v2).
     ``batch_size``: texts per forward pass. ``device``: ``cpu`` (or ``cuda``). ``threads``: PyTorch
     intra-op threads while encoding (None: leave PyTorch's setting). ``quantize``: int8 dynamic
-    quantisation of the linear layers (CPU only; about 1.8x faster, vectors differ slightly from
+    quantisation of the linear layers (CPU only; about 1.4x faster, vectors differ slightly from
     the float model's, so it is part of the encoder's name and cache key). Texts are encoded
     longest first (by token count) in batches, so padding is small, with a progress bar over texts.
 
@@ -104,10 +104,10 @@ class TextEncoder:
         self._model = None
         self._onnx = None
         label = self.model_path.name if self.model_path.name != "model" else self.model_path.parent.name
-        self._fingerprint = _fingerprint(self.model_path)
+        self.model_id = f"{label}@{_fingerprint(self.model_path)}"  # the model, whatever runs it
         suffix = {("torch", False): "", ("torch", True): "+int8", ("onnx", False): "+onnx",
                   ("onnx", True): "+onnx-int8"}[backend, self.quantize]
-        self._name = f"{label}@{self._fingerprint}{suffix}"
+        self._name = self.model_id + suffix
 
     @property
     def name(self) -> str:
@@ -141,7 +141,7 @@ class TextEncoder:
         if self._onnx is None:
             from recforge.semantic.onnx_backend import OnnxSentenceModel, ensure_export
 
-            folder = ensure_export(self.model_path, self._fingerprint, quantize=self.quantize)
+            folder = ensure_export(self.model_path, self.model_id, quantize=self.quantize)
             self._onnx = OnnxSentenceModel(folder, quantize=self.quantize, threads=self.threads)
         return self._onnx
 

@@ -60,13 +60,12 @@ def require_onnx() -> None:
                           "(or use the default torch backend)")
 
 
-def export_folder(model_path: Path, fingerprint: str, root: Path | None = None) -> Path:
-    """The folder of a model's export: named by the model folder, its fingerprint and a hash of
-    its resolved path, so another model (or the same one changed) is exported anew."""
-    model_path = Path(model_path).resolve()
-    label = model_path.name if model_path.name != "model" else model_path.parent.name
-    where = hashlib.sha256(str(model_path).encode()).hexdigest()[:10]
-    return (root or onnx_cache_root()) / f"{label}@{fingerprint}-{where}-v{EXPORT_VERSION}"
+def export_folder(model_path: Path, model_id: str, root: Path | None = None) -> Path:
+    """The folder of a model's export: named by the encoder's model id (folder name and
+    fingerprint) and a hash of the model's resolved path, so another model (or the same one
+    changed) is exported anew."""
+    where = hashlib.sha256(str(Path(model_path).resolve()).encode()).hexdigest()[:10]
+    return (root or onnx_cache_root()) / f"{model_id}-{where}-v{EXPORT_VERSION}"
 
 
 def _export(model_path: Path, out: Path) -> None:
@@ -109,10 +108,10 @@ def _export(model_path: Path, out: Path) -> None:
     (out / "export.json").write_text(json.dumps(meta, indent=2))
 
 
-def ensure_export(model_path: Path, fingerprint: str, quantize: bool = False) -> Path:
+def ensure_export(model_path: Path, model_id: str, quantize: bool = False) -> Path:
     """The export folder of a model, exporting (and quantising) only what is not there yet."""
     require_onnx()
-    folder = export_folder(model_path, fingerprint)
+    folder = export_folder(model_path, model_id)
     if not (folder / "export.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
