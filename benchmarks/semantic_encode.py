@@ -1,6 +1,6 @@
 """Item-text encoding speed of the packaged all-MiniLM-L6-v2 on this machine.
 
-    python benchmarks/semantic_encode.py [--data PATH] [--n 1024] [--threads 2] [--batch-size 64] [--no-onnx]
+    python benchmarks/semantic_encode.py [--data PATH] [--n 1024] [--threads 2] [--batch-size 16] [--no-onnx]
 
 Encodes ``n`` distinct item texts of a catalogue (default MovieLens latest-small: titles, genres
 and tags through the default template) with the float model and with int8 dynamic quantisation,
@@ -71,6 +71,13 @@ def main(argv=None) -> int:
     tok = fp32.model.tokenizer(texts, truncation=True, max_length=fp32.model.max_seq_length)["input_ids"]
     tokens = float(np.mean([len(x) for x in tok]))
     res["mean_tokens"] = round(tokens, 1)
+    # padding: tokens run (each batch padded to its longest text) over real tokens, with the
+    # texts ordered by characters (the previous order) and by tokens (the encoders' order)
+    lengths = np.array([len(x) for x in tok])
+    for key, order in (("padding_by_chars", np.argsort([-len(t) for t in texts], kind="stable")),
+                       ("padding_by_tokens", np.argsort(-lengths, kind="stable"))):
+        runs = [lengths[order[s : s + args.batch_size]] for s in range(0, len(texts), args.batch_size)]
+        res[key] = round(float(sum(r.max() * len(r) for r in runs) / lengths.sum()), 3)
     res["float32"] = _time(fp32, texts)
     int8 = TextEncoder(batch_size=args.batch_size, progress=False, quantize=True)
     res["int8"] = _time(int8, texts)

@@ -70,14 +70,12 @@ def export_folder(model_path: Path, model_id: str, root: Path | None = None) -> 
 
 def _export(model_path: Path, out: Path) -> None:
     """Write ``model.onnx``, the tokenizer and ``export.json`` into folder ``out``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
-    from sentence_transformers import SentenceTransformer
+
+    from recforge.semantic.encoder import load_sentence_transformer
 
     # eager attention traces to plain matrix products that ONNX Runtime fuses and quantises well
-    st = SentenceTransformer(str(model_path), device="cpu", local_files_only=True,
-                             model_kwargs={"attn_implementation": "eager"})
+    st = load_sentence_transformer(model_path, "cpu", model_kwargs={"attn_implementation": "eager"})
     st.eval()
     tok = st.tokenizer
     # two texts of different lengths: the traced graph takes the padded-batch (masked) path
