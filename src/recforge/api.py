@@ -210,7 +210,8 @@ def bench(models: list[str], datasets: list[str], seeds=(0, 1, 2), overrides=Non
     return board
 
 
-def _mean_std(values) -> dict:
+def mean_std(values) -> dict:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of ``values``."""
     vals = np.asarray(values, dtype=float)
     return {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
 
@@ -221,10 +222,10 @@ def _leader_row(model: str, data: str, runs: list[Run]) -> dict:
     row = {"model": model, "data": data, "n_seeds": len(runs), "protocol": runs[0].metrics["protocol"],
            "runs": [str(r.path) for r in runs]}
     for k in keys + extra:
-        row[k] = _mean_std([r.metrics["test"][k] for r in runs])
+        row[k] = mean_std([r.metrics["test"][k] for r in runs])
     groups = [g for g in runs[0].metrics.get("groups", {}) if g.startswith(("item:", "hist:"))]
     for g in sorted(groups, key=lambda g: (not g.startswith("item:"), g != "item:tail")):
         if all(g in r.metrics.get("groups", {}) for r in runs):
-            row[f"{g} ndcg@10"] = _mean_std([r.metrics["groups"][g]["ndcg@10"] for r in runs])
+            row[f"{g} ndcg@10"] = mean_std([r.metrics["groups"][g]["ndcg@10"] for r in runs])
     row["fit_seconds"] = float(np.mean([r.metrics["timing"]["fit_seconds"] for r in runs]))
     return row
