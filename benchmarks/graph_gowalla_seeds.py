@@ -8,8 +8,8 @@ many epochs, otherwise the point of its test curve at that epoch (the same traje
 points are measured between epochs and never feed back into training). A missing file or epoch
 is an error, so a row is never averaged over fewer seeds than it names.
 
-Prints a Markdown table (mean ± sample standard deviation over the seeds, seconds per epoch of
-each seed) and writes it with the per-seed figures as JSON.
+Prints a Markdown table (mean ± sample standard deviation over the seeds; training minutes and
+seconds per epoch of each seed) and writes it with the per-seed figures as JSON.
 """
 
 from __future__ import annotations
@@ -69,11 +69,13 @@ def summarise(results: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | epochs | seeds | Recall@20 | NDCG@20 | s/epoch by seed |", "|---|---|---|---|---|---|"]
+    out = ["| model | epochs | seeds | Recall@20 | NDCG@20 | training min by seed | s/epoch by seed |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[m]['mean']:.4f} ± {r[m]['std']:.4f}" for m in METRICS]
+        minutes = " / ".join(f"{r['runs'][s]['train_seconds'] / 60:.0f}" for s in r["seeds"])
         speed = " / ".join(f"{r['runs'][s]['seconds_per_epoch']:.0f}" for s in r["seeds"])
-        out.append(f"| {r['model']} | {r['epochs']} | {len(r['seeds'])} | {cells[0]} | {cells[1]} | {speed} |")
+        out.append(f"| {r['model']} | {r['epochs']} | {len(r['seeds'])} | {cells[0]} | {cells[1]} | {minutes} | {speed} |")
     return "\n".join(out)
 
 

@@ -217,6 +217,29 @@ def test_tiny_training_learns(data, name, params):
     assert after > 2 * before and after > 0.08, f"{name} {params}: NDCG@10 {before:.4f} -> {after:.4f}"
 
 
+def test_pair_sampling_by_user_weighs_users_equally():
+    # user 0 has 8 training items, user 1 one, user 2 none: by pairs user 0 gets 8 of every 9
+    # draws, by user half of them; every drawn index is a real training pair of its user
+    train = pl.DataFrame({"user_id": [0] * 8 + [1], "item_id": list(range(1, 10))})
+    split = Split(train=train, valid=train.clear(), test=train.clear(), n_users=3, n_items=9)
+    r = split.train_matrix
+    model = create("lightgcn", pair_sampling="user")
+    model.prepare_fit(split)
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([model.epoch_order(rng) for _ in range(2000)])
+    users = model._pairs[idx, 0]
+    assert len(idx) == 2000 * 9 and not (users == 2).any()
+    assert abs((users == 1).mean() - 0.5) < 0.02
+    assert r[model._pairs[idx, 0], model._pairs[idx, 1]].min() == 1
+    # user 0's items are drawn uniformly
+    assert np.bincount(model._pairs[idx[users == 0], 1], minlength=10)[1:9].min() > 0.9 * (users == 0).sum() / 8
+    model = create("lightgcn")  # default: every pair once per epoch
+    model.prepare_fit(split)
+    np.testing.assert_array_equal(np.sort(model.epoch_order(rng)), np.arange(9))
+    with pytest.raises(ConfigError):
+        create("lightgcn", pair_sampling="items")
+
+
 @pytest.mark.parametrize("name", ["lightgcn", "sgl", "simgcl"])
 def test_deterministic_by_seed(data, name):
     split, _, test = data

@@ -27,8 +27,13 @@ batch as in the paper, ``reg * ½ (‖e_u‖² + ‖e_i‖² + ‖e_j‖²) / ba
 Initialisation: N(0, 0.1²) (``init=normal``, as the authors' PyTorch code) or Xavier uniform
 (``init=xavier``, as their TensorFlow code).
 
-Deviations: the paper's code draws a random user then a random positive for each sample; we
-visit every training pair once per epoch. Users unknown at training time (a raw history, user
+``pair_sampling``: ``pairs`` (default) visits every training pair once per epoch, shuffled;
+``user`` follows the authors' code: each of the epoch's ``n_pairs`` samples draws a user uniformly
+among the users with training items, then one of that user's items uniformly, so every user
+weighs the same in the loss whatever their activity (the metrics average over users too).
+
+Deviations: with the default ``pair_sampling=pairs`` an active user weighs in the loss in
+proportion to their number of training items, where the paper's code weighs users equally. Users unknown at training time (a raw history, user
 ``-1``) are folded in as the mean of the *propagated* embeddings of their history items. The
 propagated embeddings are cached for scoring and recomputed whenever a parameter has changed
 (an optimiser step, restoring weights, loading).
@@ -50,6 +55,7 @@ from recforge.training.samplers import (SeenPairs, popularity_weights, sample_ne
 
 LOSSES = ("bpr", "cpr")
 SAMPLERS = ("uniform", "popularity", "hard")
+PAIR_SAMPLING = ("pairs", "user")
 INITS = ("normal", "xavier")
 
 
@@ -60,7 +66,7 @@ class LightGCN(TorchRecommender):
 
     def __init__(self, dim: int = 64, n_layers: int = 3, reg: float = 1e-4, loss: str = "bpr",
                  cpr_k: int = 2, neg_sampler: str = "uniform", pop_alpha: float = 0.75, hard_pool: int = 10,
-                 init: str = "normal", threads: int | None = None, **train):
+                 init: str = "normal", pair_sampling: str = "pairs", threads: int | None = None, **train):
         super().__init__(**train)
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}")
@@ -70,11 +76,13 @@ class LightGCN(TorchRecommender):
             raise ConfigError("loss=cpr draws its own cross pairs; leave neg_sampler=uniform")
         if init not in INITS:
             raise ConfigError(f"init={init!r}: choose one of {', '.join(INITS)}")
+        if pair_sampling not in PAIR_SAMPLING:
+            raise ConfigError(f"pair_sampling={pair_sampling!r}: choose one of {', '.join(PAIR_SAMPLING)}")
         if n_layers < 0 or dim <= 0 or cpr_k < 2 or hard_pool < 1:
             raise ConfigError("need n_layers >= 0, dim > 0, cpr_k >= 2 and hard_pool >= 1")
         self.dim, self.n_layers, self.reg, self.loss_type = dim, n_layers, reg, loss
         self.cpr_k, self.neg_sampler, self.pop_alpha, self.hard_pool = cpr_k, neg_sampler, pop_alpha, hard_pool
-        self.init, self.threads = init, threads
+        self.init, self.pair_sampling, self.threads = init, pair_sampling, threads
 
     # ``loss`` is also the name of the training-step method, so the value lives in loss_type
     def get_params(self) -> dict:
@@ -91,8 +99,9 @@ class LightGCN(TorchRecommender):
         self.graph_ = self.graph_matrix(split).tocsr()
         self._adj = None
         self._cache = None
-        coo = self.graph_.tocoo()
-        self._pairs = np.stack([coo.row, coo.col], 1).astype(np.int64)
+        ip = self.graph_.indptr  # pairs in CSR order (epoch_order relies on it)
+        rows = np.repeat(np.arange(self.graph_.shape[0]), np.diff(ip))
+        self._pairs = np.stack([rows, self.graph_.indices], 1).astype(np.int64)
         self._seen = SeenPairs(self.graph_)
         if self.neg_sampler == "popularity":
             counts = np.asarray(self.graph_.sum(0)).ravel()
@@ -132,8 +141,19 @@ class LightGCN(TorchRecommender):
     def n_train_batches(self, split):
         return -(-len(self._pairs) // self.batch_size)
 
+    def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """Indices into the training pairs for one epoch (``pair_sampling``)."""
+        n = len(self._pairs)
+        if self.pair_sampling == "pairs":
+            return rng.permutation(n)
+        ip = self.graph_.indptr  # the pairs are in CSR order: user u's are ip[u]..ip[u+1]-1
+        deg = np.diff(ip)
+        active = np.flatnonzero(deg > 0)
+        users = active[rng.integers(0, len(active), n)]
+        return ip[users] + np.floor(rng.random(n) * deg[users]).astype(np.int64)
+
     def train_batches(self, split, rng):
-        order = rng.permutation(len(self._pairs))
+        order = self.epoch_order(rng)
         for s in range(0, len(order), self.batch_size):
             yield self.make_batch(order[s : s + self.batch_size], rng)
 
