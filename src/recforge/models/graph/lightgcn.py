@@ -33,10 +33,10 @@ among the users with training items, then one of that user's items uniformly, so
 weighs the same in the loss whatever their activity (the metrics average over users too).
 
 Deviations: with the default ``pair_sampling=pairs`` an active user weighs in the loss in
-proportion to their number of training items, where the paper's code weighs users equally. Users unknown at training time (a raw history, user
-``-1``) are folded in as the mean of the *propagated* embeddings of their history items. The
-propagated embeddings are cached for scoring and recomputed whenever a parameter has changed
-(an optimiser step, restoring weights, loading).
+proportion to their number of training items, where the paper's code weighs users equally.
+Users unknown at training time (a raw history, user ``-1``) are folded in as the mean of the
+*propagated* embeddings of their history items. The propagated embeddings are cached for scoring
+and recomputed whenever a parameter has changed (an optimiser step, restoring weights, loading).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class LightGCN(TorchRecommender):
     def epoch_order(self, rng: np.random.Generator) -> np.ndarray:
         """Indices into the training pairs for one epoch (``pair_sampling``)."""
         n = len(self._pairs)
-        if self.pair_sampling == "pairs":
+        if self.pair_sampling == "pairs" or n == 0:
             return rng.permutation(n)
         ip = self.graph_.indptr  # the pairs are in CSR order: user u's are ip[u]..ip[u+1]-1
         deg = np.diff(ip)
