@@ -37,7 +37,11 @@ All functions take scores or embeddings already gathered for a batch and return 
   * ``q → 0`` tends to InfoNCE ``+ log λ``.
 
   Shifting the cosine by its maximum 1 multiplies every exponential by ``e^{-1/τ}``: for
-  ``q = 1`` this only rescales the loss by a constant, and it keeps the exponentials in (0, 1].
+  ``q = 1`` this rescales the loss by a constant and keeps the exponentials in (0, 1]. That
+  constant is not small in effect: at ``τ = 0.2`` it is ``e^{-5} ≈ 0.007``, so at the same
+  ``ssl_weight`` the symmetric term pulls far more weakly than InfoNCE (whose gradients are
+  O(1/τ)); on Gowalla SGCL at SimGCL's settings learned much more slowly than SimGCL
+  (BENCHMARKS.md). How the paper scales this term is not settled here.
   The paper's exact parameterisation may differ; ``q`` and ``λ`` are model parameters
   (``sym_q``, ``sym_lambda``).
 """
