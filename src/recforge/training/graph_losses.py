@@ -25,25 +25,24 @@ All functions take scores or embeddings already gathered for a batch and return 
   when it is *symmetric* (Ghosh et al., AAAI 2017): its sum over every possible choice of the
   positive is a constant, so it cannot be lowered by fitting the wrong positive at the expense of
   the right one. We use the family that runs from InfoNCE to a symmetric loss with an exponent
-  ``q`` (the form of robust InfoNCE, Chuang et al., CVPR 2022)::
+  ``q`` (robust InfoNCE, "RINCE", Chuang et al., CVPR 2022), which is also the loss in the SGCL
+  authors' released code::
 
-      L_r = [-(e_rr)^q + (λ Σ_c e_rc)^q] / q,      e_rc = exp((cos_rc - 1) / τ)
+      L_r = [-(e_rr)^q + (λ Σ_c e_rc)^q] / q,      e_rc = exp(cos_rc / τ)
 
-  * ``q = 1`` and ``λ = 1/n`` (``n`` columns; the default, ``lam=None``):
-    ``L_r = -e_rr + mean_c e_rc``; summed over the ``n`` choices of the positive column it is
-    exactly 0 whatever the embeddings, i.e. symmetric. Its gradient on a positive pair is
-    proportional to ``e_rr``, so a dissimilar (noisy) pair pulls weakly, where InfoNCE pulls
-    hardest on exactly those pairs;
+  * ``q = 1`` and ``λ = 1/n`` (``n`` columns, ``lam=None``): ``L_r = -e_rr + mean_c e_rc``;
+    summed over the ``n`` choices of the positive column it is exactly 0 whatever the
+    embeddings, i.e. symmetric. Its gradient on a positive pair is proportional to ``e_rr``, so
+    a dissimilar (noisy) pair pulls weakly, where InfoNCE pulls hardest on exactly those pairs;
   * ``q → 0`` tends to InfoNCE ``+ log λ``.
 
-  Shifting the cosine by its maximum 1 multiplies every exponential by ``e^{-1/τ}``: for
-  ``q = 1`` this rescales the loss by a constant and keeps the exponentials in (0, 1]. That
-  constant is not small in effect: at ``τ = 0.2`` it is ``e^{-5} ≈ 0.007``, so at the same
-  ``ssl_weight`` the symmetric term pulls far more weakly than InfoNCE (whose gradients are
-  O(1/τ)); on Gowalla SGCL at SimGCL's settings learned much more slowly than SimGCL
-  (BENCHMARKS.md). How the paper scales this term is not settled here.
-  The paper's exact parameterisation may differ; ``q`` and ``λ`` are model parameters
-  (``sym_q``, ``sym_lambda``).
+  The models' defaults (``sym_q=0.01``, ``sym_lambda=0.1``) are the values hard-coded in the
+  authors' code. They sit close to the InfoNCE end, so the term keeps InfoNCE's scale and can
+  replace it at the same weight; at ``q = 1`` the term is up to ``e^{1/τ}`` times larger and its
+  weight must shrink accordingly. Deviation: their sum counts the positive twice
+  (``λ (e_rr + Σ_c e_rc)``); ours counts it once, as in RINCE. An earlier version of ours shifted
+  the cosine by 1 (``exp((cos - 1)/τ)``) and defaulted to ``q = 1``: at ``τ = 0.2`` that scaled
+  the term by ``e^{-5}`` and SGCL learned far more slowly than SimGCL on Gowalla (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -124,10 +123,10 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
 def symmetric_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2,
                                q: float = 1.0, lam: float | None = None) -> torch.Tensor:
     """The symmetric contrastive loss (module docstring): ``[-(e_rr)^q + (λ Σ_c e_rc)^q] / q``
-    averaged over rows, ``e_rc = exp((cos_rc - 1) / τ)``, ``q`` in (0, 1], ``λ`` 1/n when None."""
+    averaged over rows, ``e_rc = exp(cos_rc / τ)``, ``q`` in (0, 1], ``λ`` 1/n when None."""
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q={q} must be in (0, 1]")
-    t = (_cosine_logits(z1, z2) - 1.0) / temperature
+    t = _cosine_logits(z1, z2) / temperature
     lam = 1.0 / t.shape[1] if lam is None else float(lam)
     pos = torch.exp(q * t.diagonal())
     neg = torch.exp(q * (np.log(lam) + torch.logsumexp(t, 1)))

@@ -19,7 +19,7 @@ rows of view 2 (negatives), cosine similarity over ``ssl_temp``. The loss is
 
 ``cl_loss=infonce`` is SGL's InfoNCE; ``cl_loss=symmetric`` swaps in SGCL's symmetric contrastive
 loss (Zhao et al. 2024; our reading in :mod:`recforge.training.graph_losses`, with ``sym_q`` and
-``sym_lambda``; None = 1/n, exactly symmetric).
+``sym_lambda``; defaults q .01, λ .1 as in the SGCL authors' code).
 
 Deviations: SGL's random-walk variant (a different dropped graph per layer) is not implemented;
 the contrastive task uses the users and positive items of the batch (distinct), as SGL's code;
@@ -42,7 +42,7 @@ class SGL(LightGCN):
     name = "sgl"
 
     def __init__(self, aug: str = "ed", drop_ratio: float = 0.1, ssl_weight: float = 0.1, ssl_temp: float = 0.2,
-                 cl_loss: str = "infonce", sym_q: float = 1.0, sym_lambda: float | None = None, **base):
+                 cl_loss: str = "infonce", sym_q: float = 0.01, sym_lambda: float | None = 0.1, **base):
         super().__init__(**base)
         if aug not in AUGMENTATIONS:
             raise ConfigError(f"aug={aug!r}: choose one of {', '.join(AUGMENTATIONS)}")

@@ -35,7 +35,7 @@ class SimGCL(LightGCN):
     name = "simgcl"
 
     def __init__(self, eps: float = 0.1, ssl_weight: float = 0.2, ssl_temp: float = 0.2, cl_loss: str = "infonce",
-                 sym_q: float = 1.0, sym_lambda: float | None = None, include_ego: bool = False, **base):
+                 sym_q: float = 0.01, sym_lambda: float | None = 0.1, include_ego: bool = False, **base):
         super().__init__(**base)
         if cl_loss not in CL_LOSSES:
             raise ConfigError(f"cl_loss={cl_loss!r}: choose one of {', '.join(CL_LOSSES)}")
