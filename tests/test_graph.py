@@ -293,6 +293,10 @@ def test_config_errors():
         create("lsgrec", pos_threshold=2, neg_threshold=3)
     with pytest.raises(ConfigError):
         create("lsgrec", push_below="everything")
+    with pytest.raises(ConfigError):
+        create("lsgrec", neg_rank="below")
+    with pytest.raises(ConfigError):
+        create("lsgrec", neg_scale=0)
 
 
 # ---- LSGRec signs -----------------------------------------------------------------------------------
@@ -303,10 +307,13 @@ def _rated(split: Split, extra: pl.DataFrame | None = None) -> Split:
     return Split(train, split.valid, split.test, split.n_users, split.n_items, split.protocol)
 
 
-def _negative_rows(split: Split, n_users: int = 40) -> pl.DataFrame:
-    """For the first users, the most popular item they never interacted with, rated 1."""
+def _negative_rows(split: Split, n_users: int = 40, popular: bool = True) -> pl.DataFrame:
+    """For the first users, the most popular item they never interacted with (or, with
+    ``popular=False``, the most popular one in the less popular half of the catalogue), rated 1."""
     seen = set(map(tuple, pl.concat([split.train, split.valid, split.test]).select("user_id", "item_id").rows()))
     order = np.argsort(-split.item_popularity[1:], kind="stable") + 1
+    if not popular:
+        order = order[len(order) // 2 :]
     rows = []
     for u in range(n_users):
         item = next(int(i) for i in order if (u, int(i)) not in seen)
@@ -339,20 +346,49 @@ def test_lsgrec_negative_links_never_become_positive_edges(data):
     assert pos.nnz == split.train_matrix.nnz + 1
 
 
+def _rank_pct(model, users: np.ndarray, items: np.ndarray, negative: bool = False) -> torch.Tensor:
+    """Per user, the share of items scored above ``items`` by the ranking score (or, with
+    ``negative``, by the negative preference ``n_u · p_i``)."""
+    if negative:
+        with torch.no_grad():
+            s = model.negative_preference()[torch.from_numpy(users.copy())] @ model.final_embeddings()[1].T
+    else:
+        s = model.score(Histories.from_lists(users, [[] for _ in users], model.n_items_))
+    s = s[:, 1:]
+    target = s[torch.arange(len(users)), torch.from_numpy(items - 1)]
+    return (s > target[:, None]).float().mean(1)
+
+
 @pytest.mark.parametrize("push_below", ["unseen", "positive"])
-def test_lsgrec_negative_link_lowers_the_item(data, push_below):
+def test_lsgrec_push_lowers_the_disliked_item(data, push_below):
+    # neg_rank=push (our first reading): a negative link pushes the item down the ranking
     split, _, _ = data
     neg = _negative_rows(split, 40)
     users, items = neg["user_id"].to_numpy(), neg["item_id"].to_numpy()
-    params = {**FAST, "epochs": 15, "seed": 3, "push_below": push_below}
+    params = {**FAST, "epochs": 15, "seed": 3, "neg_rank": "push", "push_below": push_below}
     with_neg = create("lsgrec", **params).fit(_rated(split, neg), None)
     without = create("lsgrec", **params).fit(_rated(split), None)
-    hist = Histories.from_lists(users, [[] for _ in users], split.n_items)
-
-    def rank_pct(model):  # share of items scored above the disliked one, per user
-        s = model.score(hist)[:, 1:]
-        target = s[torch.arange(len(users)), torch.from_numpy(items - 1)]
-        return (s > target[:, None]).float().mean(1)
-
-    lowered = rank_pct(with_neg) - rank_pct(without)
+    lowered = _rank_pct(with_neg, users, items) - _rank_pct(without, users, items)
     assert lowered.mean() > 0.1 and (lowered > 0).float().mean() > 0.8
+
+
+def test_lsgrec_disliked_item_ranks_below_the_same_item_liked(data):
+    # neg_rank=rated (default, the authors' code): a disliked item is a weaker ranking row than a
+    # liked one (scaled score, no positive edge), is never a sampled ranking negative, and is
+    # recognised by the negative preference
+    split, _, _ = data
+    neg = _negative_rows(split, 40, popular=False)
+    liked = neg.with_columns(pl.lit(5.0).alias("rating"))
+    users, items = neg["user_id"].to_numpy(), neg["item_id"].to_numpy()
+    params = {**FAST, "epochs": 15, "seed": 3}
+    disliked_model = create("lsgrec", **params).fit(_rated(split, neg), None)
+    liked_model = create("lsgrec", **params).fit(_rated(split, liked), None)
+    assert disliked_model.neg_rank == "rated" and disliked_model.neg_graph_.nnz == len(neg)
+    lowered = _rank_pct(disliked_model, users, items) - _rank_pct(liked_model, users, items)
+    assert lowered.mean() > 0.1 and (lowered > 0).float().mean() > 0.6
+    assert disliked_model._seen.contains(users, items).all()  # rated: never a ranking negative
+    pushed = create("lsgrec", **{**params, "neg_rank": "push"})
+    pushed.prepare_fit(_rated(split, neg))
+    assert not pushed._seen.contains(users, items).any()
+    # the user's negative preference puts the disliked item in its top 5% of items
+    assert _rank_pct(disliked_model, users, items, negative=True).mean() < 0.05
