@@ -19,7 +19,7 @@ Protocol (leakage-free and identical for both models):
    3 layers, lr 1e-3, batch 2048, reg 1e-4), early stopping on validation Recall@20 of the same
    validation set, and the best-validation weights are evaluated on test.
 
-``--variants push_below=positive ...`` adds LSGRec runs with other settings (``--models`` limits
+``--variants neg_rank=push ...`` adds LSGRec runs with other settings (``--models`` limits
 the two base runs). Reported: test Recall@20 / NDCG@20 / NDCG@10 on positive targets, and ``disliked@20``: the share of a
 user's held-out *disliked* items (test rating <= 2) that land in the top 20 (lower is better;
 over users with at least one), and the fit time.
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", nargs="+", default=["../shared/data/movielens-100k", "../shared/data/movielens-latest-small"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra LSGRec settings to compare, e.g. push_below=positive or neg_weight=0.1,aux_weight=0")
+                    help="extra LSGRec settings to compare, e.g. neg_rank=push or neg_rank=push,push_below=positive")
     ap.add_argument("--models", nargs="*", default=["lightgcn", "lsgrec"], help="which of the two base models to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
