@@ -82,7 +82,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from recforge.data.schema import RATING
 from recforge.data.split import interactions_to_csr
@@ -203,18 +202,18 @@ class LSGRec(LightGCN):
             # a negative link is one more row of the ranking BPR, its item above an unrated one with
             # its score scaled by neg_scale; the loss (and L2) is the mean over all the batch's rows
             n_pos, n_neg = batch["u"].numel(), len(u)
-            rows = F.softplus((pu * items[j]).sum(-1) - self.neg_scale * (pu * items[n]).sum(-1))
-            total = (n_pos * total + self.neg_weight * rows.sum() + self.reg * 0.5 * l2) / (n_pos + n_neg)
-        elif self.neg_weight > 0:
-            push = bpr_loss((pu * items[above]).sum(-1), (pu * items[n]).sum(-1))
-            total = total + self.neg_weight * push
+            rows = bpr_loss(self.neg_scale * (pu * items[n]).sum(-1), (pu * items[j]).sum(-1))
+            total = (n_pos * total + n_neg * self.neg_weight * rows + self.reg * 0.5 * l2) / (n_pos + n_neg)
+        else:
+            if self.neg_weight > 0:
+                push = bpr_loss((pu * items[above]).sum(-1), (pu * items[n]).sum(-1))
+                total = total + self.neg_weight * push
+            total = total + self.reg * 0.5 * l2 / len(u)
         if self.aux_weight > 0:
             nu = self.negative_preference()[u]
             aux = bpr_loss((nu * items[n]).sum(-1), (nu * items[j]).sum(-1))
             total = total + self.aux_weight * aux
-        if self.neg_rank == "rated":
-            return total
-        return total + self.reg * 0.5 * l2 / len(u)
+        return total
 
     def protocol_notes(self) -> dict:
         return {**super().protocol_notes(),
