@@ -297,6 +297,8 @@ def test_config_errors():
         create("lsgrec", neg_rank="below")
     with pytest.raises(ConfigError):
         create("lsgrec", neg_scale=0)
+    with pytest.raises(ConfigError):
+        create("lsgrec", push_below="positive")  # only meaningful with neg_rank=push
 
 
 # ---- LSGRec signs -----------------------------------------------------------------------------------

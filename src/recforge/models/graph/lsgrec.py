@@ -124,6 +124,9 @@ class LSGRec(LightGCN):
             raise ConfigError(f"neg_rank={neg_rank!r}: choose one of {', '.join(NEG_RANK)}")
         if neg_scale <= 0:
             raise ConfigError(f"neg_scale={neg_scale} must be positive")
+        if neg_rank == "rated" and push_below != "unseen":
+            raise ConfigError(f"push_below={push_below!r} only applies with neg_rank=push; "
+                              "set neg_rank=push or drop push_below")
         self.neg_rank, self.neg_scale = neg_rank, neg_scale
 
     # ---- graphs -------------------------------------------------------------------------------
@@ -174,8 +177,7 @@ class LSGRec(LightGCN):
             links = self._neg_pairs[chunks[b]] if b < len(chunks) else self._neg_pairs[:0]
             if len(links):
                 j = sample_negatives(self._rated, links[:, 0], 1, self.n_items_, rng)[:, 0]
-                push_pos = self.neg_rank == "push" and self.push_below == "positive"
-                above = self.positive_of(links[:, 0], rng, j) if push_pos else j
+                above = self.positive_of(links[:, 0], rng, j) if self.push_below == "positive" else j
                 batch.update(nu=torch.from_numpy(links[:, 0]), nn=torch.from_numpy(links[:, 1]),
                              nj=torch.from_numpy(j), np=torch.from_numpy(above))
             yield batch
