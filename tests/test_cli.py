@@ -123,6 +123,11 @@ def test_bench_leaderboard(tmp_path):
     (["train", "ease", "--data", "synthetic", "data.min_user=100000"], "no interactions left"),
     (["train", "ease", "--data", "synthetic", "split.method=magic"], "unknown split"),
     (["train", "ease", "--data", "synthetic", "eval.sampled=abc"], "eval.sampled"),
+    (["train", "ease", "--data", "synthetic", "eval.exclude=seen"], "eval.exclude"),
+    (["train", "ease", "--data", "synthetic", "eval.exclude_history=false"], "eval.exclude=none"),
+    (["train", "ease", "--data", "synthetic", "eval.ties=random"], "eval.ties"),
+    (["train", "ease", "--data", "synthetic", "eval.head_items=pareto"], "eval.head_items"),
+    (["train", "ease", "--data", "synthetic", "eval.exclude=target_behavior"], "data.target_behavior"),
     (["recommend", "/no/run"], "not a run folder"),
 ])
 def test_bad_input_one_line_exit_2(argv, fragment, tmp_path, capsys):
@@ -205,3 +210,46 @@ def test_target_min_rating_keeps_only_liked_targets(tmp_path):
     assert signed.metrics["test"]["n_users"] == liked
     with pytest.raises(recforge.errors.ConfigError, match="rating"):
         recforge.train("pop", "synthetic", ["eval.target_min_rating=4"], out=tmp_path / "runs", verbose=False)
+
+
+def test_protocol_named_in_metrics_and_leaderboard(runs, tmp_path):
+    """The exclusion set, the tie rule and the head/tail rule are written next to every number."""
+    _, a, _ = runs
+    p = a.metrics["protocol"]
+    assert (p["exclude"], p["ties"], p["head_items"]) == ("history", "pessimistic", "share:0.8")
+    other = recforge.evaluate(a.path, exclude="none", ties="index", head_items="top:0.2")
+    assert (other["protocol"]["exclude"], other["protocol"]["ties"]) == ("none", "index")
+    assert other["protocol"]["head_items"] == "top:0.2"
+    from recforge.reports.leaderboard import _protocol_text
+
+    assert "excluded=history, ties=pessimistic" in _protocol_text(p)
+    # a leaderboard row from before the protocol was named: index ties, history excluded
+    assert "excluded=history, ties=index" in _protocol_text({"ranking": "full", "exclude_history": True})
+
+
+def test_exclude_auto_by_data_kind():
+    from recforge.config import resolve_exclude
+
+    cfg = recforge.api.resolve("pop", "synthetic")
+    assert resolve_exclude(cfg) == "history"
+    assert resolve_exclude(recforge.api.resolve("pop", "synthetic", {"data.dedupe": "none"})) == "none"
+    assert resolve_exclude(recforge.api.resolve("pop", "synthetic", {"data.target_behavior": "buy"})) == "target_behavior"
+    assert resolve_exclude(recforge.api.resolve("pop", "synthetic", {"data.dedupe": "none",
+                                                                     "eval.exclude": "history"})) == "history"
+    old = {"data": {}, "eval": {"exclude_history": False}}  # a config written before eval.exclude
+    assert resolve_exclude(old) == "none"
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, monkeypatch):
+    """The loss turns NaN in the first batch: training stops, naming the epoch and the loss and
+    what to try; no run folder is left behind."""
+    import torch
+
+    from recforge.errors import TrainingError
+    from recforge.models.general.bpr import BPRMF
+
+    real = BPRMF.loss
+    monkeypatch.setattr(BPRMF, "loss", lambda self, batch: real(self, batch) * torch.tensor(float("nan")))
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, batch 1.*lower learning rate"):
+        recforge.train("bpr", "synthetic", {"epochs": 2}, out=tmp_path, verbose=False)
+    assert not any(tmp_path.iterdir())

@@ -18,8 +18,8 @@ INF = float("inf")
 LOG2 = math.log2
 
 
-def _ranks(scores, targets):
-    return target_ranks(torch.tensor(scores, dtype=torch.float64), torch.tensor(targets, dtype=torch.int64))
+def _ranks(scores, targets, ties="pessimistic"):
+    return target_ranks(torch.tensor(scores, dtype=torch.float64), torch.tensor(targets, dtype=torch.int64), ties)
 
 
 def _metrics(scores, targets, ks):
@@ -112,26 +112,89 @@ TIED = [-INF, 1.0, 2.0, 2.0, 2.0, 0.0, 3.0]
 
 
 @pytest.mark.parametrize("width", [3, 9])  # 3: the per-target comparison path, 9: the sort path
-def test_ties_broken_by_item_index(width):
+def test_ties_by_item_index_option(width):
     targets = [4, 2, 1] + [0] * (width - 3)
-    r = _ranks([TIED], [targets])[0, :3].tolist()
+    r = _ranks([TIED], [targets], "index")[0, :3].tolist()
     assert r == [4, 2, 5]
-    r = _ranks([TIED], [[3, 5, 6] + [0] * (width - 3)])[0, :3].tolist()
+    r = _ranks([TIED], [[3, 5, 6] + [0] * (width - 3)], "index")[0, :3].tolist()
     assert r == [3, 6, 1]
 
 
-def _reference_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Brute force: items strictly better, plus equal items with a lower index, plus one."""
-    out = np.zeros(targets.shape, dtype=np.int64)
+@pytest.mark.parametrize("width", [3, 9])
+def test_ties_pessimistic_expected_optimistic_hand_worked(width):
+    """Items 2, 3, 4 share score 2.0 below item 6 (3.0): one item strictly ahead, two others tied.
+    Pessimistic: 1 + 1 + 2 = 4 for each; optimistic: 2; expected: 1 + 1 + 2/2 = 3 (the mean of
+    2, 3, 4). Item 1 (1.0) has four items ahead and no tie: 5 under every rule."""
+    targets = [[4, 2, 1] + [0] * (width - 3)]
+    assert _ranks([TIED], targets)[0, :3].tolist() == [4, 4, 5]  # pessimistic is the default
+    assert _ranks([TIED], targets, "optimistic")[0, :3].tolist() == [2, 2, 5]
+    r = _ranks([TIED], targets, "expected")
+    assert r.dtype == torch.float64 and r[0, :3].tolist() == [3.0, 3.0, 5.0]
+    with pytest.raises(ValueError, match="ties="):
+        _ranks([TIED], targets, "random")
+
+
+def test_tie_default_does_not_depend_on_item_ids():
+    """Integer scores (a popularity count) with ties: permuting the item ids leaves every
+    metric unchanged under the default; under ``ties=index`` the figures move with the ids."""
+    rng = np.random.default_rng(0)
+    b, n = 200, 50
+    counts = rng.integers(0, 4, size=n + 1).astype(np.float64)  # heavy ties, like Pop
+    counts[0] = -np.inf
+    scores = np.tile(counts, (b, 1))
+    targets = rng.integers(1, n + 1, size=(b, 1))
+    perm = np.concatenate([[0], rng.permutation(np.arange(1, n + 1))])  # new id of each old id
+    scores_p = np.empty_like(scores)
+    scores_p[:, perm] = scores
+    targets_p = perm[targets]
+    ks = [1, 5, 10]
+
+    def metrics(sc, tg, ties):
+        t = torch.from_numpy(tg)
+        return metrics_from_ranks(target_ranks(torch.from_numpy(sc), t, ties), t > 0, ks)
+
+    for ties in ("pessimistic", "expected", "optimistic"):
+        a, c = metrics(scores, targets, ties), metrics(scores_p, targets_p, ties)
+        for name in a:
+            assert torch.allclose(a[name], c[name]), (ties, name)
+    a, c = metrics(scores, targets, "index"), metrics(scores_p, targets_p, "index")
+    assert any(not torch.allclose(a[name].mean(), c[name].mean()) for name in a)
+
+
+def test_non_finite_target_scores_are_misses():
+    """Today's evaluator gave an all-NaN row rank 1 (HR@10 = NDCG@10 = 1). A NaN / inf target
+    is a miss (metrics 0); the evaluator maps the model's non-finite scores to +inf first, so
+    they count as ahead of a finite target."""
+    nan = float("nan")
+    rows = [[-INF, nan, nan, nan, nan],  # all NaN
+            [-INF, 1.0, INF, 2.0, 0.5],  # target 1 behind +inf (a mapped NaN) and 2.0: rank 3
+            [-INF, 1.0, 2.0, -INF, 0.5]]  # target 3 excluded (-inf): a miss
+    t = torch.tensor([[2], [1], [3]])
+    scores = torch.tensor(rows, dtype=torch.float64)
+    for ties in ("pessimistic", "expected", "optimistic", "index"):
+        r = target_ranks(scores, t, ties)
+        m = metrics_from_ranks(r, t > 0, [10])
+        assert m["hr@10"].tolist() == [0.0, 1.0, 0.0], ties
+        assert m["ndcg@10"][0] == 0 and m["mrr"][0] == 0, ties
+        assert r[1, 0] == 3, ties
+
+
+def _reference_ranks(scores: np.ndarray, targets: np.ndarray, ties: str = "index") -> np.ndarray:
+    """Brute force: items strictly better, plus the tied items the rule counts, plus one."""
+    out = np.zeros(targets.shape, dtype=np.float64)
     idx = np.arange(scores.shape[1])
     for b in range(targets.shape[0]):
         for j, t in enumerate(targets[b]):
             s = scores[b, t]
-            out[b, j] = 1 + np.sum(scores[b] > s) + np.sum((scores[b] == s) & (idx < t))
+            others = np.sum(scores[b] == s) - 1
+            tied = {"index": np.sum((scores[b] == s) & (idx < t)), "pessimistic": others,
+                    "optimistic": 0, "expected": others / 2}[ties]
+            out[b, j] = 1 + np.sum(scores[b] > s) + tied
     return out
 
 
-def test_both_rank_paths_agree_on_integer_scores_with_ties():
+@pytest.mark.parametrize("ties", ["pessimistic", "expected", "optimistic", "index"])
+def test_both_rank_paths_agree_on_integer_scores_with_ties(ties):
     rng = np.random.default_rng(7)
     b, n, t = 40, 60, 12
     scores = rng.integers(0, 5, size=(b, n)).astype(np.float64)  # heavy ties
@@ -141,15 +204,17 @@ def test_both_rank_paths_agree_on_integer_scores_with_ties():
     for row in range(b):
         excl = np.setdiff1d(rng.choice(np.arange(1, n), 10, replace=False), targets[row])
         scores[row, excl] = -np.inf
-    ref = _reference_ranks(scores, targets)
+    ref = _reference_ranks(scores, targets, ties)
     s = torch.from_numpy(scores)
     tg = torch.from_numpy(targets)
-    sort_path = target_ranks(s, tg).numpy()  # T = 12 > 8: the packed path
-    cmp_path = np.concatenate([target_ranks(s, tg[:, j : j + 4]).numpy() for j in range(0, t, 4)], 1)  # T = 4
+    sort_path = target_ranks(s, tg, ties).numpy()  # T = 12 > 8: the packed path
+    cmp_path = np.concatenate([target_ranks(s, tg[:, j : j + 4], ties).numpy() for j in range(0, t, 4)], 1)  # T = 4
     assert np.array_equal(sort_path, ref)
     assert np.array_equal(cmp_path, ref)
-    # every target of a row has a distinct rank
-    assert all(len(set(row)) == t for row in ref.tolist())
+    if ties == "index":  # every target of a row has a distinct rank
+        assert all(len(set(row)) == t for row in ref.tolist())
+    else:  # heavy ties do make some targets share a rank
+        assert any(len(set(row)) < t for row in ref.tolist())
     # and the metrics built on them agree too
     ms = metrics_from_ranks(torch.from_numpy(sort_path), tg > 0, [5, 10])
     mc = metrics_from_ranks(torch.from_numpy(cmp_path), tg > 0, [5, 10])
@@ -177,7 +242,7 @@ def test_many_target_slots_match_brute_force_with_padding_duplicates_and_some_ti
         other = np.setdiff1d(np.arange(1, n), targets[row])[0]
         scores[row, other] = scores[row, targets[row, 2]]
     ours = target_ranks(torch.from_numpy(scores), torch.from_numpy(targets)).numpy()
-    ref = _reference_ranks(scores, targets)
+    ref = _reference_ranks(scores, targets, "pessimistic")
     valid = targets > 0
     assert np.array_equal(ours[valid], ref[valid])
     assert (ours[~valid] > n).all()

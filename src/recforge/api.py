@@ -19,7 +19,7 @@ import polars as pl
 
 from recforge import config as C
 from recforge.errors import RecForgeError
-from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate
+from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate, parse_head_rule
 from recforge.models import registry
 from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset, target_min_rating
 from recforge.runs import Run, RunWriter, run_name
@@ -36,17 +36,26 @@ def resolve(model: str, data: str | None = None, overrides=None) -> dict:
 
 
 def _protocol(cfg: dict) -> Protocol:
-    return Protocol.from_option(cfg["eval"].get("sampled"), bool(cfg["eval"].get("exclude_history", True)))
+    exclude = C.resolve_exclude(cfg)
+    return Protocol.from_option(cfg["eval"].get("sampled"), exclude, cfg["eval"].get("ties") or "pessimistic",
+                                cfg["data"].get("target_behavior") if exclude == "target_behavior" else None)
+
+
+def _eval_sets(cfg: dict, split):
+    target_behavior = cfg["data"].get("target_behavior") if C.resolve_exclude(cfg) == "target_behavior" else None
+    return eval_sets(split, target_min_rating(cfg, split), target_behavior)
 
 
 def _eval(model, evalset, cfg, popularity) -> EvalResult:
     e = cfg["eval"]
     return _evaluate(model, evalset, ks=e["ks"], protocol=_protocol(cfg), batch_size=int(e["batch_size"]),
-                     popularity=popularity, hist_bins=e.get("hist_bins"), seed=cfg["seed"])
+                     popularity=popularity, hist_bins=e.get("hist_bins"), seed=cfg["seed"],
+                     head_rule=e.get("head_items"))
 
 
 def _protocol_record(cfg: dict, split, model) -> dict:
     rec = {"split": split.protocol, **_protocol(cfg).describe(),
+           "head_items": "{}:{:g}".format(*parse_head_rule(cfg["eval"].get("head_items"))),
            "subsequence_split": "none", "valid_metric": getattr(model, "valid_metric", None)}
     threshold = target_min_rating(cfg, split)
     if threshold is not None:
@@ -65,7 +74,7 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
     t0 = time.perf_counter()
     ds = load_dataset(cfg["data"])
     split = split_dataset(ds, cfg)
-    valid_set, test_set = eval_sets(split, target_min_rating(cfg, split))
+    valid_set, test_set = _eval_sets(cfg, split)
     set_seed(cfg["seed"])
     params = C.model_params(cfg)
     if "verbose" in registry.get_model_class(cfg["model"]["name"]).param_names():
@@ -122,13 +131,21 @@ def _per_user(res: EvalResult, ds) -> pl.DataFrame:
     return res.per_user.with_columns(pl.Series("user_raw", raw.gather(res.per_user["user"].to_numpy()).cast(pl.Utf8)))
 
 
-def evaluate(run: str | Path | Run, sampled=None, ks=None) -> dict:
-    """Re-evaluate a run's model on its test split (optionally with other ks or sampled negatives)."""
+def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=None, head_items=None) -> dict:
+    """Re-evaluate a run's model on its test split, optionally under another protocol: other
+    ``ks``, ``sampled`` negatives, ``exclude`` (history | none | target_behavior | auto), ``ties``
+    (pessimistic | expected | optimistic | index) or ``head_items`` (share:S | top:F | count:N)."""
     run = run if isinstance(run, Run) else Run.load(run)
-    cfg = C.apply_overrides(run.config, {k: v for k, v in {"eval.sampled": sampled, "eval.ks": ks}.items() if v is not None})
+    base = run.config
+    if "exclude" not in base["eval"]:  # a run folder from before eval.exclude: keep its meaning
+        base = {**base, "eval": {**C.EVAL_DEFAULTS, **base["eval"], "exclude": C.resolve_exclude(base)}}
+        base["eval"].pop("exclude_history", None)
+    given = {"eval.sampled": sampled, "eval.ks": ks, "eval.exclude": exclude, "eval.ties": ties,
+             "eval.head_items": head_items}
+    cfg = C.apply_overrides(base, {k: v for k, v in given.items() if v is not None})
     ds = load_dataset(cfg["data"])
     split = split_dataset(ds, cfg)
-    _, test_set = eval_sets(split, target_min_rating(cfg, split))
+    _, test_set = _eval_sets(cfg, split)
     res = _eval(run.model, test_set, cfg, split.item_popularity)
     return {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, run.model)}
 

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--sampled", default=None, help="sampled-negative ranking: N or N:popularity (default: full ranking)")
     e.add_argument("--ks", default=None, help="cut-offs, e.g. 5,10,20")
+    e.add_argument("--exclude", default=None, choices=["auto", "history", "none", "target_behavior"],
+                   help="items removed from each ranking (default: the run's setting)")
+    e.add_argument("--ties", default=None, choices=["pessimistic", "expected", "optimistic", "index"],
+                   help="how items scored like the target count (default: the run's setting)")
+    e.add_argument("--head-items", default=None, help="head/tail rule: share:0.8, top:0.2 or count:20")
     e.add_argument("--json", action="store_true")
 
     r = sub.add_parser("recommend", help="top-k items for a user (raw ids in, raw ids out)")
@@ -195,7 +200,8 @@ def _dispatch(args) -> int | None:
         _print_metrics(run.metrics)
         print(run.path)
     elif args.cmd == "evaluate":
-        res = api.evaluate(args.run, sampled=args.sampled, ks=_ints(args.ks) if args.ks else None)
+        res = api.evaluate(args.run, sampled=args.sampled, ks=_ints(args.ks) if args.ks else None,
+                           exclude=args.exclude, ties=args.ties, head_items=args.head_items)
         print(json.dumps(res, indent=2) if args.json else _metrics_table(res["test"], res["protocol"]))
     elif args.cmd == "recommend":
         recs = api.recommend(args.run, user=args.user, history=args.history, k=args.k)

@@ -27,7 +27,7 @@ DATA_DEFAULTS = {
     "user_col": None, "item_col": None, "time_col": None, "rating_col": None, "behavior_col": None,
     "items": None, "item_key": None, "sep": None, "time_format": None,
     "dedupe": "first", "rating_threshold": None, "min_user": 0, "min_item": 0, "behaviors": None,
-    "cache": True,
+    "target_behavior": None, "cache": True,
 }
 SPLIT_DEFAULTS = {"method": "loo"}
 SPLIT_OPTIONS = {
@@ -36,8 +36,10 @@ SPLIT_OPTIONS = {
     "random": {"ratios", "seed"},
     "presplit": set(),
 }
-EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclude_history": True,
-                 "hist_bins": [5, 10, 20, 50], "target_min_rating": None}
+EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclude": "auto", "ties": "pessimistic",
+                 "head_items": "share:0.8", "hist_bins": [5, 10, 20, 50], "target_min_rating": None}
+#: the protocol a run uses when ``eval.exclude=auto``, by data kind (ARCHITECTURE.md explains why)
+EXCLUDE_CHOICES = ("auto", "history", "none", "target_behavior")
 SECTIONS = ("model", "data", "split", "eval")
 
 
@@ -114,8 +116,31 @@ def _check_key(cfg: dict, section: str, key: str, model_keys: set[str]) -> None:
         allowed = {"method"} | set().union(*SPLIT_OPTIONS.values())
         if key not in allowed:
             raise ConfigError(f"unknown split option {key!r}; valid: {', '.join(sorted(allowed))}")
+    elif section == "eval" and key == "exclude_history":
+        raise ConfigError("eval.exclude_history is replaced by eval.exclude: use eval.exclude=history (every history "
+                          "item removed), eval.exclude=none (repeat consumption) or eval.exclude=target_behavior")
     elif key not in cfg[section]:
         raise ConfigError(f"unknown {section} option {key!r}; valid: {', '.join(sorted(cfg[section]))}")
+
+
+def resolve_exclude(cfg: dict) -> str:
+    """The items removed from rankings: ``eval.exclude``, with ``auto`` chosen by data kind:
+    ``target_behavior`` when ``data.target_behavior`` is set, ``none`` when repeated
+    interactions are kept (``data.dedupe=none``), ``history`` otherwise. A config written before
+    ``eval.exclude`` existed (``exclude_history``) keeps its meaning."""
+    e, d = cfg["eval"], cfg["data"]
+    value = e.get("exclude")
+    if value is None:  # an older run folder's config
+        return "history" if e.get("exclude_history", True) else "none"
+    if value not in EXCLUDE_CHOICES:
+        raise ConfigError(f"eval.exclude={value!r}: choose one of {', '.join(EXCLUDE_CHOICES)}")
+    if value != "auto":
+        return value
+    if d.get("target_behavior"):
+        return "target_behavior"
+    if d.get("dedupe") == "none":
+        return "none"
+    return "history"
 
 
 def split_options(cfg: dict) -> tuple[str, dict]:

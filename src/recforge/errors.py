@@ -17,3 +17,7 @@ class DataError(RecForgeError):
 
 class ConfigError(RecForgeError):
     """An unknown model, an unknown override key, or a value of the wrong type."""
+
+
+class TrainingError(RecForgeError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""

@@ -65,10 +65,12 @@ def split_dataset(ds: Dataset, cfg: dict) -> Split:
     return make_split(ds, method, **opts)
 
 
-def eval_sets(split: Split, target_min_rating: float | None = None) -> tuple[EvalSet | None, EvalSet]:
+def eval_sets(split: Split, target_min_rating: float | None = None,
+              target_behavior: str | None = None) -> tuple[EvalSet | None, EvalSet]:
     """Validation and test sets. ``target_min_rating``: only held-out rows rated at least this
     are targets (the others stay out of the ranking: the history holds every visible row,
-    whatever its rating); users left without a target are not evaluated."""
+    whatever its rating); users left without a target are not evaluated. ``target_behavior``:
+    each set also lists the history items of that behaviour (``eval.exclude=target_behavior``)."""
     valid_rows, test_rows = split.valid, split.test
     if target_min_rating is not None:
         if RATING not in split.test.columns:
@@ -81,8 +83,9 @@ def eval_sets(split: Split, target_min_rating: float | None = None) -> tuple[Eva
                               "lower the threshold")
     valid = None
     if valid_rows.height:
-        valid = build_evalset(split.history("valid"), valid_rows, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), test_rows, split.n_users, split.n_items, "test")
+        valid = build_evalset(split.history("valid"), valid_rows, split.n_users, split.n_items, "valid",
+                              target_behavior)
+    test = build_evalset(split.history("test"), test_rows, split.n_users, split.n_items, "test", target_behavior)
     return valid, test
 
 

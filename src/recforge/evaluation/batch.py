@@ -40,6 +40,12 @@ class Histories:
         items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(lengths.sum()))
         return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items)
 
+    @classmethod
+    def empty(cls, n: int, n_items: int, users=None) -> "Histories":
+        """``n`` rows with empty histories."""
+        users = np.full(n, -1, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
+        return cls(users, np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), n_items)
+
     def slice(self, start: int, stop: int) -> "Histories":
         ip = self.indptr[start : stop + 1]
         return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items)
@@ -79,6 +85,9 @@ class EvalSet:
     histories: Histories
     targets: np.ndarray  # (n_users_eval, max_targets) int64, 0-padded
     part: str
+    #: items removed from each row's ranking under ``exclude=target_behavior`` (the history rows
+    #: of that behaviour); ``None`` when the set was built without a target behaviour
+    excluded: Histories | None = None
 
     def __len__(self) -> int:
         return len(self.histories)
@@ -88,18 +97,25 @@ class EvalSet:
         return self.histories.users
 
 
-def build_evalset(history: pl.DataFrame, targets: pl.DataFrame, n_users: int, n_items: int, part: str) -> EvalSet:
-    """Evaluate every user that has at least one target; history in time order."""
-    from recforge.data.split import ragged_sequences
+def build_evalset(history: pl.DataFrame, targets: pl.DataFrame, n_users: int, n_items: int, part: str,
+                  target_behavior: str | None = None) -> EvalSet:
+    """Evaluate every user that has at least one target; history in time order.
+
+    With ``target_behavior``, ``excluded`` holds each user's history items of that behaviour
+    (what ``eval.exclude=target_behavior`` removes from the ranking)."""
+    from recforge.data.schema import BEHAVIOR
 
     t = targets.sort([USER, "timestamp"], maintain_order=True)
     users = t[USER].unique(maintain_order=True).to_numpy().astype(np.int64)
-    indptr_all, items_all = ragged_sequences(history, n_users)
-    lengths = indptr_all[users + 1] - indptr_all[users]
-    indptr = np.zeros(len(users) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    idx = np.repeat(indptr_all[users] - indptr[:-1], lengths) + np.arange(indptr[-1])
-    hist = Histories(users, indptr, items_all[idx], n_items)
+    hist = _rows_of(history, users, n_users, n_items)
+    excluded = None
+    if target_behavior is not None:
+        if BEHAVIOR not in history.columns:
+            from recforge.errors import ConfigError
+
+            raise ConfigError(f"data.target_behavior={target_behavior!r}: the data has no behaviour column; "
+                              "give it with data.behavior_col=NAME or use eval.exclude=history")
+        excluded = _rows_of(history.filter(pl.col(BEHAVIOR) == target_behavior), users, n_users, n_items)
 
     tu = t[USER].to_numpy().astype(np.int64)
     ti = t[ITEM].to_numpy().astype(np.int64)
@@ -109,7 +125,19 @@ def build_evalset(history: pl.DataFrame, targets: pl.DataFrame, n_users: int, n_
     col = np.arange(len(tu)) - np.repeat(np.cumsum(counts) - counts, counts)
     tgt = np.zeros((len(users), max(width, 1)), dtype=np.int64)
     tgt[row, col] = ti
-    return EvalSet(hist, tgt, part)
+    return EvalSet(hist, tgt, part, excluded)
+
+
+def _rows_of(history: pl.DataFrame, users: np.ndarray, n_users: int, n_items: int) -> Histories:
+    """The history items of ``users`` (in that order) as ragged rows."""
+    from recforge.data.split import ragged_sequences
+
+    indptr_all, items_all = ragged_sequences(history, n_users)
+    lengths = indptr_all[users + 1] - indptr_all[users]
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    idx = np.repeat(indptr_all[users] - indptr[:-1], lengths) + np.arange(indptr[-1])
+    return Histories(users, indptr, items_all[idx], n_items)
 
 
 def _positions(users: np.ndarray, tu: np.ndarray) -> np.ndarray:

@@ -9,11 +9,17 @@ import polars as pl
 import torch
 
 from recforge.evaluation.batch import EvalSet, Histories
-from recforge.evaluation.metrics import metrics_from_ranks, target_ranks
+from recforge.evaluation.metrics import TIES, metrics_from_ranks, target_ranks
 from recforge.errors import ConfigError
 
 DEFAULT_KS = (5, 10, 20)
 DEFAULT_HIST_BINS = (5, 10, 20, 50)
+
+
+#: which items are removed from a user's ranking (never dependent on the target):
+#: ``history`` every item of the history; ``none`` nothing (repeat consumption);
+#: ``target_behavior`` the items the user already had in the target behaviour (data with behaviours)
+EXCLUDE = ("history", "none", "target_behavior")
 
 
 @dataclass
@@ -23,20 +29,35 @@ class Protocol:
     ranking: str = "full"  # "full" | "sampled"
     n_negatives: int = 0  # sampled only
     sampler: str = "uniform"  # sampled only: "uniform" | "popularity"
-    exclude_history: bool = True
+    exclude: str = "history"  # one of EXCLUDE
+    ties: str = "pessimistic"  # one of metrics.TIES
+    target_behavior: str | None = None  # exclude=target_behavior only
+
+    def __post_init__(self):
+        if self.exclude not in EXCLUDE:
+            raise ConfigError(f"eval.exclude={self.exclude!r}: choose one of {', '.join(EXCLUDE)} (or auto)")
+        if self.ties not in TIES:
+            raise ConfigError(f"eval.ties={self.ties!r}: choose one of {', '.join(TIES)}")
+        if self.exclude == "target_behavior" and not self.target_behavior:
+            raise ConfigError("eval.exclude=target_behavior needs the target behaviour: "
+                              "set data.target_behavior=NAME (e.g. buy)")
 
     def describe(self) -> dict:
-        d = {"ranking": self.ranking, "exclude_history": self.exclude_history}
+        d = {"ranking": self.ranking, "exclude": self.exclude, "ties": self.ties}
+        if self.exclude == "target_behavior":
+            d["target_behavior"] = self.target_behavior
         if self.ranking == "sampled":
             d.update(n_negatives=self.n_negatives, sampler=self.sampler,
                      label=f"SAMPLED ({self.n_negatives} {self.sampler} negatives)")
         return d
 
     @classmethod
-    def from_option(cls, sampled: str | int | None, exclude_history: bool = True) -> "Protocol":
+    def from_option(cls, sampled: str | int | None, exclude: str = "history", ties: str = "pessimistic",
+                    target_behavior: str | None = None) -> "Protocol":
         """``None``/"full" → full ranking; ``100`` or ``"100"`` or ``"100:popularity"`` → sampled."""
+        rest = {"exclude": exclude, "ties": ties, "target_behavior": target_behavior}
         if sampled in (None, "", "full", 0, "none"):
-            return cls(exclude_history=exclude_history)
+            return cls(**rest)
         text = str(sampled)
         n, _, sampler = text.partition(":")
         try:
@@ -46,7 +67,7 @@ class Protocol:
         sampler = sampler or "uniform"
         if sampler not in ("uniform", "popularity") or n_neg <= 0:
             raise ConfigError(f"eval.sampled={sampled!r}: use N or N:uniform or N:popularity with N > 0")
-        return cls("sampled", n_neg, sampler, exclude_history)
+        return cls("sampled", n_neg, sampler, **rest)
 
 
 @dataclass
@@ -62,20 +83,56 @@ class EvalResult:
 GROUP_USER_METRICS = ("ndcg@", "hr@")
 
 
-def head_items(popularity: np.ndarray, share: float = 0.8) -> np.ndarray:
-    """Boolean mask (n_items + 1): the most popular items that together hold ``share`` of
-    training interactions (the "head"); the others are the "tail"."""
+#: how items are split into head and tail for the item groups (``eval.head_items``)
+HEAD_RULES = {
+    "share": "the most popular items that together hold this share of training interactions (0.8: the 80/20 rule)",
+    "top": "this fraction of the catalogue, most popular first (FAERec: top:0.2)",
+    "count": "items with at least this many training interactions (LLM-ESR: count:20, its --ts_item)",
+}
+
+
+def parse_head_rule(rule: str | float | None) -> tuple[str, float]:
+    """``"share:0.8"`` → ("share", 0.8); a bare number is a share. Raises ConfigError on bad input."""
+    if rule is None:
+        return "share", 0.8
+    if isinstance(rule, (int, float)):
+        return "share", float(rule)
+    kind, _, value = str(rule).partition(":")
+    try:
+        v = float(value)
+    except ValueError:
+        v = None
+    if kind not in HEAD_RULES or v is None or v < 0 or (kind != "count" and v > 1):
+        raise ConfigError(f"eval.head_items={rule!r}: use share:S (0-1, default share:0.8), top:F (0-1, e.g. "
+                          "top:0.2 as FAERec) or count:N (e.g. count:20 as LLM-ESR)")
+    return kind, v
+
+
+def head_items(popularity: np.ndarray, share: float | None = None, rule: str | None = None) -> np.ndarray:
+    """Boolean mask (n_items + 1) of the "head" items by training popularity; the others are
+    the "tail". ``rule`` is one of :data:`HEAD_RULES` as ``kind:value``: ``share:0.8`` (default;
+    the most popular items that together hold 80% of training interactions), ``top:0.2`` (the
+    most popular 20% of the catalogue) or ``count:20`` (items with at least 20 training
+    interactions). ``share`` is the older spelling of ``rule="share:S"``. Ties in popularity are
+    ordered by item index for ``share`` and ``top``."""
+    kind, value = parse_head_rule(rule if rule is not None else share)
     pop = popularity.astype(np.float64).copy()
     pop[0] = 0
-    order = np.argsort(-pop, kind="stable")
+    mask = np.zeros(len(pop), dtype=bool)
+    if kind == "count":
+        mask = pop >= value
+        mask[0] = False
+        return mask
+    order = np.argsort(-pop[1:], kind="stable") + 1
+    if kind == "top":
+        mask[order[: int(round(value * (len(pop) - 1)))]] = True
+        return mask
     cum = np.cumsum(pop[order])
     total = cum[-1] if len(cum) else 0
-    mask = np.zeros(len(pop), dtype=bool)
     if total <= 0:
         return mask
-    n_head = int(np.searchsorted(cum, share * total) + 1)
+    n_head = int(np.searchsorted(cum, value * total) + 1)
     mask[order[:n_head]] = True
-    mask[0] = False
     return mask
 
 
@@ -92,21 +149,31 @@ def _hist_bin_labels(bins) -> list[str]:
 
 
 def rank_scores(model, hist: Histories, targets: torch.Tensor, protocol: Protocol,
-                popularity: np.ndarray | None, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score one batch, apply exclusions (and negative sampling), return (scores, ranks)."""
+                popularity: np.ndarray | None, rng: np.random.Generator,
+                excluded: Histories | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one batch, apply exclusions (and negative sampling), return (scores, ranks).
+
+    The model's non-finite scores (NaN, ±inf) become ``+inf``: such an item is ahead of every
+    finite target, and such a target is a miss. Excluded items become ``-inf`` (out of the
+    ranking; an excluded target is a miss). ``excluded`` lists the items to remove per row; by
+    default it follows ``protocol.exclude``: the history (``history``) or nothing (``none``).
+    It never depends on the targets."""
     with torch.no_grad():
         # always a private copy: the masking below works in place and must never write into a
         # tensor the model keeps (a view like Pop's, or cached scores returned as they are)
         scores = model.score(hist).to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     b, n = scores.shape
-    if protocol.exclude_history and len(hist.items):
-        kept = scores.gather(1, targets)  # a repeated target stays rankable
-        rows = torch.from_numpy(np.repeat(np.arange(b), hist.lengths))
-        scores.index_put_((rows, torch.from_numpy(hist.items)), torch.tensor(-torch.inf))
-        scores.scatter_(1, targets, kept)
+    scores.nan_to_num_(nan=torch.inf, posinf=torch.inf, neginf=torch.inf)
+    if excluded is None:
+        if protocol.exclude == "target_behavior":
+            raise ValueError("exclude=target_behavior: pass the excluded items (EvalSet.excluded)")
+        excluded = hist if protocol.exclude == "history" else None
+    if excluded is not None and len(excluded.items):
+        rows = torch.from_numpy(np.repeat(np.arange(b), excluded.lengths))
+        scores.index_put_((rows, torch.from_numpy(excluded.items)), torch.tensor(-torch.inf))
     scores[:, 0] = -torch.inf
     if protocol.ranking == "sampled":
-        allowed = torch.isfinite(scores)
+        allowed = scores > -torch.inf
         allowed.scatter_(1, targets, False)
         if protocol.sampler == "popularity" and popularity is not None:
             w = torch.from_numpy(popularity.astype(np.float64) + 1e-9).expand(b, n).clone()
@@ -121,23 +188,25 @@ def rank_scores(model, hist: Histories, targets: torch.Tensor, protocol: Protoco
         keep.scatter_(1, targets, True)
         keep[:, 0] = False
         scores = scores.masked_fill(~keep, -torch.inf)
-    return scores, target_ranks(scores, targets)
+    return scores, target_ranks(scores, targets, protocol.ties)
 
 
 def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None = None,
              batch_size: int = 1024, popularity: np.ndarray | None = None,
-             hist_bins=DEFAULT_HIST_BINS, groups: bool = True, seed: int = 0) -> EvalResult:
+             hist_bins=DEFAULT_HIST_BINS, groups: bool = True, seed: int = 0,
+             head_rule: str | None = None) -> EvalResult:
     """Rank every item for every evaluated user, batch by batch, and aggregate metrics.
 
     ``model`` needs ``score(Histories) -> Tensor (batch, n_items + 1)``. ``popularity`` (training
-    counts per item) enables head/tail groups and popularity-sampled negatives.
+    counts per item) enables head/tail groups (split by ``head_rule``, see :func:`head_items`)
+    and popularity-sampled negatives.
     """
     protocol = protocol or Protocol()
     ks = sorted({int(k) for k in ks})
     kmax = max(ks)
     rng = np.random.default_rng(seed)
     n = evalset.histories.n_items + 1
-    head = head_items(popularity) if (groups and popularity is not None) else None
+    head = head_items(popularity, rule=head_rule) if (groups and popularity is not None) else None
     per_user: dict[str, list[np.ndarray]] = {}
     group_vals: dict[str, dict[str, list[np.ndarray]]] = {}
     covered = {k: np.zeros(n, dtype=bool) for k in ks}
@@ -148,7 +217,15 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
         hist = evalset.histories.slice(start, stop)
         tg = all_targets[start:stop]
         valid = tg > 0
-        scores, ranks = rank_scores(model, hist, tg, protocol, popularity, rng)
+        excluded = evalset.excluded.slice(start, stop) if evalset.excluded is not None else None
+        if protocol.exclude == "history":
+            excluded = None  # the history itself
+        elif protocol.exclude == "none":
+            excluded = Histories.empty(len(hist), hist.n_items)
+        elif excluded is None:
+            raise ConfigError("eval.exclude=target_behavior: this evaluation set was built without the "
+                              "target-behaviour items; build it with build_evalset(..., target_behavior=NAME)")
+        scores, ranks = rank_scores(model, hist, tg, protocol, popularity, rng, excluded)
         for name, v in metrics_from_ranks(ranks, valid, ks).items():
             per_user.setdefault(name, []).append(v.numpy())
         top = torch.topk(scores, min(kmax, n), dim=1).indices  # k may exceed a tiny catalogue
@@ -186,4 +263,7 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
             if m.any():
                 out_groups[label] = ({k: float(np.nanmean(cols[k][m])) for k in metric_names}
                                      | {"n_users": int(m.sum())})
-    return EvalResult(metrics, table, out_groups, protocol.describe())
+    described = protocol.describe()
+    if head is not None:
+        described["head_items"] = "{}:{:g}".format(*parse_head_rule(head_rule))
+    return EvalResult(metrics, table, out_groups, described)

@@ -2,9 +2,17 @@
 
 Conventions (documented in ARCHITECTURE.md, checked against hand-worked cases and ranx):
 
-* the ranking is over the whole catalogue, minus the padding index and the user's history
-  (except items that are themselves targets), ties broken by item index (lower first), so
-  every target has a distinct 1-based rank ``r``;
+* the ranking is over the whole catalogue, minus the padding index and the items the protocol
+  excludes (see :mod:`recforge.evaluation.evaluator`; the excluded set never depends on the
+  target);
+* a target's rank is one plus the items scored above it; items scored exactly like it count
+  according to ``ties`` (:data:`TIES`): ``pessimistic`` (default: every tied item is ahead),
+  ``expected`` (the mean rank under a random order of the tied items), ``optimistic`` (no tied
+  item is ahead) or ``index`` (ties broken by item index, lower first: depends on how ids were
+  assigned, kept only to compare with older figures);
+* a target whose score is not finite (NaN, ±inf from the model, or excluded by the protocol) is
+  a miss: it gets the worst rank and contributes 0 to every metric; a competitor whose score is
+  NaN or ±inf counts as ahead of every finite target (the evaluator maps it to ``+inf``);
 * ``hr@k``: 1 if any target has ``r <= k``;
 * ``recall@k``: targets with ``r <= k`` / number of targets;
 * ``precision@k``: targets with ``r <= k`` / ``k``;
@@ -26,6 +34,10 @@ import torch
 log = logging.getLogger("recforge.eval")
 
 METRICS = ("hr", "recall", "precision", "ndcg", "mrr", "map")
+#: how items scored exactly like a target are counted; the first is the default
+TIES = ("pessimistic", "expected", "optimistic", "index")
+#: the rank of a target that is a miss (non-finite score, excluded, or padding)
+MISS_RANK = torch.iinfo(torch.int64).max // 4
 
 
 def _count_ahead_eager(scores: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,36 +67,41 @@ def _count_ahead(scores: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, t
     return _count_ahead_eager(scores, s)
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each target (B, T) under ``scores`` (B, N); padded targets (0) get a
-    large rank. Ties are broken by item index. ``scores`` must already hold ``-inf`` for
-    excluded items.
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str = "pessimistic") -> torch.Tensor:
+    """1-based rank of each target (B, T) under ``scores`` (B, N); padded targets (0) and targets
+    with a non-finite score get :data:`MISS_RANK`. ``scores`` must already hold ``-inf`` for
+    excluded items and ``+inf`` for the model's non-finite scores (as the evaluator prepares
+    them). ``ties`` is one of :data:`TIES`; ranks are float64 for ``expected`` (a tie between
+    an odd and an even number of items gives a half rank), int64 otherwise.
 
     A target's rank is one plus the items scored above it, counted in one pass over its row
     (:func:`_count_ahead`), so the cost is (targets) x N, never a sort of the catalogue. With
     many target slots (T > 8, e.g. a random or pre-made split where a few users have hundreds of
     test items and most have a handful) the rows are ordered by their number of targets and the
     valid targets moved to the front, so target slot ``j`` only visits the rows that have one."""
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r}: choose one of {', '.join(TIES)}")
     valid = targets > 0
     b, t = targets.shape
-    big = torch.iinfo(torch.int64).max // 4
     if t <= 8:
-        ranks = _rank_columns(scores, targets, [b] * t)
+        ranks = _rank_columns(scores, targets, [b] * t, ties)
     else:
         counts = valid.sum(1)
         rows = torch.argsort(counts, descending=True, stable=True)
         cols = torch.argsort((~valid[rows]).to(torch.int8), dim=1, stable=True)  # valid targets first
         sorted_counts = counts[rows]
         depth = [int((sorted_counts > j).sum()) for j in range(int(sorted_counts[0]) if b else 0)]
-        packed = _rank_columns(scores[rows], targets[rows].gather(1, cols), depth, fill=big)
+        packed = _rank_columns(scores[rows], targets[rows].gather(1, cols), depth, ties, fill=MISS_RANK)
         ranks = torch.empty_like(packed)
         ranks[rows] = torch.empty_like(packed).scatter_(1, cols, packed)
-    return torch.where(valid, ranks, torch.full_like(ranks, big))
+    return torch.where(valid, ranks, torch.full_like(ranks, MISS_RANK))
 
 
-def _rank_columns(scores: torch.Tensor, targets: torch.Tensor, depth: list[int], fill: int = 0) -> torch.Tensor:
+def _rank_columns(scores: torch.Tensor, targets: torch.Tensor, depth: list[int], ties: str,
+                  fill: int = 0) -> torch.Tensor:
     """Ranks of target slot ``j`` for the first ``depth[j]`` rows (the others get ``fill``)."""
-    ranks = torch.full(targets.shape, fill, dtype=torch.int64)
+    dtype = torch.float64 if ties == "expected" else torch.int64
+    ranks = torch.full(targets.shape, fill, dtype=dtype)
     idx = torch.arange(scores.shape[1]).unsqueeze(0)
     for j, m in enumerate(depth):
         if m == 0:
@@ -93,11 +110,18 @@ def _rank_columns(scores: torch.Tensor, targets: torch.Tensor, depth: list[int],
         s = sc.gather(1, col)
         gt, eq = _count_ahead(sc, s)
         ahead = gt.to(torch.int64)
-        ties = eq > 1
-        if bool(ties.any()):  # rare with float scores: break ties by item index, row by row
-            rows = torch.nonzero(ties).ravel()
-            ahead[rows] += ((sc[rows] == s[rows]) & (idx < col[rows])).sum(1)
-        ranks[:m, j] = ahead + 1
+        others = eq.to(torch.int64) - 1  # items tied with the target, the target itself left out
+        if ties == "pessimistic":
+            ahead = ahead + others
+        elif ties == "expected":
+            ahead = ahead.to(torch.float64) + others.to(torch.float64) / 2
+        elif ties == "index":
+            tied = torch.nonzero(others > 0).ravel()
+            if len(tied):  # row by row, only where ties exist
+                ahead[tied] += ((sc[tied] == s[tied]) & (idx < col[tied])).sum(1)
+        r = ahead + 1
+        miss = ~torch.isfinite(s.squeeze(1))  # NaN/inf from the model, or excluded by the protocol
+        ranks[:m, j] = torch.where(miss, torch.full_like(r, MISS_RANK), r).to(dtype)
     return ranks
 
 
@@ -105,7 +129,7 @@ def metrics_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: list[int]) 
     """Per-user metric values (B,) for every metric at every k, plus ``mrr`` (no cut-off).
 
     Rows with no valid target get NaN."""
-    ranks = torch.where(valid, ranks, torch.full_like(ranks, torch.iinfo(torch.int64).max // 4))
+    ranks = torch.where(valid, ranks, torch.full_like(ranks, MISS_RANK))
     n_t = valid.sum(1).to(torch.float64)
     empty = n_t == 0
     nan = torch.tensor(float("nan"), dtype=torch.float64)
@@ -113,7 +137,7 @@ def metrics_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: list[int]) 
     sorted_r, _ = torch.sort(r, dim=1)
     out: dict[str, torch.Tensor] = {}
     best = sorted_r[:, 0]
-    out["mrr"] = torch.where(empty, nan, 1.0 / best)
+    out["mrr"] = torch.where(empty, nan, torch.where(best >= MISS_RANK, 0.0, 1.0 / best))  # a miss counts 0
     disc = 1.0 / torch.log2(r + 1.0)
     for k in ks:
         hit = (ranks <= k) & valid

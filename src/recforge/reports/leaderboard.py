@@ -10,7 +10,11 @@ def _protocol_text(p: dict) -> str:
     split = p.get("split", {}).get("split", "?") if isinstance(p.get("split"), dict) else p.get("split")
     ranking = p.get("label") or ("full ranking" if p.get("ranking") == "full" else p.get("ranking"))
     sub = p.get("subsequence_split", "none")
-    return f"{split}, {ranking}, history excluded={p.get('exclude_history', True)}, sub-sequence split={sub}"
+    exclude = p.get("exclude") or ("history" if p.get("exclude_history", True) else "none")
+    if exclude == "target_behavior":
+        exclude = f"target_behavior ({p.get('target_behavior')})"
+    ties = p.get("ties", "index")  # figures from before ties were named broke them by item index
+    return f"{split}, {ranking}, excluded={exclude}, ties={ties}, sub-sequence split={sub}"
 
 
 def format_leaderboard(board: dict, groups: str = "item") -> str:

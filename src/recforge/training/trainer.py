@@ -2,7 +2,9 @@
 
 Mini-batches from the model, Adam, periodic validation by full ranking, early stopping on a
 validation metric (default NDCG@10) with the best weights kept, a progress bar with rate and
-time left, and Ctrl-C that stops cleanly with the best weights restored.
+time left, and Ctrl-C that stops cleanly with the best weights restored. A loss that is not
+finite stops training at once with a :class:`TrainingError` (weights that produced it are never
+kept or evaluated).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from recforge.errors import TrainingError
 
 log = logging.getLogger("recforge.train")
 
@@ -41,6 +45,13 @@ class TrainHistory:
         return {"best_epoch": self.best_epoch, "best_metric": self.best_metric,
                 "interrupted": self.interrupted, "stopped_early": self.stopped_early,
                 "seconds": round(self.seconds, 2), "epochs": self.epochs}
+
+
+def nonfinite_message(model, epoch: int, batch: int, value: float) -> str:
+    """One line naming the epoch, the loss and what to try."""
+    return (f"training of {model.name} stopped: the loss is {value} at epoch {epoch}, batch {batch}; "
+            f"try a lower learning rate (lr={model.lr:g} now, e.g. lr={model.lr / 10:g}), weight decay, or a "
+            "smaller weight on auxiliary losses, and check the data for extreme values")
 
 
 class Trainer:
@@ -82,9 +93,12 @@ class Trainer:
                 for batch in bar:
                     opt.zero_grad(set_to_none=True)
                     loss = m.loss(batch)
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingError(nonfinite_message(m, epoch, n_batches + 1, value))
                     loss.backward()
                     opt.step()
-                    total += float(loss.detach())
+                    total += value
                     n_batches += 1
                     if n_batches % 20 == 0:
                         bar.set_postfix(loss=f"{total / n_batches:.4f}")
