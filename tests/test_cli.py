@@ -217,6 +217,7 @@ def test_protocol_named_in_metrics_and_leaderboard(runs, tmp_path):
     _, a, _ = runs
     p = a.metrics["protocol"]
     assert (p["exclude"], p["ties"], p["head_items"]) == ("history", "pessimistic", "share:0.8")
+    assert a.config["eval"]["exclude"] == "history"  # auto, resolved for this data and saved
     other = recforge.evaluate(a.path, exclude="none", ties="index", head_items="top:0.2")
     assert (other["protocol"]["exclude"], other["protocol"]["ties"]) == ("none", "index")
     assert other["protocol"]["head_items"] == "top:0.2"
@@ -236,6 +237,7 @@ def test_exclude_auto_by_data_kind():
     assert resolve_exclude(recforge.api.resolve("pop", "synthetic", {"data.target_behavior": "buy"})) == "target_behavior"
     assert resolve_exclude(recforge.api.resolve("pop", "synthetic", {"data.dedupe": "none",
                                                                      "eval.exclude": "history"})) == "history"
+    assert resolve_exclude(cfg, has_behaviors=True) == "none"  # view then buy must stay possible
     old = {"data": {}, "eval": {"exclude_history": False}}  # a config written before eval.exclude
     assert resolve_exclude(old) == "none"
 
@@ -253,3 +255,30 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, monkeypatch
     with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, batch 1.*lower learning rate"):
         recforge.train("bpr", "synthetic", {"epochs": 2}, out=tmp_path, verbose=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_target_behavior_protocol_end_to_end(tmp_path):
+    """A log with views and purchases: ``data.target_behavior=buy`` resolves ``auto`` to
+    ``target_behavior`` (only items already bought leave the ranking); without it the data kind
+    gives ``none``; ``history`` removes every viewed item too, so it can only score lower."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows, t = [], 0
+    for u in range(60):
+        for _ in range(12):
+            i, t = int(rng.integers(1, 40)), t + 1
+            rows.append((u, i, t, "view"))
+            if rng.random() < 0.4:
+                t += 1
+                rows.append((u, i, t, "buy"))
+    f = tmp_path / "log.csv"
+    pl.DataFrame(rows, schema=["uid", "iid", "ts", "act"], orient="row").write_csv(f)
+    cols = {"data.user_col": "uid", "data.item_col": "iid", "data.time_col": "ts", "data.behavior_col": "act"}
+    a = recforge.train("pop", str(f), {**cols, "data.target_behavior": "buy"}, out=tmp_path / "runs", verbose=False)
+    assert (a.metrics["protocol"]["exclude"], a.metrics["protocol"]["target_behavior"]) == ("target_behavior", "buy")
+    b = recforge.train("pop", str(f), cols, out=tmp_path / "runs", verbose=False)
+    assert b.metrics["protocol"]["exclude"] == "none"
+    strict = recforge.evaluate(b.path, exclude="history")
+    assert strict["protocol"]["exclude"] == "history"
+    assert strict["test"]["hr@10"] <= b.metrics["test"]["hr@10"]

@@ -73,6 +73,7 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
     cfg = config or resolve(model, data, overrides)
     t0 = time.perf_counter()
     ds = load_dataset(cfg["data"])
+    cfg = C.with_resolved_exclude(cfg, ds)
     split = split_dataset(ds, cfg)
     valid_set, test_set = _eval_sets(cfg, split)
     set_seed(cfg["seed"])
@@ -144,6 +145,7 @@ def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=No
              "eval.head_items": head_items}
     cfg = C.apply_overrides(base, {k: v for k, v in given.items() if v is not None})
     ds = load_dataset(cfg["data"])
+    cfg = C.with_resolved_exclude(cfg, ds)
     split = split_dataset(ds, cfg)
     _, test_set = _eval_sets(cfg, split)
     res = _eval(run.model, test_set, cfg, split.item_popularity)

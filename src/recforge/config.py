@@ -123,11 +123,12 @@ def _check_key(cfg: dict, section: str, key: str, model_keys: set[str]) -> None:
         raise ConfigError(f"unknown {section} option {key!r}; valid: {', '.join(sorted(cfg[section]))}")
 
 
-def resolve_exclude(cfg: dict) -> str:
+def resolve_exclude(cfg: dict, has_behaviors: bool = False) -> str:
     """The items removed from rankings: ``eval.exclude``, with ``auto`` chosen by data kind:
-    ``target_behavior`` when ``data.target_behavior`` is set, ``none`` when repeated
-    interactions are kept (``data.dedupe=none``), ``history`` otherwise. A config written before
-    ``eval.exclude`` existed (``exclude_history``) keeps its meaning."""
+    ``target_behavior`` when ``data.target_behavior`` is set; ``none`` when repeated
+    interactions are kept (``data.dedupe=none``) or when the data has several behaviours but no
+    target behaviour (a purchase of a viewed item must stay possible); ``history`` otherwise. A
+    config written before ``eval.exclude`` existed (``exclude_history``) keeps its meaning."""
     e, d = cfg["eval"], cfg["data"]
     value = e.get("exclude")
     if value is None:  # an older run folder's config
@@ -138,9 +139,22 @@ def resolve_exclude(cfg: dict) -> str:
         return value
     if d.get("target_behavior"):
         return "target_behavior"
-    if d.get("dedupe") == "none":
+    if d.get("dedupe") == "none" or has_behaviors:
         return "none"
     return "history"
+
+
+def with_resolved_exclude(cfg: dict, ds) -> dict:
+    """A copy of ``cfg`` whose ``eval.exclude`` is resolved for the dataset ``ds`` (so the run
+    folder's config says what was done, not ``auto``)."""
+    from recforge.data.schema import BEHAVIOR
+
+    inter = ds.interactions
+    has_behaviors = BEHAVIOR in inter.columns and inter[BEHAVIOR].n_unique() > 1
+    out = copy.deepcopy(cfg)
+    out["eval"]["exclude"] = resolve_exclude(cfg, has_behaviors)
+    out["eval"].pop("exclude_history", None)
+    return out
 
 
 def split_options(cfg: dict) -> tuple[str, dict]:
