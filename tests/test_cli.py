@@ -258,9 +258,10 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path, monkeypatch
 
 
 def test_target_behavior_protocol_end_to_end(tmp_path):
-    """A log with views and purchases: ``data.target_behavior=buy`` resolves ``auto`` to
-    ``target_behavior`` (only items already bought leave the ranking); without it the data kind
-    gives ``none``; ``history`` removes every viewed item too, so it can only score lower."""
+    """A log with views and purchases where every user's last event is the purchase of the item
+    viewed just before. ``data.target_behavior=buy`` resolves ``auto`` to ``target_behavior``
+    (only items already bought leave the ranking); without it the data kind gives ``none``;
+    ``history`` removes the viewed target too, so every test purchase is a miss."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -269,16 +270,20 @@ def test_target_behavior_protocol_end_to_end(tmp_path):
         for _ in range(12):
             i, t = int(rng.integers(1, 40)), t + 1
             rows.append((u, i, t, "view"))
-            if rng.random() < 0.4:
+            if rng.random() < 0.3:
                 t += 1
                 rows.append((u, i, t, "buy"))
+        i = int(rng.integers(1, 40))
+        rows += [(u, i, t + 1, "view"), (u, i, t + 2, "buy")]
+        t += 2
     f = tmp_path / "log.csv"
     pl.DataFrame(rows, schema=["uid", "iid", "ts", "act"], orient="row").write_csv(f)
     cols = {"data.user_col": "uid", "data.item_col": "iid", "data.time_col": "ts", "data.behavior_col": "act"}
     a = recforge.train("pop", str(f), {**cols, "data.target_behavior": "buy"}, out=tmp_path / "runs", verbose=False)
     assert (a.metrics["protocol"]["exclude"], a.metrics["protocol"]["target_behavior"]) == ("target_behavior", "buy")
+    assert a.metrics["test"]["mrr"] > 0
     b = recforge.train("pop", str(f), cols, out=tmp_path / "runs", verbose=False)
-    assert b.metrics["protocol"]["exclude"] == "none"
+    assert b.metrics["protocol"]["exclude"] == "none" and b.metrics["test"]["mrr"] > 0
     strict = recforge.evaluate(b.path, exclude="history")
     assert strict["protocol"]["exclude"] == "history"
-    assert strict["test"]["hr@10"] <= b.metrics["test"]["hr@10"]
+    assert strict["test"]["mrr"] == 0.0 and strict["test"]["hr@20"] == 0.0
