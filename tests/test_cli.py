@@ -273,7 +273,7 @@ def test_target_behavior_protocol_end_to_end(tmp_path):
             if rng.random() < 0.3:
                 t += 1
                 rows.append((u, i, t, "buy"))
-        i = int(rng.integers(1, 40))
+        i = 40 + u % 5  # an item this user has not met before
         rows += [(u, i, t + 1, "view"), (u, i, t + 2, "buy")]
         t += 2
     f = tmp_path / "log.csv"
