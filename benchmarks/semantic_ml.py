@@ -12,6 +12,10 @@ item text template (``recforge embed``, cached). Runs are written by ``recforge.
 (run folders under ``benchmarks/results/runs/``) and compared per seed with
 ``recforge.api.compare`` (paired t-test and Wilcoxon test over users).
 
+A model whose run records a ``variant`` in its protocol (LLM-ESR: "dual-view only" while its
+retrieval-augmented self-distillation is off, ``distill_weight=0``) is labelled with it in every
+table row and printed line.
+
 Results go to ``benchmarks/results/semantic_ml.json`` and ``.md``; the JSON is updated after
 every run and finished runs are skipped when the script is started again with the same
 ``--epochs`` and overrides.
@@ -37,13 +41,35 @@ def _label(path: str) -> str:
     return Path(path).name
 
 
+def _label_model(model: str, variant: str | None) -> str:
+    """``model`` with the variant its run recorded, e.g. ``llmesr [dual-view only ...]``."""
+    return f"{model} [{variant}]" if variant else model
+
+
+def _variant(per_seed: dict) -> str | None:
+    variants = sorted({r.get("variant") for r in per_seed.values() if r.get("variant")})
+    return "; ".join(variants) if variants else None
+
+
+def _run_variant(protocol: dict) -> str | None:
+    """The variant a run recorded; for LLM-ESR runs written before the label existed, "dual-view
+    only" from their self-distillation weight 0."""
+    if protocol.get("variant"):
+        return protocol["variant"]
+    sd = protocol.get("self_distillation")
+    if isinstance(sd, dict) and not sd.get("weight"):
+        return "dual-view only (no retrieval-augmented self-distillation)"
+    return None
+
+
 def _row(run) -> dict:
     m = run.metrics
     groups = {g: {"ndcg@10": v.get("ndcg@10"), "hr@10": v.get("hr@10"), "n_users": v.get("n_users")}
               for g, v in m.get("groups", {}).items()}
     return {"run": str(run.path), "test": {k: m["test"][k] for k in ("ndcg@10", "hr@10", "ndcg@20", "mrr") if k in m["test"]},
             "valid_ndcg@10": m["valid"].get("ndcg@10"), "groups": groups,
-            "best_epoch": m.get("training", {}).get("best_epoch"), "fit_seconds": m["timing"]["fit_seconds"]}
+            "best_epoch": m.get("training", {}).get("best_epoch"), "fit_seconds": m["timing"]["fit_seconds"],
+            "variant": _run_variant(m.get("protocol", {}))}
 
 
 def _summary(results: dict) -> dict:
@@ -54,7 +80,7 @@ def _summary(results: dict) -> dict:
             rows = list(per_seed.values())
             if not rows:
                 continue
-            entry = {"seeds": sorted(int(s) for s in per_seed)}
+            entry = {"seeds": sorted(int(s) for s in per_seed), "variant": _variant(per_seed)}
             for key, get in (("ndcg@10", lambda r: r["test"]["ndcg@10"]), ("hr@10", lambda r: r["test"]["hr@10"]),
                              ("head ndcg@10", lambda r: r["groups"].get("item:head", {}).get("ndcg@10")),
                              ("tail ndcg@10", lambda r: r["groups"].get("item:tail", {}).get("ndcg@10")),
@@ -75,7 +101,8 @@ def _markdown(results: dict) -> str:
     fmt = lambda e, k: f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" if k in e else "-"  # noqa: E731
     for data, per_model in s.items():
         for model, e in per_model.items():
-            lines.append(f"| {data} | {model} | {','.join(map(str, e['seeds']))} | {fmt(e, 'ndcg@10')} | "
+            lines.append(f"| {data} | {_label_model(model, e.get('variant'))} | {','.join(map(str, e['seeds']))} | "
+                         f"{fmt(e, 'ndcg@10')} | "
                          f"{fmt(e, 'hr@10')} | {fmt(e, 'head ndcg@10')} | {fmt(e, 'tail ndcg@10')} | "
                          f"{e.get('fit_seconds', {}).get('mean', float('nan')):.0f} |")
     lines += ["", "Users per group (seed 0): " + "; ".join(
@@ -88,7 +115,9 @@ def _markdown(results: dict) -> str:
     for c in results["compare"]:
         for r in c["rows"]:
             if r["metric"] in ("ndcg@10", "hr@10"):
-                lines.append(f"| {c['data']} | {c['model']} | {c['seed']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | "
+                lines.append(f"| {c['data']} | {_label_model(c['model'], c.get('variant'))} | {c['seed']} | "
+                             f"{r['metric']} | "
+                             f"{r['a']:.4f} | {r['b']:.4f} | "
                              f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
     if results.get("pooled"):
         lines += ["", "## Paired tests against SASRec over the seeds (each user's metric averaged over the seeds "
@@ -97,7 +126,9 @@ def _markdown(results: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in results["pooled"]:
             for r in c["rows"]:
-                lines.append(f"| {c['data']} | {c['model']} | {c['users']} | {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | "
+                lines.append(f"| {c['data']} | {_label_model(c['model'], c.get('variant'))} | {c['users']} | "
+                             f"{r['metric']} | "
+                             f"{r['a']:.4f} | {r['b']:.4f} | "
                              f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
     return "\n".join(lines) + "\n"
 
@@ -134,8 +165,8 @@ def pooled_tests(results: dict, data_paths: list[str], models) -> list[dict]:
             keep = pl.col("user").is_in(tail_users.tolist())
             for r in paired_tests(a.filter(keep), b.filter(keep), ["ndcg@10"]):
                 rows.append(r | {"metric": "tail ndcg@10"})
-            out.append({"data": _label(d), "model": model, "seeds": seeds, "users": f"{a.height} / tail {len(tail_users)}",
-                        "rows": rows})
+            out.append({"data": _label(d), "model": model, "variant": _variant(other), "seeds": seeds,
+                        "users": f"{a.height} / tail {len(tail_users)}", "rows": rows})
     return out
 
 
@@ -196,7 +227,8 @@ def main(argv=None) -> int:
                 run = api.train(model, d, ov, out=RESULTS / "runs", verbose=False)
                 per_model.setdefault(model, {})[str(seed)] = _row(run)
                 r = per_model[model][str(seed)]
-                print(f"{label:<24} {model:<8} seed {seed}: ndcg@10 {r['test']['ndcg@10']:.4f} "
+                print(f"{label:<24} {_label_model(model, r.get('variant')):<8} seed {seed}: "
+                      f"ndcg@10 {r['test']['ndcg@10']:.4f} "
                       f"head {r['groups'].get('item:head', {}).get('ndcg@10', float('nan')):.4f} "
                       f"tail {r['groups'].get('item:tail', {}).get('ndcg@10', float('nan')):.4f} "
                       f"(best epoch {r['best_epoch']}, {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -208,8 +240,8 @@ def main(argv=None) -> int:
                 if model == "sasrec" or not base or not other or done:
                     continue
                 cmp = api.compare(base["run"], other["run"], ["ndcg@10", "hr@10"])
-                results["compare"].append({"data": label, "model": model, "seed": seed, "rows": cmp["rows"],
-                                           "warnings": cmp["warnings"]})
+                results["compare"].append({"data": label, "model": model, "variant": other.get("variant"), "seed": seed,
+                                           "rows": cmp["rows"], "warnings": cmp["warnings"]})
                 save()
     results["pooled"] = pooled_tests(results, datasets, models)
     save()

@@ -46,13 +46,15 @@ COLD_MODES = ("semantic", "none")
 
 class ItemLookup(nn.Module):
     """Stands in for a backbone's item ``nn.Embedding``: ids are looked up in ``table`` (set by the
-    model for the current step; the ID embedding itself when none is set). The ID embedding stays
-    a child module (``embedding``), trained and saved as before."""
+    model for the current step; the ID embedding itself when none is set), or computed by ``fn``
+    (ids -> rows) when the model sets one. The ID embedding stays a child module (``embedding``),
+    trained and saved as before."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
         self.embedding = embedding
         self.table: torch.Tensor | None = None
+        self.fn = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,6 +69,8 @@ class ItemLookup(nn.Module):
         return self.embedding.num_embeddings
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.fn is not None:
+            return self.fn(ids)
         return (self.embedding.weight if self.table is None else self.table)[ids]
 
 
@@ -105,9 +109,10 @@ class SemanticNet(nn.Module):
         self.adapter = Adapter(sem.shape[1], adapter_hidden, hidden, dropout)
 
 
-def pca_init(vectors: np.ndarray, dim: int, std: float = 0.02) -> np.ndarray:
-    """Rows of ``vectors`` reduced to ``dim`` principal components, rescaled to standard deviation
-    ``std`` (the scale of the backbones' random initialisation); zero rows (no text) stay zero."""
+def pca_init(vectors: np.ndarray, dim: int, std: float | None = 0.02) -> np.ndarray:
+    """Rows of ``vectors`` reduced to ``dim`` principal components (of the rows with text, centred),
+    rescaled to overall standard deviation ``std`` (the scale of the backbones' random
+    initialisation; None: the components as they are); zero rows (no text) stay zero."""
     has = np.abs(vectors).sum(1) > 0
     out = np.zeros((len(vectors), dim), dtype=np.float32)
     if has.sum() < 2:
@@ -117,7 +122,8 @@ def pca_init(vectors: np.ndarray, dim: int, std: float = 0.02) -> np.ndarray:
     k = min(dim, x.shape[0], x.shape[1])
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     z = x @ vt[:k].T
-    z *= std / max(z.std(), 1e-12)
+    if std is not None:
+        z *= std / max(z.std(), 1e-12)
     out[np.flatnonzero(has), :k] = z.astype(np.float32)
     return out
 
@@ -224,14 +230,16 @@ class SemanticMixin:
         extra = self.id_embedding().weight[self.n_items_ + 1 :]
         return table if extra.shape[0] == 0 else torch.cat([table, extra])
 
-    def run_backbone(self, seqs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The backbone's hidden states for ``seqs`` with item embeddings taken from ``table``."""
+    def run_backbone(self, seqs: torch.Tensor, table: torch.Tensor | None, fn=None) -> torch.Tensor:
+        """The backbone's hidden states for ``seqs`` with item embeddings taken from ``table``, or
+        computed by ``fn`` (the ids the backbone looks up -> their rows)."""
         lookup = self.net_.lookup
-        lookup.table = self.with_extra_tokens(table)
+        lookup.table = None if table is None else self.with_extra_tokens(table)
+        lookup.fn = fn
         try:
             return self.net_.backbone(seqs)
         finally:
-            lookup.table = None
+            lookup.table = lookup.fn = None
 
     # ---- the SequentialRecommender hooks, with one set of item tables per step ----------------
     def _tables(self) -> dict:
