@@ -119,6 +119,14 @@ def _markdown(results: dict) -> str:
                              f"{r['metric']} | "
                              f"{r['a']:.4f} | {r['b']:.4f} | "
                              f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
+    if results.get("paper_tails"):
+        lines += ["", "## Tail-item NDCG@10 under the papers' head/tail definitions (`eval.head_items`)", "",
+                  "| data | rule | tail users | " + " | ".join(MODELS) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in MODELS) + " |"]
+        for data, rules in results["paper_tails"].items():
+            for rule, e in rules.items():
+                cells = [f"{e[m]['mean']:.4f} ± {e[m]['std']:.4f}" if m in e else "-" for m in MODELS]
+                lines.append(f"| {data} | `{rule}`: {PAPER_TAILS[rule]} | {e['n_users']} | " + " | ".join(cells) + " |")
     if results.get("pooled"):
         lines += ["", "## Paired tests against SASRec over the seeds (each user's metric averaged over the seeds "
                   "first; `recforge compare A1,A2,A3 B1,B2,B3`)", "",
@@ -131,6 +139,41 @@ def _markdown(results: dict) -> str:
                              f"{r['a']:.4f} | {r['b']:.4f} | "
                              f"{r['diff']:+.4f} | {r['t_test_p']:.3g} | {r['wilcoxon_p']:.3g} |")
     return "\n".join(lines) + "\n"
+
+
+#: the papers' own head/tail definitions (``eval.head_items`` rules), besides our default share:0.8
+PAPER_TAILS = {"top:0.2": "FAERec (head = top 20% of items)", "count:20": "LLM-ESR (head = >= 20 interactions)"}
+
+
+def paper_tails(results: dict, data_paths: list[str]) -> dict:
+    """Tail-item NDCG@10 of every run under the papers' head/tail rules, from the runs' per-user
+    tables (leave-one-out: one test target per user, so a user is in the tail group when their
+    target is a tail item under the rule; training counts only)."""
+    import polars as pl
+
+    from recforge.config import DATA_DEFAULTS
+    from recforge.data.split import leave_one_out
+    from recforge.evaluation.evaluator import head_items
+    from recforge.pipeline import eval_sets, load_dataset
+
+    out = {}
+    for d in data_paths:
+        label = _label(d)
+        split = leave_one_out(load_dataset(dict(DATA_DEFAULTS, path=d)))
+        _, test = eval_sets(split)
+        out[label] = {}
+        for rule in PAPER_TAILS:
+            tail_users = test.users[~head_items(split.item_popularity, rule=rule)[test.targets[:, 0]]]
+            entry = {"n_users": int(len(tail_users))}
+            for model, per_seed in results["runs"].get(label, {}).items():
+                vals = []
+                for r in per_seed.values():
+                    t = pl.read_parquet(Path(r["run"]) / "per_user_test.parquet")
+                    vals.append(float(t.filter(pl.col("user").is_in(tail_users.tolist()))["ndcg@10"].mean()))
+                if vals:
+                    entry[model] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+            out[label][rule] = entry
+    return out
 
 
 def pooled_tests(results: dict, data_paths: list[str], models) -> list[dict]:
@@ -244,6 +287,7 @@ def main(argv=None) -> int:
                                            "rows": cmp["rows"], "warnings": cmp["warnings"]})
                 save()
     results["pooled"] = pooled_tests(results, datasets, models)
+    results["paper_tails"] = paper_tails(results, datasets)
     save()
     print(out.with_suffix(".md").read_text())
     return 0
