@@ -19,7 +19,7 @@ full softmax affordable.
   the negative sampling rate and ``t`` the calibration parameter (t=0: plain BCE; t=1: β=α).
   Negatives are shared by the batch as for sampled softmax (accidental hits removed).
 
-:func:`info_nce` is the InfoNCE / NT-Xent loss of contrastive sequence models.
+:func:`info_nce` is the InfoNCE / NT-Xent loss of contrastive sequence models (CL4SRec, DuoRec).
 """
 
 from __future__ import annotations
@@ -139,15 +139,40 @@ def next_item_loss(name: str, h: torch.Tensor, table: torch.Tensor, targets: tor
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
+SIMILARITIES = ("dot", "cos")
+
+
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 1.0,
              labels: torch.Tensor | None = None, similarity: str = "dot") -> torch.Tensor:
     """InfoNCE over a batch of pairs (NT-Xent): row ``i`` of ``z1`` and row ``i`` of ``z2`` are
     positives; the other ``2N - 2`` views of the batch are negatives.
 
-    ``labels`` (N,), when given, removes false negatives: views of other rows with the same
-    label (e.g. the same next item) are not used as negatives. ``similarity`` is ``"dot"`` or
-    ``"cos"``.
+    The ``2N`` views ``z = [z1; z2]`` are compared all against all (``similarity``: ``"dot"``, the
+    inner product, or ``"cos"``, the cosine), the similarities are divided by ``temperature``,
+    and view ``i`` is classified among the ``2N - 1`` views other than itself, its paired view
+    being the right class; the loss is the mean over the ``2N`` views. This is the ``info_nce``
+    of the CL4SRec and DuoRec code of Qiu et al. (``recbole/model/sequential_recommender/
+    duorec.py`` and ``cl4srec.py`` of RuihongQiu/DuoRec)::
+
+        if sim == 'cos':
+            sim = nn.functional.cosine_similarity(z.unsqueeze(1), z.unsqueeze(0), dim=2) / temp
+        elif sim == 'dot':
+            sim = torch.mm(z, z.T) / temp
+        ...
+        mask = mask.fill_diagonal_(0)
+        for i in range(batch_size):
+            mask[i, batch_size + i] = 0
+            mask[batch_size + i, i] = 0
+
+    i.e. only the view itself (the diagonal) and the paired view (the positive, kept apart as
+    the class) leave the negatives.
+
+    ``labels`` (N,), when given, also removes views of *other* rows with the same label (e.g.
+    the same next item) from the negatives, as false negatives; this is an addition to the
+    authors' loss, used only on request (DuoRec's ``negatives=other_targets``).
     """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r}: choose one of {', '.join(SIMILARITIES)}")
     n = z1.shape[0]
     z = torch.cat([z1, z2], 0)
     if similarity == "cos":

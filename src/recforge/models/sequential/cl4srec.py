@@ -13,12 +13,35 @@ AAAI 2023), giving the CL4SRec framework with TiCoSeRec's views (the paper build
 CoSeRec, which differs from CL4SRec mostly by its extra insert/substitute operators, also
 present here).
 
-Deviations from the paper: the next-item loss is the selectable SASRec loss (default full-softmax
-cross-entropy over all positions of the sequence); the views are built from the whole training
-input sequence of a sample (with ``subseq=none``, one per user) rather than from each prefix;
-the InfoNCE similarity is cosine by default instead of the dot product (see
-:mod:`recforge.models.sequential.contrastive`); the augmentation rates default to mid-range
-values (crop 0.6, mask 0.3, reorder 0.6) where the paper tunes them per dataset.
+Reference code: the CL4SRec of Qiu et al.'s DuoRec repository (RuihongQiu/DuoRec,
+``recbole/model/sequential_recommender/cl4srec.py`` and the ``cl4srec_aug`` of
+``recbole/data/dataloader/sequential_dataloader.py``), which this model follows:
+
+* the contrastive term, ``nce_logits, nce_labels = self.info_nce(seq_output1, seq_output2,
+  temp=self.tau, batch_size=aug_len1.shape[0], sim=self.sim)`` and ``return loss + self.lmd *
+  nce_loss``: InfoNCE between the two views' last-position outputs, every other view of the
+  batch a negative (only the diagonal and the paired view are masked), weight ``lmd: 0.1``
+  (``cl_weight``);
+* the rates, ``item_crop(seq, length, eta=0.6)``, ``item_mask(seq, length, gamma=0.3)``,
+  ``item_reorder(seq, length, beta=0.6)`` (crop 0.6, mask 0.3, reorder 0.6 here; the paper tunes
+  them per dataset);
+* the mask token, a new id after the catalogue (``masked_item_seq[mask_index] =
+  self.dataset.item_num``).
+
+The similarity is the one fidelity choice where the default is not the authors': their
+``seq.yaml`` has ``sim: 'dot'`` and ``tau: 1``; the default here is cosine at temperature 1,
+chosen for CL4SRec and DuoRec together on validation data (figures and commands in
+:mod:`recforge.models.sequential.contrastive`); ``similarity=dot temperature=1`` is the
+authors' setting.
+
+Deviations from the reference code: the next-item loss is the selectable SASRec loss (default
+full-softmax cross-entropy over all positions of the sequence, where the authors' code, on
+RecBole's prefix samples, scores the last position only; ``subseq=prefix`` gives their
+samples); the views are built from the whole training input sequence of a sample (with
+``subseq=none``, one per user) rather than from each prefix; each view draws its operator
+independently (the authors draw two different operators per sequence, ``switch =
+random.sample(range(3), k=2)``, and leave sequences of one item unchanged); dropout defaults
+to 0.2 (the authors' ``seq.yaml``: ``hidden_dropout_prob: 0.5``, ``attn_dropout_prob: 0.5``).
 """
 
 from __future__ import annotations
