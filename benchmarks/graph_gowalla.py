@@ -5,7 +5,8 @@
 
 Models: ``lightgcn`` (our LightGCN), ``mf`` (the same model with ``n_layers=0``: MF trained with
 the same BPR loss, batches and regularisation), ``bpr`` (:class:`recforge.models.general.bpr.BPRMF`),
-``simgcl`` and ``sgl`` (``cl_loss=symmetric`` makes them SGCL). ``key=value`` overrides the
+``simgcl`` and ``sgl`` (``cl_loss=symmetric`` swaps in the SGCL authors' symmetric contrastive loss:
+"SimGCL + symmetric loss"), ``sgcl`` (the SGCL authors' model). ``key=value`` overrides the
 model's YAML defaults (``seed=1``, ``lr=0.01``, ...).
 
 ``--tune FRAC`` is for choosing settings without looking at ``test.txt``: a random ``FRAC`` of
@@ -72,7 +73,7 @@ def holdout_from_train(ds: Dataset, frac: float, seed: int) -> Split:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=["lightgcn", "mf", "bpr", "simgcl", "sgl"])
+    ap.add_argument("model", choices=["lightgcn", "mf", "bpr", "simgcl", "sgl", "sgcl"])
     ap.add_argument("overrides", nargs="*", help="key=value")
     ap.add_argument("--data", default="../shared/data/gowalla")
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default: the model's YAML value)")

@@ -34,7 +34,7 @@ ROWS = [
     ("SimGCL 2 layers, lr 1e-3, batch 2048", 12,
      {0: "graph_gowalla_simgcl_b2048_seed0.json", 1: "graph_gowalla_simgcl_b2048_seed1.json",
       2: "graph_gowalla_simgcl_b2048_seed2.json"}),
-    ("SGCL (SimGCL, symmetric loss q .01 λ .1), lr 1e-3, batch 2048", 12,
+    ("SimGCL + symmetric loss (q .01 λ .1; not the SGCL authors' model), lr 1e-3, batch 2048", 12,
      {0: "graph_gowalla_sgcl_seed0.json", 1: "graph_gowalla_sgcl_seed1.json", 2: "graph_gowalla_sgcl_seed2.json"}),
 ]
 

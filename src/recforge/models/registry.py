@@ -25,6 +25,7 @@ _MODELS: dict[str, str] = {
     "lightgcn": "recforge.models.graph.lightgcn:LightGCN",
     "sgl": "recforge.models.graph.sgl:SGL",
     "simgcl": "recforge.models.graph.simgcl:SimGCL",
+    "sgcl": "recforge.models.graph.sgcl:SGCL",
     "lsgrec": "recforge.models.graph.lsgrec:LSGRec",
     "llmesr": "recforge.models.semantic.llmesr:LLMESR",
     "llmesr-gru4rec": "recforge.models.semantic.llmesr:LLMESRGRU4Rec",

@@ -7,28 +7,57 @@ All functions take scores or embeddings already gathered for a batch and return 
 * :func:`cpr_loss` — Wan et al., "Cross Pairwise Ranking for Unbiased Item Recommendation",
   WWW 2022. ``k`` observed pairs ``(u_1, i_1) .. (u_k, i_k)`` with distinct users and items form a
   group whose *cross* pairs ``(u_1, i_2), (u_2, i_3), .., (u_k, i_1)`` (a cyclic shift) are all
-  unobserved; the loss is ``-log σ(Σ_j s(u_j, i_j) - Σ_j s(u_j, i_{j+1}))`` averaged over groups.
-  The sums are not divided by ``k`` (for ``k = 2`` this is the paper's
-  ``s_{u1 i1} + s_{u2 i2} - s_{u1 i2} - s_{u2 i1}``). User and item biases in the scores cancel
-  between the two sums, which is the paper's argument for unbiasedness. :func:`sample_cpr_groups`
-  builds groups from a batch of observed pairs by rejection (a group with an observed cross pair,
-  or a repeated user or item, is redrawn). Deviation: one ``k`` per model and no "dynamic
-  sampling" of the hardest groups.
-* :func:`info_nce` — InfoNCE between two views as used by SGL and SimGCL: row ``r`` of view 1
-  and row ``r`` of view 2 are the positive pair, the other rows of view 2 the negatives;
-  cosine similarity divided by a temperature ``τ``:
-  ``L = mean_r [-s_rr/τ + log Σ_c exp(s_rc/τ)]``.
+  unobserved; the loss is ``-log σ(mean_j s(u_j, i_j) - mean_j s(u_j, i_{j+1}))`` averaged over
+  groups. The authors' code (``Qcactus/CPR``, ``recq/recommenders/cpr.py``) averages both sides
+  over the ``k`` pairs (``tf.reduce_mean(..., axis=0)`` over the list of the ``k`` score vectors)::
+
+      pos_scores.append(
+          tf.reduce_mean(
+              [inner_product(u, i) for u, i in zip(u_list, i_list)], axis=0
+      ...
+      neg_scores.append(
+          tf.reduce_mean(
+              [
+                  inner_product(u, i)
+                  for u, i in zip(u_list, i_list[1:] + [i_list[0]])
+
+  and ``recq/utils/loss.py``: ``cpr_obj = pos_scores - neg_scores`` ...
+  ``loss = tf.reduce_mean(tf.nn.softplus(cpr_obj_neg))`` with ``cpr_obj_neg = -cpr_obj``.
+  ``reduce="mean"`` (default) follows that code; ``reduce="sum"`` is the unnormalised form
+  ``Σ_j s(u_j, i_j) - Σ_j s(u_j, i_{j+1})`` (for ``k = 2``: ``s_{u1 i1} + s_{u2 i2} - s_{u1 i2} -
+  s_{u2 i1}``), whose logit is ``k`` times larger; it is what this library computed before and is
+  kept to reproduce those runs. User and item biases in the scores cancel between the two sides
+  either way, which is the paper's argument for unbiasedness. :func:`sample_cpr_groups` builds
+  groups from a batch of observed pairs by rejection (a group with an observed cross pair, or a
+  repeated user or item, is redrawn). Deviations from the authors' code: one ``k`` per model (their
+  default draws a mixture of ``k = 2`` and ``k = 3`` groups, ``--max_k_interact 3 --sample_ratio
+  3``) and no "dynamic sampling" of the hardest groups (their ``--sample_rate`` > 1, ``tf.math.top_k``
+  over ``-cpr_obj``).
+* :func:`info_nce` — InfoNCE between two views with in-batch negatives: row ``r`` of view 1 and
+  row ``r`` of view 2 are the positive pair, the other rows of view 2 the negatives; cosine
+  similarity divided by a temperature ``τ``: ``L = mean_r [-s_rr/τ + log Σ_c exp(s_rc/τ)]``.
+* :func:`info_nce_all` — the same with *every* node of the view as a candidate (SGL's code, see
+  :mod:`recforge.models.graph.sgl`): the anchors are the batch's rows of view 1, the candidates
+  all rows of view 2, ``L = mean_r [-s_{r,p(r)}/τ + log Σ_{c ∈ all} exp(s_rc/τ)]``.
 * :func:`symmetric_contrastive_loss` — the symmetric contrastive loss of SGCL (Zhao et al.,
   "Symmetric Graph Contrastive Learning against Noisy Views for Recommendation", arXiv 2408.02691,
-  2024; ACM TOIS 2025), a drop-in for InfoNCE. Our reading: a view pair that shares little with
-  the original graph is a *mislabelled* positive pair, and a loss is robust to such label noise
-  when it is *symmetric* (Ghosh et al., AAAI 2017): its sum over every possible choice of the
-  positive is a constant, so it cannot be lowered by fitting the wrong positive at the expense of
-  the right one. We use the family that runs from InfoNCE to a symmetric loss with an exponent
-  ``q`` (robust InfoNCE, "RINCE", Chuang et al., CVPR 2022), which is also the loss in the SGCL
-  authors' released code::
+  2024; ACM TOIS 2025). Our reading: a view pair that shares little with the original graph is a
+  *mislabelled* positive pair, and a loss is robust to such label noise when it is *symmetric*
+  (Ghosh et al., AAAI 2017): its sum over every possible choice of the positive is a constant, so
+  it cannot be lowered by fitting the wrong positive at the expense of the right one. The family
+  runs from InfoNCE to a symmetric loss with an exponent ``q`` (robust InfoNCE, "RINCE", Chuang et
+  al., CVPR 2022). The SGCL authors' code (``user683/SGCL``, ``util/loss_torch.py``)::
 
-      L_r = [-(e_rr)^q + (λ Σ_c e_rc)^q] / q,      e_rc = exp(cos_rc / τ)
+      similarity = torch.exp(torch.mm(out_1, out_2.t()) / temperature)
+      neg = torch.sum(similarity, 1)
+      pos = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
+      neg = ((lam * (pos + neg)) ** p) / p
+      pos = -(pos ** p) / p
+
+  i.e. ``L_r = [-(e_rr)^q + (λ (e_rr + Σ_c e_rc))^q] / q`` with ``e_rc = exp(cos_rc / τ)``: the
+  positive is counted twice in the normaliser (once on its own, once inside the row sum).
+  ``double_positive=True`` computes exactly that (the SGCL model's setting); the default
+  ``False`` counts it once, as RINCE, which is the form with the symmetry property below:
 
   * ``q = 1`` and ``λ = 1/n`` (``n`` columns, ``lam=None``): ``L_r = -e_rr + mean_c e_rc``;
     summed over the ``n`` choices of the positive column it is exactly 0 whatever the
@@ -36,13 +65,13 @@ All functions take scores or embeddings already gathered for a batch and return 
     a dissimilar (noisy) pair pulls weakly, where InfoNCE pulls hardest on exactly those pairs;
   * ``q → 0`` tends to InfoNCE ``+ log λ``.
 
-  The models' defaults (``sym_q=0.01``, ``sym_lambda=0.1``) are the values hard-coded in the
-  authors' code. They sit close to the InfoNCE end, so the term keeps InfoNCE's scale and can
-  replace it at the same weight; at ``q = 1`` the term is up to ``e^{1/τ}`` times larger and its
-  weight must shrink accordingly. Deviation: their sum counts the positive twice
-  (``λ (e_rr + Σ_c e_rc)``); ours counts it once, as in RINCE. An earlier version of ours shifted
-  the cosine by 1 (``exp((cos - 1)/τ)``) and defaulted to ``q = 1``: at ``τ = 0.2`` that scaled
-  the term by ``e^{-5}`` and SGCL learned far more slowly than SimGCL on Gowalla (BENCHMARKS.md).
+  ``scl_loss(view1, view2, 0.1, 0.01, self.temp)`` in the authors' ``model/graph/SGCL.py`` fixes
+  ``λ = 0.1`` and ``q = 0.01``, close to the InfoNCE end. :mod:`recforge.models.graph.sgcl` is the
+  authors' model; the same loss is also available inside SGL and SimGCL (``cl_loss=symmetric``,
+  "SimGCL + symmetric loss"), a combination of ours that the SGCL authors did not publish. An
+  earlier version of ours shifted the cosine by 1 (``exp((cos - 1)/τ)``) and defaulted to
+  ``q = 1``: at ``τ = 0.2`` that scaled the term by ``e^{-5}`` and it learned far more slowly than
+  SimGCL on Gowalla (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -62,10 +91,18 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return F.softplus(neg - pos).mean()
 
 
-def cpr_loss(pos: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+CPR_REDUCTIONS = ("mean", "sum")
+
+
+def cpr_loss(pos: torch.Tensor, cross: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """Cross pairwise ranking: ``pos`` (G, k) scores of the observed pairs of each group,
-    ``cross`` (G, k) scores of its cross (unobserved) pairs."""
-    return F.softplus(cross.sum(-1) - pos.sum(-1)).mean()
+    ``cross`` (G, k) scores of its cross (unobserved) pairs; ``mean(softplus(r(cross) - r(pos)))``
+    with ``r`` the mean over the ``k`` pairs (the authors' code) or, ``reduce="sum"``, their sum."""
+    if reduce == "mean":
+        return F.softplus(cross.mean(-1) - pos.mean(-1)).mean()
+    if reduce == "sum":
+        return F.softplus(cross.sum(-1) - pos.sum(-1)).mean()
+    raise ValueError(f"unknown CPR reduction {reduce!r}; choose one of {', '.join(CPR_REDUCTIONS)}")
 
 
 def cross_items(items: np.ndarray) -> np.ndarray:
@@ -120,16 +157,32 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
     return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
 
 
+def info_nce_all(anchors: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,
+                 temperature: float = 0.2) -> torch.Tensor:
+    """InfoNCE against every candidate: ``anchors`` (B, d) rows of view 1, ``candidates`` (N, d)
+    all rows of view 2, ``positive`` (B,) the candidate row of each anchor's own node;
+    ``mean_r [logsumexp_c(cos_rc / τ) - cos_{r,p(r)} / τ]``."""
+    logits = _cosine_logits(anchors, candidates) / temperature
+    pos = logits.gather(1, positive.view(-1, 1).long()).squeeze(1)
+    return (torch.logsumexp(logits, 1) - pos).mean()
+
+
 def symmetric_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2,
-                               q: float = 1.0, lam: float | None = None) -> torch.Tensor:
+                               q: float = 1.0, lam: float | None = None,
+                               double_positive: bool = False) -> torch.Tensor:
     """The symmetric contrastive loss (module docstring): ``[-(e_rr)^q + (λ Σ_c e_rc)^q] / q``
-    averaged over rows, ``e_rc = exp(cos_rc / τ)``, ``q`` in (0, 1], ``λ`` 1/n when None."""
+    averaged over rows, ``e_rc = exp(cos_rc / τ)``, ``q`` in (0, 1], ``λ`` 1/n when None;
+    ``double_positive`` adds ``e_rr`` once more to the sum, as the SGCL authors' code."""
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q={q} must be in (0, 1]")
     t = _cosine_logits(z1, z2) / temperature
     lam = 1.0 / t.shape[1] if lam is None else float(lam)
+    if double_positive:
+        total = torch.logaddexp(torch.logsumexp(t, 1), t.diagonal())
+    else:
+        total = torch.logsumexp(t, 1)
     pos = torch.exp(q * t.diagonal())
-    neg = torch.exp(q * (np.log(lam) + torch.logsumexp(t, 1)))
+    neg = torch.exp(q * (np.log(lam) + total))
     return ((neg - pos) / q).mean()
 
 

@@ -17,6 +17,10 @@ batch as in the paper, ``reg * ½ (‖e_u‖² + ‖e_i‖² + ‖e_j‖²) / ba
 
 * ``loss=cpr``: cross pairwise ranking (Wan et al. 2022, see
   :mod:`recforge.training.graph_losses`) on groups of ``cpr_k`` training pairs instead of BPR;
+  ``cpr_reduce=mean`` (default) averages the ``k`` matched and the ``k`` crossed scores as the
+  authors' code does (``tf.reduce_mean([inner_product(u, i) for u, i in zip(u_list, i_list)],
+  axis=0)`` in ``Qcactus/CPR``, ``recq/recommenders/cpr.py``), ``sum`` adds them (a ``k`` times
+  larger logit; this library's behaviour before);
 * ``neg_sampler``: ``uniform`` (default), ``popularity`` (probability ∝ count^``pop_alpha``) or
   ``hard`` (dynamic negative sampling: ``hard_pool`` uniform candidates, the one the current
   model scores highest is the negative; scored from the embeddings of the same step, no extra
@@ -49,7 +53,7 @@ from torch import nn
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import normalized_adjacency, propagate, split_nodes, to_torch
 from recforge.models.torch_base import TorchRecommender
-from recforge.training.graph_losses import bpr_loss, cpr_loss, cross_items, sample_cpr_groups
+from recforge.training.graph_losses import CPR_REDUCTIONS, bpr_loss, cpr_loss, cross_items, sample_cpr_groups
 from recforge.training.samplers import (SeenPairs, popularity_weights, sample_negatives,
                                         select_hardest)
 
@@ -65,11 +69,14 @@ class LightGCN(TorchRecommender):
     include_ego = True
 
     def __init__(self, dim: int = 64, n_layers: int = 3, reg: float = 1e-4, loss: str = "bpr",
-                 cpr_k: int = 2, neg_sampler: str = "uniform", pop_alpha: float = 0.75, hard_pool: int = 10,
+                 cpr_k: int = 2, cpr_reduce: str = "mean", neg_sampler: str = "uniform", pop_alpha: float = 0.75,
+                 hard_pool: int = 10,
                  init: str = "normal", pair_sampling: str = "pairs", threads: int | None = None, **train):
         super().__init__(**train)
         if loss not in LOSSES:
             raise ConfigError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}")
+        if cpr_reduce not in CPR_REDUCTIONS:
+            raise ConfigError(f"cpr_reduce={cpr_reduce!r}: choose one of {', '.join(CPR_REDUCTIONS)}")
         if neg_sampler not in SAMPLERS:
             raise ConfigError(f"neg_sampler={neg_sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if loss == "cpr" and neg_sampler != "uniform":
@@ -81,7 +88,8 @@ class LightGCN(TorchRecommender):
         if n_layers < 0 or dim <= 0 or cpr_k < 2 or hard_pool < 1:
             raise ConfigError("need n_layers >= 0, dim > 0, cpr_k >= 2 and hard_pool >= 1")
         self.dim, self.n_layers, self.reg, self.loss_type = dim, n_layers, reg, loss
-        self.cpr_k, self.neg_sampler, self.pop_alpha, self.hard_pool = cpr_k, neg_sampler, pop_alpha, hard_pool
+        self.cpr_k, self.cpr_reduce, self.neg_sampler = cpr_k, cpr_reduce, neg_sampler
+        self.pop_alpha, self.hard_pool = pop_alpha, hard_pool
         self.init, self.pair_sampling, self.threads = init, pair_sampling, threads
 
     # ``loss`` is also the name of the training-step method, so the value lives in loss_type
@@ -181,7 +189,7 @@ class LightGCN(TorchRecommender):
             if u.numel() == 0:
                 return (w_u.sum() + w_i.sum()) * 0.0
             eu = users[u]
-            main = cpr_loss((eu * items[i]).sum(-1), (eu * items[c]).sum(-1))
+            main = cpr_loss((eu * items[i]).sum(-1), (eu * items[c]).sum(-1), self.cpr_reduce)
             l2 = w_u[u].pow(2).sum() + w_i[i].pow(2).sum()
             return main + self.reg * 0.5 * l2 / u.numel()
         u, i, j = batch["u"], batch["i"], batch["j"]
@@ -227,5 +235,8 @@ class LightGCN(TorchRecommender):
         return u @ items_e.T
 
     def protocol_notes(self) -> dict:
-        return {"loss": self.loss_type, "neg_sampler": self.neg_sampler,
-                "graph": "training interactions only (user-item bipartite, symmetric normalisation)"}
+        notes = {"loss": self.loss_type, "neg_sampler": self.neg_sampler,
+                 "graph": "training interactions only (user-item bipartite, symmetric normalisation)"}
+        if self.loss_type == "cpr":
+            notes["cpr"] = f"k={self.cpr_k}, {self.cpr_reduce} of the matched and of the crossed scores"
+        return notes

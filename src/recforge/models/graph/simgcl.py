@@ -15,8 +15,14 @@ As in the paper, the final representation is the mean of layers ``1..K`` without
 ``E_0`` (``include_ego=False``; ``True`` gives LightGCN's mean over ``0..K``), for the views and
 for the ranking.
 
-``cl_loss=infonce`` is SimGCL's InfoNCE; ``cl_loss=symmetric`` swaps in SGCL's symmetric contrastive
-loss (Zhao et al. 2024; our reading in :mod:`recforge.training.graph_losses`).
+``cl_loss=infonce`` is SimGCL's InfoNCE. ``cl_loss=symmetric`` is "SimGCL + symmetric loss": SimGCL's
+noise views and in-batch contrast with the InfoNCE term replaced by the symmetric contrastive loss
+of the SGCL authors' code (Zhao et al. 2024; ``sym_q`` .01 and ``sym_lambda`` .1 as there; our
+reading in :mod:`recforge.training.graph_losses`), at SimGCL's weight. It is a combination of
+ours, not the SGCL authors' model: theirs (:mod:`recforge.models.graph.sgcl`, ``sgcl``) builds its
+views by edge dropout, contrasts the batch's users and items in one matrix, draws its BPR
+negatives by mixup over candidates and uses its own weights. Benchmark rows before this
+distinction labelled this combination "SGCL".
 
 Deviations: none intended beyond LightGCN's (training pairs visited once per epoch; L2 on the
 batch's ego embeddings rather than the paper code's L2 over the batch's final embeddings).
