@@ -31,3 +31,18 @@ def shared_dataset(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"real dataset not available at {p} (the shared data folder sits beside the project)")
     return p
+
+
+@pytest.fixture(scope="session")
+def synthetic_loo():
+    """Synthetic data (300 users, 150 items, seed 0) split leave-one-out, with its validation
+    and test sets: (split, valid, test). Shared by the graph model tests."""
+    from recforge.data.prepare import prepare
+    from recforge.data.split import leave_one_out
+    from recforge.data.synthetic import make_synthetic
+    from recforge.evaluation.batch import build_evalset
+
+    split = leave_one_out(prepare(make_synthetic(n_users=300, n_items=150, seed=0)))
+    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
+    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
+    return split, valid, test

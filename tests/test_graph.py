@@ -11,11 +11,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recforge.data.prepare import prepare
-from recforge.data.split import Split, leave_one_out
-from recforge.data.synthetic import make_synthetic
+from recforge.data.split import Split
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
+from recforge.evaluation.batch import Histories
 from recforge.evaluation.evaluator import evaluate
 from recforge.models.base import Recommender
 from recforge.models.general.pop import Pop
@@ -33,11 +31,8 @@ FAST = {"verbose": False, "dim": 32, "batch_size": 512, "lr": 0.005, "epochs": 4
 
 
 @pytest.fixture(scope="module")
-def data():
-    split = leave_one_out(prepare(make_synthetic(n_users=300, n_items=150, seed=0)))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+def data(synthetic_loo):
+    return synthetic_loo
 
 
 @pytest.fixture(scope="module")

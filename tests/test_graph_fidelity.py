@@ -13,10 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recforge.data.prepare import prepare
-from recforge.data.split import Split, leave_one_out
-from recforge.data.synthetic import make_synthetic
-from recforge.evaluation.batch import build_evalset
+from recforge.data.split import Split
 from recforge.evaluation.evaluator import evaluate
 from recforge.models.graph.sgcl import SGCL
 from recforge.models.registry import create
@@ -236,11 +233,8 @@ def test_sgcl_views_drop_edges_and_change_every_epoch():
 
 
 @pytest.fixture(scope="module")
-def synth():
-    split = leave_one_out(prepare(make_synthetic(n_users=300, n_items=150, seed=0)))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+def synth(synthetic_loo):
+    return synthetic_loo
 
 
 def test_sgcl_learns_on_tiny_data(synth):
