@@ -235,7 +235,7 @@ def main(argv=None) -> int:
             print(f"{out}: written with other settings ({results.get('settings')}); starting afresh", flush=True)
         results = {"settings": settings, "runs": {}, "compare": [], "tables": {}}
     results["protocol"] = (
-        "Leave-one-out, full ranking over all items (history excluded); SASRec defaults (max_len 50, hidden 64, "
+        "Leave-one-out, full ranking over all items (history excluded, pessimistic ties); SASRec defaults (max_len 50, hidden 64, "
         f"2 layers, CE loss, early stopping on validation NDCG@10), at most {args.epochs} epochs"
         + (f", overrides: {' '.join(args.overrides)}" if args.overrides else "") + "; "
         "text: packaged all-MiniLM-L6-v2 over the default item template; head = most popular items holding 80% of "

@@ -40,12 +40,6 @@ class Histories:
         items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(lengths.sum()))
         return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items)
 
-    @classmethod
-    def empty(cls, n: int, n_items: int, users=None) -> "Histories":
-        """``n`` rows with empty histories."""
-        users = np.full(n, -1, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
-        return cls(users, np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), n_items)
-
     def slice(self, start: int, stop: int) -> "Histories":
         ip = self.indptr[start : stop + 1]
         return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items)

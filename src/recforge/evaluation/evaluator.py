@@ -217,14 +217,12 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
         hist = evalset.histories.slice(start, stop)
         tg = all_targets[start:stop]
         valid = tg > 0
-        excluded = evalset.excluded.slice(start, stop) if evalset.excluded is not None else None
-        if protocol.exclude == "history":
-            excluded = None  # the history itself
-        elif protocol.exclude == "none":
-            excluded = Histories.empty(len(hist), hist.n_items)
-        elif excluded is None:
-            raise ConfigError("eval.exclude=target_behavior: this evaluation set was built without the "
-                              "target-behaviour items; build it with build_evalset(..., target_behavior=NAME)")
+        excluded = None  # history / none: rank_scores derives it from the protocol
+        if protocol.exclude == "target_behavior":
+            if evalset.excluded is None:
+                raise ConfigError("eval.exclude=target_behavior: this evaluation set was built without the "
+                                  "target-behaviour items; build it with build_evalset(..., target_behavior=NAME)")
+            excluded = evalset.excluded.slice(start, stop)
         scores, ranks = rank_scores(model, hist, tg, protocol, popularity, rng, excluded)
         for name, v in metrics_from_ranks(ranks, valid, ks).items():
             per_user.setdefault(name, []).append(v.numpy())
