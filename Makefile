@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# PyTorch pinned to the CPU build first, so nothing pulls a CUDA wheel.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,serve,plot,text]'
+	$(BIN)/python -m pip install -q -e '.[dev,serve,plot,text,tune]'
 	touch $(STAMP)
 
 venv: $(STAMP)

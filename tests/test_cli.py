@@ -38,7 +38,7 @@ def test_train_writes_complete_run_folder(runs):
     per_user = pl.read_parquet(a.path / "per_user_test.parquet")
     assert per_user.height == m["test"]["n_users"]
     assert per_user["ndcg@10"].mean() == pytest.approx(m["test"]["ndcg@10"])
-    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+    assert not any(p.name.startswith((".tmp", ".partial")) for p in out.iterdir())
 
 
 def test_same_seed_same_metrics(tmp_path):

@@ -10,15 +10,18 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import yaml
 
 from recforge import config as C
-from recforge.errors import RecForgeError
+from recforge.errors import ConfigError, RecForgeError
 from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate, parse_head_rule
 from recforge.models import registry
 from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset, target_min_rating
@@ -66,11 +69,36 @@ def _protocol_record(cfg: dict, split, model) -> dict:
     return rec
 
 
-def train(model: str, data: str | None = None, overrides=None, out: str | Path = "runs",
-          verbose: bool = True, config: dict | None = None) -> Run:
+def train(model: str | None = None, data: str | None = None, overrides=None, out: str | Path = "runs",
+          verbose: bool = True, config: dict | None = None, resume: str | Path | None = None) -> Run:
     """Fit ``model`` on the training part of ``data``, evaluate on validation and test by full
-    ranking, and write a run folder. Returns the :class:`Run`."""
-    cfg = config or resolve(model, data, overrides)
+    ranking, and write a run folder. Returns the :class:`Run`.
+
+    ``config``: a resolved config (a run's ``config.yaml``, or the best config of ``recforge tune``)
+    used instead of ``model``/``data``; ``overrides`` still apply on top. ``resume``: a run folder
+    (or the hidden ``.partial-*`` folder a killed run left) whose ``checkpoints/last.pt`` training
+    continues from; its config is used, with ``overrides`` on top (``epochs=400`` extends a run)."""
+    resume_ckpt = None
+    if resume is not None:
+        from recforge.training.trainer import load_checkpoint
+
+        resume = Path(resume)
+        if not (resume / "config.yaml").exists():
+            raise RecForgeError(f"{resume}: no config.yaml; --resume takes a run folder written by recforge train")
+        load_checkpoint(resume)  # checks that there is a usable one, with a clear message
+        resume_ckpt = resume / "checkpoints" / "last.pt"
+        config = yaml.safe_load((resume / "config.yaml").read_text())
+    if config is not None:
+        cfg = C.apply_overrides(copy.deepcopy(config), overrides)
+        if model and model.lower() != cfg["model"]["name"]:
+            raise ConfigError(f"the config is for model {cfg['model']['name']!r}, not {model!r}; drop the model name "
+                              "or the --config file")
+        if data is not None:
+            cfg["data"]["path"] = str(data)
+    else:
+        if not model:
+            raise ConfigError("no model given; name one (recforge models lists them) or pass --config FILE")
+        cfg = resolve(model, data, overrides)
     t0 = time.perf_counter()
     ds = load_dataset(cfg["data"])
     cfg = C.with_resolved_exclude(cfg, ds)
@@ -85,7 +113,13 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
         est.attach_dataset(ds)
     writer = RunWriter(out, run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"]))
     try:
+        writer.write_yaml("config.yaml", cfg)  # a killed run leaves its config beside its checkpoints
+        if hasattr(est, "checkpoint_dir"):
+            est.checkpoint_dir = writer.tmp / "checkpoints"
+            est.resume_from = resume_ckpt
         log.info("data %s: %s", cfg["data"]["path"], ds.summary())
+        if resume_ckpt is not None:
+            log.info("resuming %s", resume)
         tf = time.perf_counter()
         est.fit(split, valid_set)
         fit_seconds = time.perf_counter() - tf
@@ -106,6 +140,8 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
             "timing": {"fit_seconds": round(fit_seconds, 2), "test_eval_seconds": round(eval_seconds, 2),
                        "total_seconds": round(time.perf_counter() - t0, 2)},
         }
+        if resume is not None:
+            metrics["resumed_from"] = str(resume)
         if hasattr(est, "history_"):
             metrics["training"] = {k: v for k, v in est.history_.items() if k != "epochs"}
             writer.write_json("history.json", est.history_)
@@ -124,6 +160,8 @@ def train(model: str, data: str | None = None, overrides=None, out: str | Path =
     except BaseException:
         writer.abort()
         raise
+    if resume is not None and resume.name.startswith(".partial-"):
+        shutil.rmtree(resume, ignore_errors=True)  # the finished run supersedes what a killed run left
     return Run(path, cfg, metrics)
 
 

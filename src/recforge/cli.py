@@ -73,11 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train and evaluate a model; prints the run folder last")
-    t.add_argument("model")
-    t.add_argument("--data", required=True, help="a file, a dataset folder, or a name (synthetic, ml-100k, ...)")
+    t.add_argument("model", nargs="?", help="a model name (recforge models); optional with --config or --resume")
+    t.add_argument("--data", help="a file, a dataset folder, or a name (synthetic, ml-100k, ...)")
     t.add_argument("overrides", nargs="*", help="key=value (model.hidden=64, split.method=temporal, seed=1)")
     t.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--config", help="a resolved config YAML (a run's config.yaml, or best.yaml of recforge tune)")
+    t.add_argument("--resume", metavar="RUN", help="continue the training of RUN from its last checkpoint "
+                   "(a run folder, or the .partial-* folder a killed run left)")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (PyTorch models; default auto)")
+    t.add_argument("--precision", help="fp32 | bf16 | fp16 mixed precision (PyTorch models; default fp32)")
     _add_data_flags(t)
 
     e = sub.add_parser("evaluate", help="re-evaluate a run on its test split")
@@ -195,8 +200,7 @@ def _dispatch(args) -> int | None:
     import recforge.api as api
 
     if args.cmd == "train":
-        run = api.train(args.model, args.data, _data_overrides(args) + list(args.overrides), out=args.out,
-                        verbose=not args.quiet)
+        run = _train(args)
         _print_metrics(run.metrics)
         print(run.path)
     elif args.cmd == "evaluate":
@@ -252,6 +256,34 @@ def _dispatch(args) -> int | None:
         run_server(args.artifact, host=args.host, port=args.port, events_path=args.events, threads=args.threads,
                    ann_threshold=args.ann_threshold)
     return 0
+
+
+def _train(args):
+    import yaml
+
+    import recforge.api as api
+
+    overrides = _data_overrides(args) + list(args.overrides)
+    if args.model and "=" in args.model:  # `recforge train --config F key=value`: no model name
+        overrides.insert(0, args.model)
+        args.model = None
+    for flag in ("device", "precision"):
+        if getattr(args, flag):
+            overrides.append(f"model.{flag}={getattr(args, flag)}")
+    config = None
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise RecForgeError(f"--config {path}: no such file; give a config YAML (a run's config.yaml or best.yaml)")
+        config = yaml.safe_load(path.read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "name" not in config["model"]:
+            raise RecForgeError(f"--config {path}: not a recforge config (needs a model section with a name)")
+    if not (args.model or config or args.resume):
+        raise RecForgeError("train needs a model name, --config FILE or --resume RUN")
+    if args.data is None and config is None and not args.resume:
+        raise RecForgeError("train needs --data PATH_OR_NAME (or --config FILE / --resume RUN)")
+    return api.train(args.model, args.data, overrides, out=args.out, verbose=not args.quiet, config=config,
+                     resume=args.resume)
 
 
 def _progress_line(model, data, seed, run) -> None:

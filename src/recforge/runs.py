@@ -4,8 +4,10 @@ A run folder holds ``config.yaml`` (resolved), ``metrics.json``, ``per_user_vali
 ``per_user_test.parquet``, ``model/`` (weights), ``user_map.parquet`` / ``item_map.parquet``
 (raw ↔ encoded ids), ``interactions.parquet`` (encoded history used for recommendations),
 ``items.parquet`` when the data has an item table, ``train.log`` and ``history.json``
-(per-epoch curve). It is written to a hidden temporary folder and renamed at the end, so a
-failed or interrupted run leaves nothing half-written.
+(per-epoch curve), and ``checkpoints/`` (``last.pt``, ``best.pt``) for PyTorch models. It is written
+to a hidden ``.partial-NAME-*`` folder and renamed at the end, so a failed run leaves nothing
+half-written; only a run killed outright (no chance to clean up) leaves its ``.partial-*`` folder,
+with its config and last checkpoint, which ``recforge train --resume`` continues.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class RunWriter:
         self.root = Path(out)
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".partial-{name}-", dir=self.root))
         self.handler = logging.FileHandler(self.tmp / "train.log")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.logger = logging.getLogger("recforge")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from recforge.models.base import Recommender
-from recforge.training.trainer import Trainer, set_seed
+from recforge.training.device import check_precision, resolve_device
+from recforge.training.trainer import LR_SCHEDULES, Trainer, set_seed
 
 
 class TorchRecommender(Recommender):
@@ -14,14 +15,59 @@ class TorchRecommender(Recommender):
     Subclasses implement ``build(n_users, n_items) -> nn.Module``, ``train_batches(split, rng)``
     (an iterator of batches), ``n_train_batches(split)``, ``loss(batch) -> scalar tensor`` and
     ``score(histories)``.
+
+    Where it runs: ``device`` (``auto``: CUDA when present; ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and
+    ``precision`` (``fp32``, ``bf16``, ``fp16``: mixed precision of the loss computation). The learning
+    rate follows ``lr_schedule``: ``constant``, ``cosine`` (from ``lr`` to 0 over ``epochs``) or
+    ``step`` (times ``lr_gamma`` every ``lr_step`` epochs), after a linear warm-up of
+    ``warmup_epochs`` (fractions allowed), updated at every batch. Models that hold tensors outside
+    their network move them in :meth:`on_device`.
+
+    Attributes that are not hyper-parameters, set before ``fit`` by the caller: ``checkpoint_dir``
+    (a folder: ``last.pt`` after every epoch, ``best.pt`` at every new best), ``resume_from`` (a
+    ``last.pt`` to continue from) and ``callbacks`` (``cb(epoch, row)`` after every epoch).
     """
 
     def __init__(self, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
                  patience: int = 5, eval_every: int = 1, valid_metric: str = "ndcg@10",
-                 eval_batch_size: int = 1024, seed: int = 0, verbose: bool = True):
+                 eval_batch_size: int = 1024, seed: int = 0, verbose: bool = True, device: str = "auto",
+                 precision: str = "fp32", lr_schedule: str = "constant", warmup_epochs: float = 0.0,
+                 lr_step: int = 10, lr_gamma: float = 0.5):
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.patience, self.eval_every, self.valid_metric = patience, eval_every, valid_metric
         self.eval_batch_size, self.seed, self.verbose = eval_batch_size, seed, verbose
+        self.device, self.precision = device, precision
+        self.lr_schedule, self.warmup_epochs, self.lr_step, self.lr_gamma = lr_schedule, warmup_epochs, lr_step, lr_gamma
+        self.checkpoint_dir = self.resume_from = None
+        self.callbacks: list = []
+
+    # ---- device -------------------------------------------------------------------------------
+    @property
+    def device_(self) -> torch.device:
+        """The resolved device (``device=auto`` resolved once, at first use)."""
+        dev = self.__dict__.get("_device")
+        if dev is None:
+            dev = self._device = resolve_device(self.device)
+        return dev
+
+    def to_device(self, device) -> "TorchRecommender":
+        """Move the network and the model's other tensors to ``device`` (a name or torch.device)."""
+        self._device = resolve_device(device)
+        if getattr(self, "net_", None) is not None:
+            self.net_.to(self._device)
+        self.on_device(self._device)
+        return self
+
+    def on_device(self, device: torch.device) -> None:
+        """Hook: move tensors the model holds outside ``net_`` (adjacency, popularity...)."""
+
+    def train_state(self) -> dict:
+        """Hook: state of the model that changes during training outside the network and the
+        random generators (e.g. an epoch counter), saved in checkpoints."""
+        return {}
+
+    def load_train_state(self, state: dict) -> None:
+        """Hook: restore what :meth:`train_state` returned."""
 
     def valid_ks(self) -> list[int]:
         k = int(self.valid_metric.split("@")[1]) if "@" in self.valid_metric else 10
@@ -57,11 +103,19 @@ class TorchRecommender(Recommender):
             torch.set_num_threads(before)
 
     def _fit(self, split, valid):
+        if self.lr_schedule not in LR_SCHEDULES:
+            from recforge.errors import ConfigError
+
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        check_precision(self.precision, self.device_)
         set_seed(self.seed)
         self.n_users_, self.n_items_ = split.n_users, split.n_items
         self.prepare_fit(split)
         self.net_ = self.build(split.n_users, split.n_items)
-        self.history_ = Trainer(self, split, valid, verbose=self.verbose).run().as_dict()
+        self.to_device(self.device_)
+        trainer = Trainer(self, split, valid, verbose=self.verbose, checkpoint_dir=getattr(self, "checkpoint_dir", None),
+                          resume_from=getattr(self, "resume_from", None))
+        self.history_ = trainer.run().as_dict()
         return self
 
     def prepare_fit(self, split) -> None:
@@ -80,3 +134,4 @@ class TorchRecommender(Recommender):
         self.net_ = self.build(self.n_users_, self.n_items_)
         self.net_.load_state_dict(net_state)
         self.net_.eval()
+        self.to_device(self.device_)
