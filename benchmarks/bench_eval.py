@@ -6,7 +6,10 @@ scoring every item for every user, masking histories, ranking the targets, all m
 matrix products of the same batches (the floor any evaluator must pay); the ratio is
 evaluation time / bare scoring time.
 
-    .venv/bin/python benchmarks/bench_eval.py [--repeats 5]
+    .venv/bin/python benchmarks/bench_eval.py [--repeats 5] [--device cpu|cuda|auto] [--out FILE]
+
+``--device``: where the model lives, scores and ranks (default ``cpu``, the figures of
+BENCHMARKS.md); with a GPU every timed step ends with a device synchronisation.
 
 Target (issue "RecForge core"): under 2 s for scoring and ranking all users.
 """
@@ -32,6 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    ap.add_argument("--out", default=None, help="JSON file (default: results/eval_beauty.json, or "
+                    "results/eval_beauty_<device>.json for another device)")
     args = ap.parse_args()
     if not BEAUTY.exists():
         sys.exit(f"skipped: {BEAUTY} not found (the shared data folder sits beside the project)")
@@ -44,15 +50,23 @@ def main() -> None:
 
     sp = leave_one_out(prepare(load_raw(BEAUTY)))
     valid, test = eval_sets(sp)
-    model = BPRMF(epochs=args.epochs, batch_size=4096, lr=0.005, verbose=False).fit(sp, valid)
+    model = BPRMF(epochs=args.epochs, batch_size=4096, lr=0.005, verbose=False, device=args.device).fit(sp, valid)
+    device = model.device_
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def bare():
         with torch.no_grad():
             for s in range(0, len(test), 1024):
                 model.score(test.histories.slice(s, min(s + 1024, len(test))))
+        sync()
 
     def full():
-        return evaluate(model, test, popularity=sp.item_popularity)
+        res = evaluate(model, test, popularity=sp.item_popularity)
+        sync()
+        return res
 
     times = {"bare_scoring": [], "evaluate": []}
     for _ in range(args.repeats):
@@ -61,16 +75,21 @@ def main() -> None:
             res = fn()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    row = {"users": len(test), "items": sp.n_items, "threads": torch.get_num_threads(),
+    from recforge.training.device import describe
+
+    row = {"users": len(test), "items": sp.n_items, "threads": torch.get_num_threads(), "device": describe(device),
            "evaluate_s": round(med["evaluate"], 3), "bare_scoring_s": round(med["bare_scoring"], 3),
            "ratio": round(med["evaluate"] / med["bare_scoring"], 2),
            "ndcg@10": round(res.metrics["ndcg@10"], 4),
            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])}
-    print(f"full-ranking evaluation of {row['users']} users x {row['items']} items: {row['evaluate_s']} s "
-          f"(median of {args.repeats}); bare scoring {row['bare_scoring_s']} s; ratio x{row['ratio']}")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "eval_beauty.json").write_text(json.dumps(row, indent=2))
+    print(f"full-ranking evaluation of {row['users']} users x {row['items']} items on {row['device']}: "
+          f"{row['evaluate_s']} s (median of {args.repeats}); bare scoring {row['bare_scoring_s']} s; "
+          f"ratio x{row['ratio']}")
+    default = "eval_beauty.json" if device.type == "cpu" else f"eval_beauty_{device.type}.json"
+    out = Path(args.out) if args.out else HERE / "results" / default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2))
 
 
 if __name__ == "__main__":

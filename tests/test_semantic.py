@@ -294,3 +294,35 @@ def test_llmesr_self_distillation_retrieves_like_minded_users(tiny):
     rng = np.random.default_rng(0)
     chance = (fav[rng.integers(0, split.n_users, similar.shape)] == fav[:, None]).mean()
     assert same > 2 * chance, (same, chance)
+
+
+@pytest.mark.parametrize("name,kw", [("faerec", {"period": 3}), ("llmesr", {"distill_weight": 0.5, "n_similar": 5,
+                                                                              "refresh_every": 3})])
+def test_resume_keeps_curriculum_and_teacher_bank(tiny, tmp_path, name, kw):
+    """A run stopped after epoch 2 and resumed ends with the very weights of an uninterrupted run:
+    FAERec's curriculum position and LLM-ESR's teacher bank are part of the checkpoint."""
+    ds, split, _, _ = tiny  # no validation: the final weights are the last epoch's
+
+    def make():
+        m = registry.create(name, **{**TINY, "epochs": 4, "seed": 3, "patience": 10, **kw})
+        m.attach_dataset(ds)
+        return m
+
+    ref = make().fit(split, None)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise Stop
+
+    first = make()
+    first.checkpoint_dir, first.callbacks = tmp_path, [stop]
+    with pytest.raises(Stop):
+        first.fit(split, None)
+    second = make()
+    second.resume_from = tmp_path / "last.pt"
+    second.fit(split, None)
+    for (key, a), b in zip(ref.net_.state_dict().items(), second.net_.state_dict().values()):
+        assert torch.equal(a, b), key

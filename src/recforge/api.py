@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +101,15 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
             raise ConfigError("no model given; name one (recforge models lists them) or pass --config FILE")
         cfg = resolve(model, data, overrides)
     t0 = time.perf_counter()
+    from recforge.training import distributed
+
+    distributed.init_from_env()  # several processes (torchrun or --nproc): join their group
+    rank, n_proc = distributed.world()
+    if rank > 0:
+        distributed.barrier()  # rank 0 prepares (and caches) the data first
     ds = load_dataset(cfg["data"])
+    if rank == 0:
+        distributed.barrier()
     cfg = C.with_resolved_exclude(cfg, ds)
     split = split_dataset(ds, cfg)
     valid_set, test_set = _eval_sets(cfg, split)
@@ -111,7 +120,9 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
     est = registry.create(cfg["model"]["name"], **params)
     if getattr(est, "needs_items", False):  # text-enhanced models read the item side table
         est.attach_dataset(ds)
-    writer = RunWriter(out, run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"]))
+    name = run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"])
+    # only rank 0 writes the run folder; the other processes write into a scratch folder they delete
+    writer = RunWriter(out if rank == 0 else tempfile.mkdtemp(prefix="recforge-rank"), name)
     try:
         writer.write_yaml("config.yaml", cfg)  # a killed run leaves its config beside its checkpoints
         if hasattr(est, "checkpoint_dir"):
@@ -142,6 +153,8 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         }
         if resume is not None:
             metrics["resumed_from"] = str(resume)
+        if n_proc > 1:
+            metrics["timing"]["processes"] = n_proc
         if hasattr(est, "history_"):
             metrics["training"] = {k: v for k, v in est.history_.items() if k != "epochs"}
             writer.write_json("history.json", est.history_)
@@ -156,9 +169,15 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         ds.interactions.select("user_id", "item_id", "timestamp").write_parquet(writer.tmp / "interactions.parquet")
         if ds.items is not None:
             ds.items.write_parquet(writer.tmp / "items.parquet")
+        if rank > 0:
+            writer.abort()
+            shutil.rmtree(writer.root, ignore_errors=True)
+            return Run(None, cfg, metrics)
         path = writer.commit()
     except BaseException:
         writer.abort()
+        if rank > 0:
+            shutil.rmtree(writer.root, ignore_errors=True)
         raise
     if resume is not None and resume.name.startswith(".partial-"):
         shutil.rmtree(resume, ignore_errors=True)  # the finished run supersedes what a killed run left
@@ -170,10 +189,13 @@ def _per_user(res: EvalResult, ds) -> pl.DataFrame:
     return res.per_user.with_columns(pl.Series("user_raw", raw.gather(res.per_user["user"].to_numpy()).cast(pl.Utf8)))
 
 
-def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=None, head_items=None) -> dict:
+def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=None, head_items=None,
+             device: str | None = None) -> dict:
     """Re-evaluate a run's model on its test split, optionally under another protocol: other
     ``ks``, ``sampled`` negatives, ``exclude`` (history | none | target_behavior | auto), ``ties``
-    (pessimistic | expected | optimistic | index) or ``head_items`` (share:S | top:F | count:N)."""
+    (pessimistic | expected | optimistic | index) or ``head_items`` (share:S | top:F | count:N).
+    ``device`` (auto | cpu | cuda | cuda:N | mps) is where a PyTorch model scores and ranks; None:
+    the device it was trained with (``device="cpu"`` evaluates a GPU-trained run without a GPU)."""
     run = run if isinstance(run, Run) else Run.load(run)
     base = run.config
     if "exclude" not in base["eval"]:  # a run folder from before eval.exclude: keep its meaning
@@ -186,15 +208,19 @@ def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=No
     cfg = C.with_resolved_exclude(cfg, ds)
     split = split_dataset(ds, cfg)
     _, test_set = _eval_sets(cfg, split)
-    res = _eval(run.model, test_set, cfg, split.item_popularity)
-    return {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, run.model)}
+    model = run.load_model(device)
+    res = _eval(model, test_set, cfg, split.item_popularity)
+    return {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, model),
+            "device": str(getattr(model, "device_", "cpu"))}
 
 
-def recommend(run: str | Path | Run, user=None, history=None, k: int = 10) -> list[dict]:
+def recommend(run: str | Path | Run, user=None, history=None, k: int = 10, device: str | None = None) -> list[dict]:
+    """Top-``k`` items (raw ids) for a known ``user`` or a ``history`` of raw item ids, scored on
+    ``device`` (None: the device the model was trained with)."""
     run = run if isinstance(run, Run) else Run.load(run)
     if user is None and not history:
         raise RecForgeError("give a user id (--user RAW_ID) or a history of item ids (--history ITEM ...)")
-    return run.recommend(user=user, history=history, k=k)
+    return run.recommend(user=user, history=history, k=k, device=device)
 
 
 def _runs(spec) -> list[Run]:

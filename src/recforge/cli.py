@@ -6,6 +6,10 @@
     recforge compare RUN_A RUN_B
     recforge bench --models pop,ease --data synthetic --seeds 0,1,2 [key=value ...]
     recforge data prepare INPUT --out DIR [options]   |  recforge data describe INPUT
+    recforge train --resume RUN [key=value ...]      |  recforge train --config best.yaml
+    recforge train MODEL --data D --nproc 2 [--device cuda] [--precision bf16]
+    recforge tune MODEL --data D --trials 30 [key=value ...]
+    recforge predict RUN --out topk.parquet [-k 10] [--users FILE] [--nproc N]
     recforge models                                    |  recforge demo
     recforge export RUN --out DIR                      |  recforge serve DIR [--host 127.0.0.1 --port 8000]
     recforge embed DATA [--template T] [--encoder PATH] [--out FILE]
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recforge", description="Recommender systems from raw logs to evaluated models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="cmd", required=True)
+    from recforge.tuning import add_parser as add_tune_parser
 
     t = sub.add_parser("train", help="train and evaluate a model; prints the run folder last")
     t.add_argument("model", nargs="?", help="a model name (recforge models); optional with --config or --resume")
@@ -83,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a run folder, or the .partial-* folder a killed run left)")
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (PyTorch models; default auto)")
     t.add_argument("--precision", help="fp32 | bf16 | fp16 mixed precision (PyTorch models; default fp32)")
+    t.add_argument("--nproc", type=int, default=1, help="data-parallel training in N processes (torch.distributed: "
+                   "gloo on CPUs, nccl on GPUs); the global batch stays batch_size")
     _add_data_flags(t)
 
     e = sub.add_parser("evaluate", help="re-evaluate a run on its test split")
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ties", default=None, choices=["pessimistic", "expected", "optimistic", "index"],
                    help="how items scored like the target count (default: the run's setting)")
     e.add_argument("--head-items", default=None, help="head/tail rule: share:0.8, top:0.2 or count:20")
+    e.add_argument("--device", default=None, help="where a PyTorch model scores: auto | cpu | cuda | cuda:N | mps "
+                   "(default: the device it was trained with; cpu for a GPU-trained run on a machine without one)")
     e.add_argument("--json", action="store_true")
 
     r = sub.add_parser("recommend", help="top-k items for a user (raw ids in, raw ids out)")
@@ -101,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--user", default=None)
     r.add_argument("--history", nargs="+", default=None, help="raw item ids, oldest first (for a new user)")
     r.add_argument("-k", type=int, default=10)
+    r.add_argument("--device", default=None, help="where a PyTorch model scores: auto | cpu | cuda | cuda:N | mps "
+                   "(default: the device it was trained with)")
     r.add_argument("--json", action="store_true")
 
     c = sub.add_parser("compare", help="paired t-test and Wilcoxon test between two runs")
@@ -159,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl_.add_argument("run")
     pl_.add_argument("--out", default=None, help="PNG file (default: RUN/plot.png)")
 
+    pr = sub.add_parser("predict", help="top-k of every user of a run (or of a list) to a Parquet file")
+    pr.add_argument("run")
+    pr.add_argument("--out", required=True, help="the Parquet file to write (user_id, rank, item_id, score)")
+    pr.add_argument("-k", type=int, default=10)
+    pr.add_argument("--users", help="only these users: a text file with one raw id per line, or CSV/Parquet "
+                    "with a user_id column")
+    pr.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: the device of training)")
+    pr.add_argument("--nproc", type=int, default=1, help="score the users in N processes (shards)")
+    pr.add_argument("--batch-size", type=int, default=1024)
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    add_tune_parser(sub)
+
     sub.add_parser("models", help="list the models")
     dm = sub.add_parser("demo", help="train the baselines on the built-in synthetic data and print a leaderboard")
     dm.add_argument("--out", default="runs")
@@ -176,8 +200,9 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     # key=value overrides may stand anywhere after the verb, before or after the flags
-    if args.cmd in ("train", "bench"):
+    if args.cmd in ("train", "bench", "tune"):
         args.overrides = list(args.overrides) + [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
     if extra:
@@ -194,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recforge: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "recforge.training.distributed" in sys.modules:  # leave a process group cleanly
+            sys.modules["recforge.training.distributed"].shutdown()
 
 
 def _dispatch(args) -> int | None:
@@ -201,14 +229,15 @@ def _dispatch(args) -> int | None:
 
     if args.cmd == "train":
         run = _train(args)
-        _print_metrics(run.metrics)
-        print(run.path)
+        if run is not None and run.path is not None:  # None: other processes of a data-parallel run
+            _print_metrics(run.metrics)
+            print(run.path)
     elif args.cmd == "evaluate":
         res = api.evaluate(args.run, sampled=args.sampled, ks=_ints(args.ks) if args.ks else None,
-                           exclude=args.exclude, ties=args.ties, head_items=args.head_items)
+                           exclude=args.exclude, ties=args.ties, head_items=args.head_items, device=args.device)
         print(json.dumps(res, indent=2) if args.json else _metrics_table(res["test"], res["protocol"]))
     elif args.cmd == "recommend":
-        recs = api.recommend(args.run, user=args.user, history=args.history, k=args.k)
+        recs = api.recommend(args.run, user=args.user, history=args.history, k=args.k, device=args.device)
         if args.json:
             print(json.dumps(recs))
         else:
@@ -239,6 +268,22 @@ def _dispatch(args) -> int | None:
         from recforge.runs import Run
 
         print(plot_run(Run.load(args.run).path, args.out))
+    elif args.cmd == "predict":
+        if args.nproc != 1:
+            return _relaunch(args)
+        from recforge.predict import predict, read_user_file
+
+        res = predict(args.run, args.out, k=args.k, users=read_user_file(args.users) if args.users else None,
+                      device=args.device, batch_size=args.batch_size, verbose=not args.quiet)
+        from recforge.training.distributed import is_main
+
+        if is_main():
+            print(f"{res['users']} users x top-{res['k']} in {res['seconds']} s ({res['processes']} process(es)) "
+                  f"-> {res['out']}")
+    elif args.cmd == "tune":
+        from recforge.tuning import run_from_args
+
+        return run_from_args(args)
     elif args.cmd == "models":
         from recforge.models import registry
 
@@ -258,11 +303,27 @@ def _dispatch(args) -> int | None:
     return 0
 
 
+def _relaunch(args):
+    """Run this same command in ``args.nproc`` processes (torch.distributed); None when done."""
+    from recforge.training.distributed import launch
+
+    argv = list(sys.argv[1:] if args.argv is None else args.argv)
+    drop = {i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc=")}
+    drop |= {i + 1 for i in drop if argv[i] == "--nproc"}
+    code = launch(args.nproc, [a for i, a in enumerate(argv) if i not in drop])
+    if code:
+        raise RecForgeError(f"{args.cmd} failed in one of its {args.nproc} processes (exit status {code}); "
+                            "its error is printed above")
+    return None
+
+
 def _train(args):
     import yaml
 
     import recforge.api as api
 
+    if args.nproc != 1:
+        return _relaunch(args)
     overrides = _data_overrides(args) + list(args.overrides)
     if args.model and "=" in args.model:  # `recforge train --config F key=value`: no model name
         overrides.insert(0, args.model)

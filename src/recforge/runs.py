@@ -47,9 +47,24 @@ class Run:
 
     @cached_property
     def model(self):
+        """The run's model, on the device it was trained with (``device=auto`` resolves again here)."""
         from recforge.models.base import Recommender
 
         return Recommender.load(self.path / "model")
+
+    def load_model(self, device: str | None = None):
+        """The run's model on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), which
+        overrides the device it was trained with, so a run trained on a GPU loads on a machine
+        without one with ``device="cpu"``; None: :attr:`model`. Each device's model is loaded once.
+        Models that are not PyTorch models ignore ``device``."""
+        if device is None:
+            return self.model
+        from recforge.models.base import Recommender
+
+        cache = self.__dict__.setdefault("_models_by_device", {})
+        if str(device) not in cache:
+            cache[str(device)] = Recommender.load(self.path / "model", device=device)
+        return cache[str(device)]
 
     @cached_property
     def dataset(self) -> Dataset:
@@ -69,8 +84,10 @@ class Run:
         df = self.dataset.interactions.filter(pl.col(USER) == user_idx).sort(TIME, maintain_order=True)
         return df[ITEM].to_list()
 
-    def recommend(self, user=None, history: list | None = None, k: int = 10, exclude_seen: bool = True) -> list[dict]:
-        """Top-k for a known raw user id, or for a raw history of raw item ids (a new user).
+    def recommend(self, user=None, history: list | None = None, k: int = 10, exclude_seen: bool = True,
+                  device: str | None = None) -> list[dict]:
+        """Top-k for a known raw user id, or for a raw history of raw item ids (a new user), scored
+        on ``device`` (None: the device the model was trained with; see :meth:`load_model`).
 
         Returns a list of ``{"item_id": raw, "score": float}``."""
         ds = self.dataset
@@ -84,7 +101,7 @@ class Run:
             items = [int(i) for i in enc if i > 0]
             idx = -1
         hist = Histories.from_lists([idx], [items], ds.n_items)
-        top, scores = self.model.recommend(hist, k=k, exclude_seen=exclude_seen)
+        top, scores = self.load_model(device).recommend(hist, k=k, exclude_seen=exclude_seen)
         raw = ds.decode_items(top[0])
         return [{"item_id": r, "score": float(s)} for r, s in zip(raw, scores[0]) if np.isfinite(s)]
 

@@ -11,6 +11,7 @@ import torch
 from recforge.evaluation.batch import EvalSet, Histories
 from recforge.evaluation.metrics import TIES, metrics_from_ranks, target_ranks
 from recforge.errors import ConfigError
+from recforge.training import distributed
 
 DEFAULT_KS = (5, 10, 20)
 DEFAULT_HIST_BINS = (5, 10, 20, 50)
@@ -136,6 +137,22 @@ def head_items(popularity: np.ndarray, share: float | None = None, rule: str | N
     return mask
 
 
+def _gather_shards(cols: dict, groups: dict, covered: dict) -> tuple[dict, dict, dict]:
+    """Per-user columns and group values of every process, concatenated in rank order (the order of
+    the users), and the union of the covered items."""
+    parts = distributed.gather((cols, groups, covered))
+    names = list(dict.fromkeys(n for c, _, _ in parts for n in c))
+    all_cols = {n: np.concatenate([c[n] for c, _, _ in parts if n in c]) for n in names}
+    labels = list(dict.fromkeys(g for _, gs, _ in parts for g in gs))
+    all_groups = {}
+    for g in labels:
+        metrics = list(dict.fromkeys(m for _, gs, _ in parts if g in gs for m in gs[g]))
+        all_groups[g] = {m: np.concatenate([gs[g][m] for _, gs, _ in parts if g in gs and m in gs[g]])
+                         for m in metrics}
+    all_covered = {k: np.logical_or.reduce([cv[k] for _, _, cv in parts]) for k in covered}
+    return all_cols, all_groups, all_covered
+
+
 def _hist_bin_labels(bins) -> list[str]:
     labels, lo = [], 0
     for j, b in enumerate(bins):
@@ -157,33 +174,44 @@ def rank_scores(model, hist: Histories, targets: torch.Tensor, protocol: Protoco
     finite target, and such a target is a miss. Excluded items become ``-inf`` (out of the
     ranking; an excluded target is a miss). ``excluded`` lists the items to remove per row; by
     default it follows ``protocol.exclude``: the history (``history``) or nothing (``none``).
-    It never depends on the targets."""
+    It never depends on the targets.
+
+    Everything runs on the device of the scores the model returns (the model's device); the
+    returned scores and ranks stay there. Scores on an Apple GPU (``mps``, which has no float64
+    for the metrics) are ranked on the CPU."""
     with torch.no_grad():
         # always a private copy: the masking below works in place and must never write into a
         # tensor the model keeps (a view like Pop's, or cached scores returned as they are)
-        scores = model.score(hist).to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+        scores = model.score(hist)
+        if scores.device.type == "mps":
+            scores = scores.cpu()
+        scores = scores.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     b, n = scores.shape
+    dev = scores.device
+    targets = targets.to(dev)
     scores.nan_to_num_(nan=torch.inf, posinf=torch.inf, neginf=torch.inf)
     if excluded is None:
         if protocol.exclude == "target_behavior":
             raise ValueError("exclude=target_behavior: pass the excluded items (EvalSet.excluded)")
         excluded = hist if protocol.exclude == "history" else None
     if excluded is not None and len(excluded.items):
-        rows = torch.from_numpy(np.repeat(np.arange(b), excluded.lengths))
-        scores.index_put_((rows, torch.from_numpy(excluded.items)), torch.tensor(-torch.inf))
+        rows = torch.from_numpy(np.repeat(np.arange(b), excluded.lengths)).to(dev)
+        cols = torch.from_numpy(np.asarray(excluded.items, dtype=np.int64)).to(dev)
+        scores.index_put_((rows, cols), torch.tensor(-torch.inf, device=dev))
     scores[:, 0] = -torch.inf
     if protocol.ranking == "sampled":
         allowed = scores > -torch.inf
         allowed.scatter_(1, targets, False)
         if protocol.sampler == "popularity" and popularity is not None:
-            w = torch.from_numpy(popularity.astype(np.float64) + 1e-9).expand(b, n).clone()
+            w = torch.from_numpy(popularity.astype(np.float64) + 1e-9).to(dev).expand(b, n).clone()
         else:
-            w = torch.ones(b, n, dtype=torch.float64)
+            w = torch.ones(b, n, dtype=torch.float64, device=dev)
         w = w.masked_fill(~allowed, 0.0)
         k = min(protocol.n_negatives, int(allowed.sum(1).min()))
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        # a generator of the scores' device: the drawn negatives depend on the device (and the seed)
+        gen = torch.Generator(device=dev).manual_seed(int(rng.integers(2**31)))
         neg = torch.multinomial(w, k, replacement=False, generator=gen)
-        keep = torch.zeros(b, n, dtype=torch.bool)
+        keep = torch.zeros(b, n, dtype=torch.bool, device=dev)
         keep.scatter_(1, neg, True)
         keep.scatter_(1, targets, True)
         keep[:, 0] = False
@@ -200,6 +228,9 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
     ``model`` needs ``score(Histories) -> Tensor (batch, n_items + 1)``. ``popularity`` (training
     counts per item) enables head/tail groups (split by ``head_rule``, see :func:`head_items`)
     and popularity-sampled negatives.
+
+    Ranking, target ranks and per-user metrics are computed on the device of the model's scores
+    (a GPU for a model there); per-user values come back to the CPU once per batch.
     """
     protocol = protocol or Protocol()
     ks = sorted({int(k) for k in ks})
@@ -211,9 +242,12 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
     group_vals: dict[str, dict[str, list[np.ndarray]]] = {}
     covered = {k: np.zeros(n, dtype=bool) for k in ks}
     all_targets = torch.from_numpy(evalset.targets)
+    head_t = None
+    # in a process group each process ranks its contiguous shard of the users (all of them alone)
+    lo, hi = distributed.shard_bounds(len(evalset))
 
-    for start in range(0, len(evalset), batch_size):
-        stop = min(start + batch_size, len(evalset))
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
         hist = evalset.histories.slice(start, stop)
         tg = all_targets[start:stop]
         valid = tg > 0
@@ -224,22 +258,31 @@ def evaluate(model, evalset: EvalSet, ks=DEFAULT_KS, protocol: Protocol | None =
                                   "target-behaviour items; build it with build_evalset(..., target_behavior=NAME)")
             excluded = evalset.excluded.slice(start, stop)
         scores, ranks = rank_scores(model, hist, tg, protocol, popularity, rng, excluded)
+        dev = scores.device
+        tg, valid = tg.to(dev), valid.to(dev)
         for name, v in metrics_from_ranks(ranks, valid, ks).items():
-            per_user.setdefault(name, []).append(v.numpy())
+            per_user.setdefault(name, []).append(v.cpu().numpy())
         top = torch.topk(scores, min(kmax, n), dim=1).indices  # k may exceed a tiny catalogue
         finite = torch.isfinite(scores.gather(1, top))
         for k in ks:
             sel = top[:, :k][finite[:, :k]]
-            covered[k][sel.numpy()] = True
+            covered[k][sel.cpu().numpy()] = True
         if head is not None:
-            is_head = torch.from_numpy(head)[tg] & valid
+            if head_t is None or head_t.device != dev:
+                head_t = torch.from_numpy(head).to(dev)
+            is_head = head_t[tg] & valid
             for label, mask in (("item:head", is_head), ("item:tail", valid & ~is_head)):
                 for name, v in metrics_from_ranks(ranks, mask, ks).items():
-                    group_vals.setdefault(label, {}).setdefault(name, []).append(v.numpy())
+                    v = v.cpu().numpy()
+                    group_vals.setdefault(label, {}).setdefault(name, []).append(v)
                     if name.startswith(GROUP_USER_METRICS):  # per user too, for paired tests on a group
-                        per_user.setdefault(f"{label} {name}", []).append(v.numpy())
+                        per_user.setdefault(f"{label} {name}", []).append(v)
 
     cols = {name: np.concatenate(v) for name, v in per_user.items()}
+    if distributed.world()[1] > 1:  # gather the shards in rank order: every user exactly once
+        cols, group_arrays, covered = _gather_shards(cols, {g: {m: np.concatenate(v) for m, v in vals.items()}
+                                                            for g, vals in group_vals.items()}, covered)
+        group_vals = {g: {m: [a] for m, a in vals.items()} for g, vals in group_arrays.items()}
     table = pl.DataFrame({"user": evalset.users, "history_length": evalset.histories.lengths, **cols})
     metric_names = [m for m in cols if not m.startswith("item:")]
     metrics = {m: float(np.nanmean(cols[m])) for m in metric_names}

@@ -51,8 +51,12 @@ _compiled = None  # None: not tried yet; False: unavailable
 def _count_ahead(scores: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two counting passes fused into one loop by ``torch.compile`` (about 9x faster than two
     eager passes on CPU, which is most of the ranking cost). Falls back to eager PyTorch when
-    compilation is unavailable or disabled with ``RECFORGE_COMPILE=0``."""
+    compilation is unavailable or disabled with ``RECFORGE_COMPILE=0``. Scores on a GPU (or any
+    device other than the CPU) are counted by eager PyTorch: the passes are bound by memory
+    bandwidth there, and the kernel is compiled and checked for the CPU only."""
     global _compiled
+    if scores.device.type != "cpu":
+        return _count_ahead_eager(scores, s)
     if _compiled is None:
         _compiled = False
         if os.environ.get("RECFORGE_COMPILE", "1") != "0":
@@ -81,6 +85,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str = "pessi
     valid targets moved to the front, so target slot ``j`` only visits the rows that have one."""
     if ties not in TIES:
         raise ValueError(f"ties={ties!r}: choose one of {', '.join(TIES)}")
+    targets = targets.to(scores.device)  # ranks are computed where the scores are
     valid = targets > 0
     b, t = targets.shape
     if t <= 8:
@@ -101,8 +106,8 @@ def _rank_columns(scores: torch.Tensor, targets: torch.Tensor, depth: list[int],
                   fill: int = 0) -> torch.Tensor:
     """Ranks of target slot ``j`` for the first ``depth[j]`` rows (the others get ``fill``)."""
     dtype = torch.float64 if ties == "expected" else torch.int64
-    ranks = torch.full(targets.shape, fill, dtype=dtype)
-    idx = torch.arange(scores.shape[1]).unsqueeze(0)
+    ranks = torch.full(targets.shape, fill, dtype=dtype, device=scores.device)
+    idx = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
     for j, m in enumerate(depth):
         if m == 0:
             break
@@ -132,7 +137,7 @@ def metrics_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: list[int]) 
     ranks = torch.where(valid, ranks, torch.full_like(ranks, MISS_RANK))
     n_t = valid.sum(1).to(torch.float64)
     empty = n_t == 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=ranks.device)
     r = ranks.to(torch.float64)
     sorted_r, _ = torch.sort(r, dim=1)
     out: dict[str, torch.Tensor] = {}
@@ -143,7 +148,7 @@ def metrics_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: list[int]) 
         hit = (ranks <= k) & valid
         n_hit = hit.sum(1).to(torch.float64)
         ideal_n = torch.clamp(n_t, max=k)
-        pos = torch.arange(1, k + 1, dtype=torch.float64)
+        pos = torch.arange(1, k + 1, dtype=torch.float64, device=ranks.device)
         idcg_table = torch.cumsum(1.0 / torch.log2(pos + 1.0), 0)
         idcg = idcg_table[(ideal_n.clamp(min=1) - 1).long()]
         dcg = torch.where(hit, disc, torch.zeros_like(disc)).sum(1)

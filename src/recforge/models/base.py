@@ -52,20 +52,22 @@ class Recommender:
 
     def recommend(self, hist: Histories, k: int = 10, exclude_seen: bool = True,
                   exclude: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` item indices and scores per row, history (and ``exclude``) removed."""
+        """Top-``k`` item indices and scores per row, history (and ``exclude``) removed. The
+        ranking runs where the scores are (the model's device); the result is NumPy on the CPU."""
         with torch.no_grad():
             s = self.score(hist).to(torch.float32).clone()
+        dev = s.device
         s[:, 0] = -torch.inf
         if exclude_seen and len(hist.items):
-            rows = torch.from_numpy(np.repeat(np.arange(len(hist)), hist.lengths))
-            s[rows, torch.from_numpy(hist.items)] = -torch.inf
+            rows = torch.from_numpy(np.repeat(np.arange(len(hist)), hist.lengths)).to(dev)
+            s[rows, torch.from_numpy(np.asarray(hist.items, dtype=np.int64)).to(dev)] = -torch.inf
         if exclude:
             for r, items in enumerate(exclude):
                 if items:
-                    s[r, torch.as_tensor(items, dtype=torch.long)] = -torch.inf
+                    s[r, torch.as_tensor(items, dtype=torch.long, device=dev)] = -torch.inf
         k = min(k, s.shape[1] - 1)
         top = torch.topk(s, k, dim=1)
-        return top.indices.numpy(), top.values.numpy()
+        return top.indices.cpu().numpy(), top.values.cpu().numpy()
 
     # ---- persistence --------------------------------------------------------------------------
     def _fitted_state(self) -> dict:
@@ -83,11 +85,25 @@ class Recommender:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recommender":
+    def load(cls, path: str | Path, device: str | None = None) -> "Recommender":
+        """The model saved in ``path``. Tensors are read onto the CPU first, whatever device they
+        were saved from; a PyTorch model then moves to ``device`` (``auto``, ``cpu``, ``cuda``,
+        ``cuda:N``, ``mps``), which overrides the ``device`` it was saved with (None: keep it;
+        ``auto`` resolves again on this machine). Models without a ``device`` parameter ignore it."""
+        from recforge.errors import ConfigError
         from recforge.models.registry import get_model_class
 
-        blob = torch.load(Path(path) / "model.pt", weights_only=False)
+        blob = torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=False)
         klass = get_model_class(blob["model"]) if cls is Recommender else cls
-        model = klass(**blob["params"])
-        model._restore_state(blob["state"])
+        params = dict(blob["params"])
+        if device is not None and "device" in klass.param_names():
+            params["device"] = str(device)
+        model = klass(**params)
+        try:
+            model._restore_state(blob["state"])
+        except ConfigError as exc:
+            if device is not None or "device" not in params:
+                raise
+            raise ConfigError(f"{exc}; this model was saved with device={params['device']}: load it with "
+                              "device='cpu' or device='auto' (recforge evaluate/recommend --device cpu)") from None
         return model

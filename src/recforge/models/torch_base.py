@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from recforge.models.base import Recommender
@@ -87,6 +88,26 @@ class TorchRecommender(Recommender):
         raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------------------
+    def epoch_batches(self, order: np.ndarray, rng: np.random.Generator):
+        """``(indices, generator)`` of each batch of one epoch: ``order`` cut into global batches of
+        ``batch_size``. In data-parallel training (:mod:`recforge.training.distributed`) each process
+        gets its share of every global batch and a generator of its own for what its batches draw
+        (negatives), derived from the common one, which stays in step on every process; a last
+        batch too small to share is skipped by all. In one process: every batch, and ``rng``."""
+        from recforge.training.distributed import world
+
+        rank, size = world()
+        bs = self.batch_size
+        if size == 1:
+            for s in range(0, len(order), bs):
+                yield order[s : s + bs], rng
+            return
+        local = np.random.default_rng([int(rng.integers(2**62)), rank])
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            if len(idx) >= size:
+                yield np.array_split(idx, size)[rank], local
+
     def fit(self, split, valid=None):
         """Train with the shared trainer. A model with a ``threads`` parameter (not None) runs
         with that many PyTorch intra-op threads during fit: on a shared, oversubscribed machine

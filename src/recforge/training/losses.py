@@ -33,6 +33,10 @@ LOSSES = ("ce", "bce", "sampled_softmax", "gbce")
 DEFAULT_NEGATIVES = {"ce": 0, "bce": 1, "sampled_softmax": 256, "gbce": 256}
 
 
+#: logits buffer of the fused cross-entropy on a GPU (on the CPU: ``chunk_bytes``, cache-sized)
+ACCELERATOR_CHUNK_BYTES = 256 << 20
+
+
 def ce_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 2 << 20) -> torch.Tensor:
     """Full-softmax cross-entropy over items 1..n (column 0, the padding item, is excluded).
 
@@ -40,7 +44,13 @@ def ce_loss(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk_b
     never materialises the (P, n_items + 1) logits: it works on chunks of rows that fit in
     ``chunk_bytes`` and computes the gradients during the forward pass."""
     if torch.is_grad_enabled() and (h.requires_grad or table.requires_grad):
+        if h.device.type != "cpu":  # a GPU wants few large chunks (one kernel launch each), not cache-sized ones
+            chunk_bytes = max(chunk_bytes, ACCELERATOR_CHUNK_BYTES)
         rows = max(16, chunk_bytes // (4 * table.shape[0]))
+        if torch.is_autocast_enabled(h.device.type):
+            # mixed precision: the fused softmax works in place on its buffers, so it runs in fp32
+            with torch.autocast(h.device.type, enabled=False):
+                return FusedLinearCrossEntropy.apply(h.float(), table.float(), targets, rows)
         return FusedLinearCrossEntropy.apply(h, table, targets, rows)
     logits = h @ table.T
     logits[:, 0] = -torch.inf
@@ -61,8 +71,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         p, n = h.shape[0], table.shape[0]
         grad_h = torch.empty_like(h)
         grad_t = torch.zeros_like(table)
-        total = torch.zeros((), dtype=torch.float64)
-        buf = torch.empty(min(rows, max(p, 1)), n, dtype=h.dtype)
+        acc = torch.float32 if h.device.type == "mps" else torch.float64  # Apple GPUs have no float64
+        total = torch.zeros((), dtype=acc, device=h.device)
+        buf = torch.empty(min(rows, max(p, 1)), n, dtype=h.dtype, device=h.device)
+        at = torch.arange(min(rows, max(p, 1)), device=h.device)
         for s in range(0, p, rows):
             hc, tc = h[s : s + rows], targets[s : s + rows]
             m = hc.shape[0]
@@ -72,9 +84,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             top = logits.amax(1, keepdim=True)
             logits.sub_(top).exp_()  # softmax, in place, one exp per logit
             norm = logits.sum(1, keepdim=True)
-            total += (norm.log() + top - picked).sum(dtype=torch.float64)
+            total += (norm.log() + top - picked).sum(dtype=acc)
             logits.div_(norm)
-            logits[torch.arange(m), tc] -= 1.0
+            logits[at[:m], tc] -= 1.0
             torch.mm(logits, table, out=grad_h[s : s + m])
             grad_t.addmm_(logits.T, hc)
         ctx.save_for_backward(grad_h, grad_t)

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recforge.errors import RecForgeError, TrainingError
+from recforge.training import distributed
 from recforge.training.device import autocast, grad_scaler, to_device
 
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -177,16 +178,20 @@ class Trainer:
         opt = torch.optim.Adam(net.parameters(), lr=m.lr, weight_decay=m.weight_decay)
         scaler = grad_scaler(device, precision)
         rng = np.random.default_rng(m.seed)
+        rank, n_proc = distributed.world()
+        ddp = distributed.wrap(m) if n_proc > 1 else None
+        ckpt_dir = self.checkpoint_dir if rank == 0 else None  # only rank 0 writes
+        verbose = self.verbose and rank == 0
         hist = TrainHistory()
         best_state = copy.deepcopy(net.state_dict())
         bad, done = 0, 0
         if self.resume_from:
             done, best_state, bad = self._resume(opt, scaler, rng, hist)
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt_dir is not None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter() - hist.seconds
         metric = m.valid_metric
-        epoch_bar = tqdm(range(done + 1, m.epochs + 1), desc=f"{m.name}", unit="epoch", disable=not self.verbose,
+        epoch_bar = tqdm(range(done + 1, m.epochs + 1), desc=f"{m.name}", unit="epoch", disable=not verbose,
                          dynamic_ncols=True, initial=done, total=m.epochs)
         stop = self.valid is not None and done > 0 and bad >= m.patience
         try:
@@ -196,7 +201,7 @@ class Trainer:
                 total, n_batches = 0.0, 0
                 n_expected = max(1, m.n_train_batches(self.split))
                 bar = tqdm(m.train_batches(self.split, rng), total=n_expected, leave=False, unit="batch",
-                           desc=f"epoch {epoch}", disable=not self.verbose, dynamic_ncols=True)
+                           desc=f"epoch {epoch}", disable=not verbose, dynamic_ncols=True)
                 for batch in bar:
                     if m.lr_schedule != "constant" or m.warmup_epochs:
                         f = lr_factor(m, epoch - 1 + min(n_batches / n_expected, 1.0))
@@ -205,8 +210,9 @@ class Trainer:
                     batch = to_device(batch, device)
                     opt.zero_grad(set_to_none=True)
                     with autocast(device, precision):
-                        loss = m.loss(batch)
-                    value = float(loss.detach())
+                        loss = ddp(batch) if ddp is not None else m.loss(batch)
+                    # in data-parallel training every process sees the mean, so a non-finite loss stops all alike
+                    value = distributed.all_mean(float(loss.detach())) if ddp is not None else float(loss.detach())
                     if not math.isfinite(value):
                         raise TrainingError(nonfinite_message(m, epoch, n_batches + 1, value))
                     if scaler is not None:
@@ -233,9 +239,9 @@ class Trainer:
                         hist.best_metric, hist.best_epoch = vm[metric], epoch
                         best_state = copy.deepcopy(net.state_dict())
                         bad = 0
-                        if self.checkpoint_dir is not None:
+                        if ckpt_dir is not None:
                             atomic_save({"version": CHECKPOINT_VERSION, "model": m.name, "epoch": epoch,
-                                         metric: vm[metric], "net": best_state}, self.checkpoint_dir / "best.pt")
+                                         metric: vm[metric], "net": best_state}, ckpt_dir / "best.pt")
                     else:
                         bad += 1
                     epoch_bar.set_postfix({"loss": f"{row['loss']:.4f}", metric: f"{vm[metric]:.4f}",
@@ -244,10 +250,10 @@ class Trainer:
                     epoch_bar.set_postfix(loss=f"{row['loss']:.4f}")
                 hist.epochs.append(row)
                 log.info("epoch %s", row)
-                if self.checkpoint_dir is not None:
+                if ckpt_dir is not None:
                     hist.seconds = time.perf_counter() - t0
                     atomic_save(self._checkpoint(epoch, opt, scaler, rng, hist, best_state, bad),
-                                self.checkpoint_dir / "last.pt")
+                                ckpt_dir / "last.pt")
                 for cb in getattr(m, "callbacks", None) or ():
                     cb(epoch, row)
                 if self.valid is not None and bad >= m.patience:

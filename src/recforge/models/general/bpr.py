@@ -43,10 +43,9 @@ class BPRMF(TorchRecommender):
         return -(-len(self._pairs) // self.batch_size)
 
     def train_batches(self, split, rng):
-        order = rng.permutation(len(self._pairs))
-        for s in range(0, len(order), self.batch_size):
-            p = self._pairs[order[s : s + self.batch_size]]
-            neg = sample_negatives(self._seen, p[:, 0], 1, self.n_items_, rng)[:, 0]
+        for idx, r in self.epoch_batches(rng.permutation(len(self._pairs)), rng):
+            p = self._pairs[idx]
+            neg = sample_negatives(self._seen, p[:, 0], 1, self.n_items_, r)[:, 0]
             yield torch.from_numpy(p[:, 0]), torch.from_numpy(p[:, 1]), torch.from_numpy(neg)
 
     def loss(self, batch):
@@ -57,13 +56,14 @@ class BPRMF(TorchRecommender):
         return nn.functional.softplus(-x).mean() + self.reg * reg
 
     def score(self, hist):
-        users = torch.from_numpy(hist.users)
+        """Scores (batch, n_items + 1) on the model's device."""
         items = self.net_.item.weight
+        users = torch.from_numpy(np.asarray(hist.users, dtype=np.int64)).to(items.device)
         known = (users >= 0) & (users < self.n_users_)
         u = self.net_.user(users.clamp(min=0, max=self.n_users_ - 1))
         if not bool(known.all()):
             m = hist.matrix
             counts = np.maximum(np.asarray(m.sum(1)).ravel(), 1)
-            fold = torch.from_numpy((m @ items.detach().numpy()) / counts[:, None]).float()
+            fold = torch.from_numpy((m @ items.detach().cpu().numpy()) / counts[:, None]).float().to(items.device)
             u = torch.where(known.unsqueeze(1), u, fold)
         return u @ items.T

@@ -118,10 +118,18 @@ class LightGCN(TorchRecommender):
             self._pop = None
 
     def adjacency(self) -> torch.Tensor:
+        """The normalised training adjacency, built on first use on the model's device."""
         adj = getattr(self, "_adj", None)
         if adj is None:
-            adj = self._adj = to_torch(normalized_adjacency(self.graph_))
+            adj = self._adj = to_torch(normalized_adjacency(self.graph_), self.device_)
         return adj
+
+    def on_device(self, device: torch.device) -> None:
+        """Move the adjacency (and the cached propagated embeddings) to ``device``."""
+        super().on_device(device)
+        if getattr(self, "_adj", None) is not None:
+            self._adj = self._adj.to(device)
+        self._cache = None
 
     def build(self, n_users, n_items):
         net = nn.Module()
@@ -161,9 +169,8 @@ class LightGCN(TorchRecommender):
         return ip[users] + np.floor(rng.random(n) * deg[users]).astype(np.int64)
 
     def train_batches(self, split, rng):
-        order = self.epoch_order(rng)
-        for s in range(0, len(order), self.batch_size):
-            yield self.make_batch(order[s : s + self.batch_size], rng)
+        for idx, r in self.epoch_batches(self.epoch_order(rng), rng):
+            yield self.make_batch(idx, r)
 
     def make_batch(self, idx: np.ndarray, rng: np.random.Generator) -> dict:
         if self.loss_type == "cpr":
@@ -223,14 +230,15 @@ class LightGCN(TorchRecommender):
         return cache[1], cache[2]
 
     def score(self, hist):
+        """Scores (batch, n_items + 1) on the model's device."""
         users_e, items_e = self.final_embeddings()
-        users = torch.from_numpy(np.asarray(hist.users, dtype=np.int64))
+        users = torch.from_numpy(np.asarray(hist.users, dtype=np.int64)).to(items_e.device)
         known = (users >= 0) & (users < self.n_users_)
         u = users_e[users.clamp(min=0, max=self.n_users_ - 1)]
         if not bool(known.all()):
             m = hist.matrix
             counts = np.maximum(np.asarray(m.sum(1)).ravel(), 1).astype(np.float32)
-            fold = torch.from_numpy((m @ items_e.numpy()) / counts[:, None]).float()
+            fold = torch.from_numpy((m @ items_e.cpu().numpy()) / counts[:, None]).float().to(items_e.device)
             u = torch.where(known.unsqueeze(1), u, fold)
         return u @ items_e.T
 

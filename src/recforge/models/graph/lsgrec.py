@@ -154,8 +154,13 @@ class LSGRec(LightGCN):
     def negative_adjacency(self) -> torch.Tensor:
         adj = getattr(self, "_neg_adj", None)
         if adj is None:
-            adj = self._neg_adj = to_torch(normalized_adjacency(self.neg_graph_))
+            adj = self._neg_adj = to_torch(normalized_adjacency(self.neg_graph_), self.device_)
         return adj
+
+    def on_device(self, device: torch.device) -> None:
+        super().on_device(device)
+        if getattr(self, "_neg_adj", None) is not None:
+            self._neg_adj = self._neg_adj.to(device)
 
     def negative_preference(self) -> torch.Tensor:
         """Users' negative preference (n_users, d): first order over negative links, higher

@@ -47,14 +47,15 @@ def normalized_adjacency(r: sp.spmatrix) -> sp.csr_matrix:
     return normalize_symmetric(bipartite_adjacency(r))
 
 
-def to_torch(a: sp.csr_matrix) -> torch.Tensor:
-    """A SciPy CSR matrix as a torch sparse CSR tensor (float32)."""
+def to_torch(a: sp.csr_matrix, device: torch.device | str | None = None) -> torch.Tensor:
+    """A SciPy CSR matrix as a torch sparse CSR tensor (float32), on ``device`` (None: the CPU)."""
     a = sp.csr_matrix(a, dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(torch.from_numpy(a.indptr.astype(np.int64)),
-                                       torch.from_numpy(a.indices.astype(np.int64)),
-                                       torch.from_numpy(a.data), size=a.shape)
+        t = torch.sparse_csr_tensor(torch.from_numpy(a.indptr.astype(np.int64)),
+                                    torch.from_numpy(a.indices.astype(np.int64)),
+                                    torch.from_numpy(a.data), size=a.shape)
+        return t if device is None or torch.device(device).type == "cpu" else t.to(device)
 
 
 class SymmetricSpMM(torch.autograd.Function):
@@ -71,7 +72,12 @@ class SymmetricSpMM(torch.autograd.Function):
 
 
 def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``adj @ x`` (symmetric ``adj``), differentiable in ``x``."""
+    """``adj @ x`` (symmetric ``adj``), differentiable in ``x``. Always in fp32: under mixed
+    precision (``precision=bf16|fp16``) the sparse product leaves autocast, as sparse kernels
+    have no half-precision versions on every device (none on the CPU)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return spmm(adj, x.float())
     if x.requires_grad:
         return SymmetricSpMM.apply(adj, x)
     return adj @ x

@@ -113,13 +113,13 @@ class SGCL(LightGCN):
     # ---- views ----------------------------------------------------------------------------------
     def make_views(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Two edge-dropped, re-normalised training graphs."""
-        return tuple(to_torch(normalized_adjacency(drop_edges(self.graph_, self.drop_ratio, rng))) for _ in range(2))
+        return tuple(to_torch(normalized_adjacency(drop_edges(self.graph_, self.drop_ratio, rng)), self.device_)
+                     for _ in range(2))
 
     def train_batches(self, split, rng):
         self._views = self.make_views(rng) if self.ssl_weight > 0 else None
-        order = self.epoch_order(rng)
-        for s in range(0, len(order), self.batch_size):
-            yield self.make_batch(order[s : s + self.batch_size], rng)
+        for idx, r in self.epoch_batches(self.epoch_order(rng), rng):
+            yield self.make_batch(idx, r)
 
     def make_batch(self, idx: np.ndarray, rng: np.random.Generator) -> dict:
         p = self._pairs[idx]
@@ -148,7 +148,7 @@ class SGCL(LightGCN):
         candidate items. The mixes are scored without gradient, ``chunk`` candidates at a time;
         only the kept one is rebuilt with it (its index carries no gradient, as ``.detach()`` in
         the authors' code)."""
-        rows = torch.arange(user.shape[0])
+        rows = torch.arange(user.shape[0], device=user.device)
         m = cand.shape[1]
         # candidates in chunks of about 16 MB of temporaries: on CPU faster than one (B, M, d) block
         if chunk is None:
@@ -156,12 +156,12 @@ class SGCL(LightGCN):
         kept = []
         for k, (p, table) in enumerate(zip(pos_layers, item_layers)):
             with torch.no_grad():
-                best = torch.full((len(rows),), -float("inf"))
-                best_idx = torch.zeros(len(rows), dtype=torch.long)
+                best = torch.full((len(rows),), -float("inf"), device=user.device)
+                best_idx = torch.zeros(len(rows), dtype=torch.long, device=user.device)
                 best_a = torch.empty_like(p)
                 for c0 in range(0, m, chunk):
                     n = table[cand[:, c0 : c0 + chunk]]            # (B, c, d)
-                    a = torch.rand(n.shape) if alphas is None else alphas[k][:, c0 : c0 + chunk]
+                    a = torch.rand(n.shape, device=n.device) if alphas is None else alphas[k][:, c0 : c0 + chunk]
                     mixed = p.unsqueeze(1) - n                     # α p + (1 - α) n = n + α (p - n)
                     mixed.mul_(a).add_(n)
                     score, ix = torch.einsum("bd,bmd->bm", user, mixed).max(1)

@@ -85,7 +85,8 @@ class SGL(LightGCN):
     def make_views(self, rng) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independently augmented, re-normalised training graphs."""
         drop = drop_edges if self.aug == "ed" else drop_nodes
-        return tuple(to_torch(normalized_adjacency(drop(self.graph_, self.drop_ratio, rng))) for _ in range(2))
+        return tuple(to_torch(normalized_adjacency(drop(self.graph_, self.drop_ratio, rng)), self.device_)
+                     for _ in range(2))
 
     def train_batches(self, split, rng):
         self._views = self.make_views(rng) if self.ssl_weight > 0 else None

@@ -192,6 +192,12 @@ class SemanticMixin:
             self._remap = torch.zeros(split.n_items + 1, dtype=torch.long)
             self._remap[self._train_items] = torch.arange(len(self._train_items))
 
+    def on_device(self, device: torch.device) -> None:
+        """Move the training-time index tensors (warm items and their remapping) to ``device``."""
+        super().on_device(device)
+        if getattr(self, "_train_items", None) is not None:
+            self._train_items, self._remap = self._train_items.to(device), self._remap.to(device)
+
     def next_item_loss(self, hidden: torch.Tensor, tgt: torch.Tensor, neg) -> torch.Tensor:
         if self._train_items is None or self.loss_type != "ce":
             return super().next_item_loss(hidden, tgt, neg)
@@ -271,7 +277,8 @@ class SemanticMixin:
         appended to the last ``max_len - 1`` items)."""
         mask_id = getattr(type(self), "mask_id", None)
         if isinstance(mask_id, property):
-            return torch.cat([seqs[:, 1:], torch.full((len(seqs), 1), self.mask_id, dtype=seqs.dtype)], 1)
+            mask = torch.full((len(seqs), 1), self.mask_id, dtype=seqs.dtype, device=seqs.device)
+            return torch.cat([seqs[:, 1:], mask], 1)
         return seqs
 
     # ---- after training -----------------------------------------------------------------------
@@ -298,7 +305,8 @@ class SemanticMixin:
         ids = emb.detach()[: n + 1].cpu().numpy().astype(np.float64)
         w, b = ridge_map(sem[warm], ids[warm], reg=1.0)
         with torch.no_grad():
-            emb[torch.from_numpy(np.flatnonzero(cold))] = torch.from_numpy((sem[cold] @ w + b).astype(np.float32))
+            rows = torch.from_numpy(np.flatnonzero(cold)).to(emb.device)
+            emb[rows] = torch.from_numpy((sem[cold] @ w + b).astype(np.float32)).to(emb.device)
         return int(cold.sum())
 
     def protocol_notes(self) -> dict:

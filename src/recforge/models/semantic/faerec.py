@@ -97,7 +97,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, symmetric: bool = Fal
     """InfoNCE from rows of ``a`` to rows of ``b`` (row ``i`` of each is a positive pair, the other
     rows of ``b`` the negatives); ``symmetric`` averages it with the ``b`` to ``a`` direction."""
     logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / tau
-    target = torch.arange(len(a))
+    target = torch.arange(len(a), device=a.device)
     loss = F.cross_entropy(logits, target)
     return 0.5 * (loss + F.cross_entropy(logits.T, target)) if symmetric else loss
 
@@ -109,7 +109,7 @@ def barlow_twins(a: torch.Tensor, b: torch.Tensor, offdiag_weight: float) -> tor
     za = (a - a.mean(0)) / (a.std(0) + 1e-5)
     zb = (b - b.mean(0)) / (b.std(0) + 1e-5)
     c = za.T @ zb / len(a)
-    diff = (c - torch.eye(c.shape[0], dtype=c.dtype)).pow(2)
+    diff = (c - torch.eye(c.shape[0], dtype=c.dtype, device=c.device)).pow(2)
     on = torch.diagonal(diff).sum()
     return on + offdiag_weight * (diff.sum() - on)
 
@@ -191,9 +191,21 @@ class FAERecMixin(SemanticMixin):
                 net.lookup.embedding.weight[has] = init[has]
         return net
 
+    def on_device(self, device: torch.device) -> None:
+        """Move the item popularity (which splits the feature alignment into head and tail) to ``device``."""
+        super().on_device(device)
+        if getattr(self, "_popularity", None) is not None:
+            self._popularity = self._popularity.to(device)
+
     def curriculum(self) -> tuple[float, float]:
         """``(item-level weight, feature-level weight)`` of the current epoch."""
         return cosine_curriculum(max(self._epoch - 1, 0), self.period, self.w_min, self.w_max)
+
+    def train_state(self) -> dict:
+        return {"epoch": self._epoch}  # the curriculum's position, for checkpoints
+
+    def load_train_state(self, state: dict) -> None:
+        self._epoch = int(state.get("epoch", self._epoch))
 
     def train_batches(self, split, rng):
         self._epoch += 1
@@ -267,7 +279,7 @@ class FAERecMixin(SemanticMixin):
         n = self.n_items_
         items = torch.unique(torch.cat([batch["inp"].reshape(-1), batch["tgt"].reshape(-1)]))
         if self.align_random:
-            rnd = torch.from_numpy(self._rng.integers(1, n + 1, self.align_random))
+            rnd = torch.from_numpy(self._rng.integers(1, n + 1, self.align_random)).to(items.device)
             items = torch.unique(torch.cat([items, rnd]))
         items = items[(items > 0) & (items <= n)]
         if len(items) < 4:

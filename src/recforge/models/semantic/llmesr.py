@@ -227,6 +227,15 @@ class LLMESRMixin(SemanticMixin):
                 net.lookup.embedding.weight[has] = init[has]
         return net
 
+    def train_state(self) -> dict:
+        # the epoch counter and the distillation teacher bank (refreshed every refresh_every epochs)
+        return {"epoch": self._epoch, "bank": None if self._bank is None else self._bank.cpu()}
+
+    def load_train_state(self, state: dict) -> None:
+        self._epoch = int(state.get("epoch", self._epoch))
+        bank = state.get("bank")
+        self._bank = None if bank is None else bank.to(self.device_)
+
     def train_batches(self, split, rng):
         self._epoch += 1
         if self.distill_weight > 0 and (self._bank is None or (self._epoch - 1) % self.refresh_every == 0):
@@ -242,7 +251,7 @@ class LLMESRMixin(SemanticMixin):
             with torch.no_grad():
                 tables = self.item_tables()
                 seqs = self.representation_input(self._user_seqs)
-                bank = torch.cat([self.encode_tables(seqs[s : s + 1024], tables)[:, -1]
+                bank = torch.cat([self.encode_tables(seqs[s : s + 1024].to(self.device_), tables)[:, -1]
                                   for s in range(0, len(seqs), 1024)])
         finally:
             net.train(was)
@@ -270,7 +279,7 @@ class LLMESRMixin(SemanticMixin):
         if self.distill_weight <= 0 or self._bank is None:
             return base
         users = self._sample_user[batch["rows"]]
-        teacher = self._bank[torch.from_numpy(self._bank_row[self._similar[users]])].mean(1)
+        teacher = self._bank[torch.from_numpy(self._bank_row[self._similar[users]]).to(self._bank.device)].mean(1)
         sd = self.distill_weight * F.mse_loss(hidden[:, -1], teacher)
         return sd if base is None else base + sd
 

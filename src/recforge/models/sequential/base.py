@@ -153,9 +153,8 @@ class SequentialRecommender(TorchRecommender):
         return math.ceil(len(self._samples) / self.batch_size)
 
     def train_batches(self, split, rng):
-        order = rng.permutation(len(self._samples))
-        for s in range(0, len(order), self.batch_size):
-            yield self.make_batch(order[s : s + self.batch_size], rng)
+        for rows, r in self.epoch_batches(rng.permutation(len(self._samples)), rng):
+            yield self.make_batch(rows, r)
 
     def make_batch(self, rows: np.ndarray, rng: np.random.Generator) -> dict:
         """Inputs and targets of the sample ``rows`` (left-padded, 0 = no target), plus the
@@ -204,10 +203,18 @@ class SequentialRecommender(TorchRecommender):
         extra = self.extra_loss(batch, hidden)
         return total if extra is None else total + extra
 
+    def on_device(self, device: torch.device) -> None:
+        """Move the training-time tensors (the log-proposal of ``sampled_softmax``) to ``device``."""
+        super().on_device(device)
+        if getattr(self, "_log_q", None) is not None:
+            self._log_q = self._log_q.to(device)
+
     def score_input(self, hist) -> torch.Tensor:
-        return hist.sequences(self.max_len)
+        """The left-padded sequences the encoder reads to score ``hist``, on the model's device."""
+        return hist.sequences(self.max_len).to(self.device_)
 
     def score(self, hist) -> torch.Tensor:
+        """Scores (batch, n_items + 1) on the model's device."""
         with torch.no_grad():
             h = self.encode(self.score_input(hist))[:, -1]
             return h @ self.output_table().T

@@ -100,4 +100,5 @@ class BERT4Rec(SequentialRecommender):
 
     def score_input(self, hist) -> torch.Tensor:
         seqs = hist.sequences(self.max_len - 1)
-        return torch.cat([seqs, torch.full((len(seqs), 1), self.mask_id, dtype=seqs.dtype)], 1)
+        seqs = torch.cat([seqs, torch.full((len(seqs), 1), self.mask_id, dtype=seqs.dtype)], 1)
+        return seqs.to(self.device_)

@@ -38,7 +38,7 @@ class GRU4RecNet(nn.Module):
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         layout = Layout(seqs, right=True)
         if layout.lmax == 0:
-            return torch.zeros(seqs.shape + (self.item.embedding_dim,))
+            return torch.zeros(seqs.shape + (self.item.embedding_dim,), device=seqs.device)
         x = self.emb_drop(self.item(seqs[layout.rows, layout.cols]) * self.scale)
         grid = layout.to_grid(x)
         packed = pack_padded_sequence(grid, layout.lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)

@@ -140,7 +140,8 @@ class Layout:
             mask = None
             if not self.right:
                 lens = lengths[rows_here]
-                mask = (torch.arange(w).unsqueeze(0) >= (w - lens).unsqueeze(1)).view(n_rows, 1, 1, w)
+                cols = torch.arange(w, device=lens.device)
+                mask = (cols.unsqueeze(0) >= (w - lens).unsqueeze(1)).view(n_rows, 1, 1, w)
             groups.append(Group(tok, local[rows], slot, n_rows, w, mask))
         if len(groups) > 1:  # where each token lands when the groups' outputs are concatenated
             self.merge_index = torch.argsort(torch.cat([g.tok for g in groups]))
@@ -189,7 +190,8 @@ class Block(nn.Module):
             if self.training and self.attn_drop.threshold:
                 # explicit attention so that the weights go through the fast dropout
                 w = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-                allowed = torch.ones(g.width, g.width, dtype=torch.bool).tril_() if causal else g.key_mask
+                allowed = (torch.ones(g.width, g.width, dtype=torch.bool, device=w.device).tril_() if causal
+                           else g.key_mask)
                 w = w.masked_fill(~allowed, -torch.inf)
                 out = self.attn_drop(torch.softmax(w, -1)) @ v
             else:
