@@ -2,7 +2,9 @@
 
 Leakage proof: for loo, temporal, random and presplit, no test row (user, item, timestamp) is
 in ``train``, the test history is exactly train + valid and holds no test row, and a model fitted
-on ``split`` only ever sees ``split.train``.
+on ``split`` only ever sees ``split.train``. The row-wise leave-one-out, the temporal split and
+the (user, time) sort are checked against their plain definitions (per-user windows, filters, a
+stable two-column sort) on unsorted data with tied times.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from recforge.data.dataset import Dataset, is_sorted_interactions, sort_interactions
 from recforge.data.prepare import prepare
 from recforge.data.schema import RawData
 from recforge.data.split import Split, leave_one_out, make_split, presplit, random_ratio, temporal
@@ -197,3 +200,65 @@ def test_models_fitted_on_split_never_see_test(method, log_ds, presplit_ds):
     # ... and fitted with the test rows added to train it changes (the check above is not vacuous)
     leaky = Split(pl.concat([s.train, s.test]), s.valid, s.test, s.n_users, s.n_items)
     assert not np.array_equal(EASE(reg_lambda=10.0).fit(s).weights_np_, EASE(reg_lambda=10.0).fit(leaky).weights_np_)
+
+
+# ---- row-wise leave-one-out and the (user, time) sort against the plain definitions ----------------
+
+def _reference_loo(df: pl.DataFrame, min_length: int) -> tuple[pl.DataFrame, ...]:
+    df = df.sort(["user_id", "timestamp"], maintain_order=True).with_columns(
+        (pl.len().over("user_id") - pl.int_range(pl.len()).over("user_id") - 1).alias("_e"),
+        pl.len().over("user_id").alias("_n"))
+    ev = pl.col("_n") >= min_length
+    parts = (~ev | (pl.col("_e") >= 2), ev & (pl.col("_e") == 1), ev & (pl.col("_e") == 0))
+    return tuple(df.filter(p).drop("_e", "_n") for p in parts)
+
+
+@pytest.fixture(scope="module")
+def tied_ds():
+    """Unsorted rows, many equal times within a user, users with 1 to 12 rows; not deduplicated."""
+    rng = np.random.default_rng(5)
+    n = 1500
+    users = rng.integers(0, 200, n) % (rng.integers(1, 13, n) * 17)
+    df = pl.DataFrame({"user_id": users.astype(np.int32) % 200, "item_id": rng.integers(1, 50, n).astype(np.int32),
+                       "timestamp": rng.integers(0, 8, n), "row": np.arange(n)})
+    user_map = pl.DataFrame({"raw": np.arange(200), "idx": np.arange(200, dtype=np.int32)})
+    item_map = pl.DataFrame({"raw": np.arange(1, 50), "idx": np.arange(1, 50, dtype=np.int32)})
+    return Dataset(df, user_map, item_map)  # deliberately not sorted: the split sorts it
+
+
+@pytest.mark.parametrize("min_length", [0, 1, 2, 3, 5])
+def test_leave_one_out_matches_per_user_windows(tied_ds, min_length):
+    s = leave_one_out(tied_ds, min_length=min_length)
+    for got, want in zip((s.train, s.valid, s.test), _reference_loo(tied_ds.interactions, min_length)):
+        assert got.equals(want)
+
+
+def test_temporal_matches_plain_filters(tied_ds):
+    s = temporal(tied_ds, test_quantile=0.8, valid_quantile=0.5)
+    df = tied_ds.interactions.sort(["user_id", "timestamp"], maintain_order=True)
+    tv, tt = int(df["timestamp"].quantile(0.5, "nearest")), int(df["timestamp"].quantile(0.8, "nearest"))
+    train = df.filter(pl.col("timestamp") < tv)
+    known = train.select("user_id").unique()
+    assert s.train.equals(train)
+    assert s.valid.equals(df.filter((pl.col("timestamp") >= tv) & (pl.col("timestamp") < tt)).join(
+        known, on="user_id", how="semi", maintain_order="left"))
+    assert s.test.equals(df.filter(pl.col("timestamp") >= tt).join(
+        known, on="user_id", how="semi", maintain_order="left"))
+
+
+@pytest.mark.parametrize("times", ["small", "huge", "nulls"])
+def test_sort_interactions_is_the_stable_two_column_sort(tied_ds, times):
+    """Packed one-key sort, the two-column fallback (a time span too wide to pack; missing
+    times, which sort first), and an already sorted frame returned as it is."""
+    df = tied_ds.interactions
+    if times == "huge":
+        df = df.with_columns(pl.col("timestamp") * (2**60) - 2**62)
+    elif times == "nulls":
+        df = df.with_columns(
+            pl.when(pl.col("row") % 7 == 0).then(None).otherwise(pl.col("timestamp")).alias("timestamp"))
+    want = df.sort(["user_id", "timestamp"], maintain_order=True)
+    got = sort_interactions(df)
+    assert got.equals(want)
+    assert is_sorted_interactions(got) == (times != "nulls")
+    if times != "nulls":
+        assert sort_interactions(got) is got

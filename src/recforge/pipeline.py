@@ -54,7 +54,7 @@ def load_dataset(data_cfg: dict) -> Dataset:
         return prepare(make_synthetic(seed=seed), opts)
     source = resolve_dataset(name)
     ropts = reader_options(data_cfg)
-    loader = lambda: load_raw(source, **ropts)  # noqa: E731
+    loader = lambda: load_raw(source, lazy=True, **ropts)  # noqa: E731  (large tables stream; see prepare.py)
     if not data_cfg.get("cache", True):
         return prepare(loader(), opts)
     return prepare_cached(loader, str(source), opts, reader_key(source, **ropts))

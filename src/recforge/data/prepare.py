@@ -1,20 +1,50 @@
-"""Cleaning and encoding: dedupe, rating threshold, iterative k-core, dense ids, Parquet cache."""
+"""Cleaning and encoding: dedupe, rating threshold, iterative k-core, dense ids, Parquet cache.
+
+One code path for every size, written as Polars lazy queries collected with the streaming
+engine, so that a table read lazily (``load_raw(path, lazy=True)``: a Parquet or CSV scan) is
+never held in memory with its raw ids:
+
+1. rating / behaviour filters on the scan;
+2. the sorted distinct raw user and item ids (small tables), then one streaming pass that swaps
+   the raw ids for Int32 codes in that order: a gather from a dense lookup array when the ids
+   are integers in a compact range, an enum cast for text ids, else ``replace_strict`` (all
+   keep the row order);
+3. the compact table is cut into user-code ranges of about :data:`PARTITION_ROWS` rows; each
+   range is sorted by (user, time) with ties in source order (one packed Int64 key when the
+   user range times the time span fits in 63 bits) and deduplicated (``is_first_distinct`` on a
+   packed (user, item) key), so neither the sort nor the dedupe hash set spans the whole table,
+   and the ranges concatenate in (user, time) order;
+4. iterative k-core: each round one lazy group-by per side over the rows whose user and item
+   are still alive (a semi-join expressed as a gather from boolean masks over the codes), until
+   a round removes nothing; the table itself is filtered once, at the end;
+5. dense re-encoding of the survivors in that same pass (codes keep the raw-id order, so the
+   rows stay sorted and no map needs sorting).
+
+The result is identical to sorting, deduplicating, k-coring and encoding the whole table in
+memory (``tests/test_prepare.py`` checks it against such a reference implementation).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
-from recforge.data.dataset import Dataset, sort_interactions
-from recforge.data.schema import ITEM, RATING, TIME, USER, RawData
+from recforge.data.dataset import Dataset
+from recforge.data.schema import BEHAVIOR, ITEM, RATING, SPLIT, TIME, USER, RawData
 from recforge.errors import DataError
+
+PARTITION_ROWS = 2_000_000  # rows per user range in the sort + dedupe step (bounds its memory)
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -31,65 +61,232 @@ class PrepareOptions:
         return json.dumps(asdict(self), sort_keys=True, default=list)
 
 
+def _collect(lf: pl.LazyFrame) -> pl.DataFrame:
+    return lf.collect(engine="streaming")
+
+
+# ---- dense codes ----------------------------------------------------------------------------------
+def _codes(n: int, offset: int = 0) -> pl.Series:
+    return pl.int_range(offset, n + offset, dtype=pl.Int32, eager=True)
+
+
+def _code_expr(col: str, values: pl.Series) -> pl.Expr:
+    """Int32 position of each id of ``col`` among the sorted distinct ``values``."""
+    n = values.len()
+    if n and values.dtype.is_integer() and not values.null_count():
+        lo, hi = int(values[0]), int(values[-1])
+        if hi - lo + 1 <= max(4 * n, 1 << 20):  # dense enough: a lookup array, no hashing
+            lookup = np.full(hi - lo + 1, -1, dtype=np.int32)
+            lookup[(values.cast(pl.Int64) - lo).to_numpy()] = np.arange(n, dtype=np.int32)
+            return pl.lit(pl.Series(lookup)).gather(pl.col(col).cast(pl.Int64) - lo).alias(col)
+    if values.dtype == pl.Utf8 and not values.null_count():
+        # an enum over the sorted ids: its physical codes are the positions (half the memory
+        # of a replace_strict at the same speed)
+        return pl.col(col).cast(pl.Enum(values)).to_physical().cast(pl.Int32)
+    return pl.col(col).replace_strict(values, _codes(n), return_dtype=pl.Int32)
+
+
+def _compact(lf: pl.LazyFrame, source: str) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
+    """The rows with Int32 codes for users and items (positions in the sorted distinct raw
+    ids), in their order, and the sorted distinct raw user and item ids."""
+    try:
+        users, items = pl.collect_all([lf.select(pl.col(USER).unique().sort()),
+                                       lf.select(pl.col(ITEM).unique().sort())], engine="streaming")
+        users, items = users.to_series(), items.to_series()
+        table = _collect(lf.with_columns(_code_expr(USER, users), _code_expr(ITEM, items)))
+    except pl.exceptions.PolarsError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise DataError(f"{source}: cannot read the interactions ({lines[0] if lines else type(exc).__name__}); "
+                        "check the file, or pass the right format with --format") from exc
+    return table, users, items
+
+
+def _mask(n: int, codes: pl.Series) -> pl.Series:
+    mask = pl.zeros(n, dtype=pl.Boolean, eager=True)
+    if codes.len():
+        mask.scatter(codes, True)
+    return mask
+
+
+# ---- iterative k-core ---------------------------------------------------------------------------
+def _alive(lf: pl.LazyFrame, users: pl.Series | None, items: pl.Series | None) -> pl.LazyFrame:
+    """Rows whose user and item codes are alive in the boolean masks (``None``: all alive)."""
+    for col, mask in ((USER, users), (ITEM, items)):
+        if mask is not None:
+            lf = lf.filter(pl.lit(mask).gather(pl.col(col)))
+    return lf
+
+
+def _kcore_masks(table: pl.DataFrame, n_users: int, n_items: int, min_user: int, min_item: int,
+                 max_rounds: int = 100) -> tuple[pl.Series | None, pl.Series | None]:
+    """Boolean masks over the user and item codes of the rows left after the iterative k-core,
+    or ``(None, None)`` when nothing is removed.
+
+    Each round drops the items with fewer than ``min_item`` rows, then the users with fewer than
+    ``min_user`` rows among those left, counting over the rows of the survivors only (one lazy
+    group-by each); it stops after a round that removes nothing. The table itself is never
+    filtered in between.
+    """
+    if min_user <= 1 and min_item <= 1:
+        return None, None
+    size = {USER: n_users, ITEM: n_items}
+    alive: dict[str, pl.Series | None] = {USER: None, ITEM: None}
+    fresh: dict[str, pl.Series] = {}  # counted since the last removal: exactly the codes with rows
+    for _ in range(max_rounds):
+        removed = False
+        for col, k in ((ITEM, min_item), (USER, min_user)):
+            if k <= 1:
+                continue
+            counts = _collect(_alive(table.lazy(), alive[USER], alive[ITEM]).group_by(col).len())
+            keep = counts.filter(pl.col("len") >= k)[col]
+            mask = _mask(size[col], keep)
+            if keep.len() < counts.height:
+                removed = True
+                alive[col] = mask
+                fresh = {col: mask}
+            else:
+                fresh[col] = mask
+        if not removed:
+            break
+    if alive[USER] is None and alive[ITEM] is None:
+        return None, None
+    rows = _alive(table.lazy(), alive[USER], alive[ITEM])
+    missing = [c for c in (USER, ITEM) if c not in fresh]
+    found = pl.collect_all([rows.select(pl.col(c).unique()) for c in missing], engine="streaming")
+    fresh.update({c: _mask(size[c], f.to_series()) for c, f in zip(missing, found)})
+    return fresh[USER], fresh[ITEM]
+
+
 def kcore(df: pl.DataFrame, min_user: int, min_item: int, max_rounds: int = 100) -> pl.DataFrame:
     """Iteratively drop users with fewer than ``min_user`` and items with fewer than
-    ``min_item`` interactions until both conditions hold everywhere."""
+    ``min_item`` interactions until both conditions hold everywhere (at most ``max_rounds``
+    rounds). Rows keep their order and their raw ids."""
     if min_user <= 1 and min_item <= 1:
         return df
-    for _ in range(max_rounds):
-        n = df.height
-        if min_item > 1:
-            df = df.filter(pl.len().over(ITEM) >= min_item)
-        if min_user > 1:
-            df = df.filter(pl.len().over(USER) >= min_user)
-        if df.height == n:
-            break
-    return df
+    table, users, items = _compact(df.lazy(), "kcore")
+    alive_users, alive_items = _kcore_masks(table, users.len(), items.len(), min_user, min_item, max_rounds)
+    return _collect(_alive(table.lazy(), alive_users, alive_items).with_columns(
+        pl.lit(users).gather(pl.col(USER)).alias(USER), pl.lit(items).gather(pl.col(ITEM)).alias(ITEM)))
 
 
-def clean(raw: RawData, opts: PrepareOptions) -> pl.DataFrame:
-    df = raw.interactions
-    if opts.behaviors and "behavior" in df.columns:
-        df = df.filter(pl.col("behavior").is_in(list(opts.behaviors)))
+# ---- sort and dedupe by user ranges ---------------------------------------------------------------
+def _user_ranges(table: pl.DataFrame, n_users: int, rows: int) -> list[tuple[int, int]]:
+    """Consecutive user-code ranges [lo, hi) of about ``rows`` rows each (a user is never split)."""
+    n = table.height
+    if n <= rows:
+        return [(0, n_users)]
+    parts = math.ceil(n / rows)
+    counts = _collect(table.lazy().group_by(USER).len()).sort(USER)
+    ends = counts.select(
+        pl.col(USER), (pl.col("len").cast(pl.Int64).cum_sum() * parts // (n + 1)).alias("_p")
+    ).group_by("_p").agg(pl.col(USER).max()).sort("_p")[USER].to_list()
+    bounds = [0] + [u + 1 for u in ends[:-1]] + [n_users]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _sort_dedupe(table: pl.DataFrame, n_users: int, n_items: int, dedupe: str,
+                 rows: int | None = None) -> pl.DataFrame:
+    """Rows sorted by (user, time), ties in source order, keeping the first / last row of every
+    (user, item[, behavior][, split]) in that order (``dedupe="none"``: sort only); one user
+    range of about ``rows`` rows at a time."""
+    if table.height == 0:
+        return table
+    keys = [USER, ITEM] + [c for c in (BEHAVIOR, SPLIT) if c in table.columns]
+    t = table.select(pl.col(TIME).min().alias("lo"), pl.col(TIME).max().alias("hi"),
+                     pl.col(TIME).null_count().alias("nulls")).row(0, named=True)
+    span = None  # pack (user, time) into one Int64 sort key when it fits
+    if table.schema[TIME].is_integer() and not t["nulls"] and t["hi"] <= _INT64_MAX:
+        span = t["hi"] - t["lo"] + 1
+    ranges = _user_ranges(table, n_users, rows or PARTITION_ROWS)
+    out = []
+    for lo, hi in ranges:
+        lf = table.lazy() if len(ranges) == 1 else table.lazy().filter(pl.col(USER).is_between(lo, hi - 1))
+        u = pl.col(USER).cast(pl.Int64) - lo
+        if span is not None and (hi - lo) * span <= _INT64_MAX:
+            lf = lf.sort(u * span + (pl.col(TIME).cast(pl.Int64) - t["lo"]), maintain_order=True)
+        else:
+            lf = lf.sort([USER, TIME], maintain_order=True)
+        if dedupe != "none":
+            key = u * n_items + pl.col(ITEM) if len(keys) == 2 else pl.struct(keys)
+            lf = lf.filter(key.is_first_distinct() if dedupe == "first" else key.is_last_distinct())
+        out.append(_collect(lf))
+    return pl.concat(out, rechunk=False) if len(out) > 1 else out[0]
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+def _filtered(raw: RawData, opts: PrepareOptions) -> pl.LazyFrame:
+    lf = raw.interactions.lazy()
+    cols = lf.collect_schema().names()
+    if opts.behaviors and BEHAVIOR in cols:
+        lf = lf.filter(pl.col(BEHAVIOR).is_in(list(opts.behaviors)))
     if opts.rating_threshold is not None:
-        if RATING not in df.columns:
+        if RATING not in cols:
             raise DataError(
                 f"{raw.source or raw.name}: --rating-threshold needs a rating column; map one with --rating-col "
                 "or drop the threshold"
             )
-        df = df.filter(pl.col(RATING) >= opts.rating_threshold)
-    if opts.dedupe != "none":
-        # "first"/"last" mean earliest/latest in time (ties: source order)
-        df = df.sort([USER, TIME], maintain_order=True)
-        keys = [USER, ITEM] + (["behavior"] if "behavior" in df.columns else []) + (["split"] if "split" in df.columns else [])
-        df = df.unique(subset=keys, keep=opts.dedupe, maintain_order=True)
-    df = kcore(df, opts.min_user, opts.min_item)
-    if df.height == 0:
+        lf = lf.filter(pl.col(RATING) >= opts.rating_threshold)
+    return lf
+
+
+def _renumber(mask: pl.Series | None, n: int, offset: int) -> tuple[pl.Series, pl.Expr | None]:
+    """New dense ids (from ``offset``) of the codes alive in ``mask``: their codes, and the
+    expression mapping a code to its new id (null when dead); ``None`` when it is code + offset."""
+    if mask is None:
+        return _codes(n), None
+    new = pl.select(pl.when(pl.lit(mask)).then(pl.lit(mask).cast(pl.Int32).cum_sum() - 1 + offset)).to_series()
+    return _codes(n).filter(mask), pl.lit(new)
+
+
+def _encode_survivors(table: pl.DataFrame, users: pl.Series, items: pl.Series,
+                      alive_users: pl.Series | None, alive_items: pl.Series | None
+                      ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Keep the rows of surviving users and items and give both dense ids in one pass: users
+    ``0..U-1`` and items ``1..I`` in sorted raw-id order (the codes already are in that order)."""
+    user_codes, user_new = _renumber(alive_users, users.len(), 0)
+    item_codes, item_new = _renumber(alive_items, items.len(), 1)
+    user_map = pl.DataFrame({"raw": users.gather(user_codes), "idx": _codes(user_codes.len())})
+    item_map = pl.DataFrame({"raw": items.gather(item_codes), "idx": _codes(item_codes.len(), 1)})
+    lf = table.lazy().with_columns(
+        (pl.col(USER) if user_new is None else user_new.gather(pl.col(USER))).alias(USER),
+        (pl.col(ITEM) + 1 if item_new is None else item_new.gather(pl.col(ITEM))).alias(ITEM),
+    )
+    if user_new is not None or item_new is not None:
+        lf = lf.filter(pl.col(USER).is_not_null() & pl.col(ITEM).is_not_null())
+    rest = [c for c in table.columns if c not in (USER, ITEM, TIME)]
+    return _collect(lf.select(USER, ITEM, TIME, *rest)), user_map, item_map
+
+
+def _run(lf: pl.LazyFrame, opts: PrepareOptions, source: str, timings: dict | None = None
+         ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Encoded interactions sorted by (user, time), user map, item map."""
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = round(now - clock[0], 3)
+        clock[0] = now
+
+    table, users, items = _compact(lf, source)
+    lap("read+codes")
+    table = _sort_dedupe(table, users.len(), items.len(), opts.dedupe)
+    lap("sort+dedupe")
+    alive_users, alive_items = _kcore_masks(table, users.len(), items.len(), opts.min_user, opts.min_item)
+    lap("kcore")
+    enc, user_map, item_map = _encode_survivors(table, users, items, alive_users, alive_items)
+    del table
+    lap("encode")
+    if enc.height == 0:
         raise DataError(
-            f"{raw.source or raw.name}: no interactions left after filtering "
+            f"{source}: no interactions left after filtering "
             f"(min_user={opts.min_user}, min_item={opts.min_item}, rating_threshold={opts.rating_threshold}); "
             "lower the thresholds"
         )
-    return df
+    return enc, user_map, item_map
 
 
-def encode(df: pl.DataFrame, raw: RawData) -> Dataset:
-    """Dense ids: users 0..U-1 by first appearance order of sorted raw ids, items 1..I."""
-    user_map = df.select(pl.col(USER).unique().sort().alias("raw")).with_row_index("idx").with_columns(
-        pl.col("idx").cast(pl.Int32)
-    ).select("raw", "idx")
-    item_map = df.select(pl.col(ITEM).unique().sort().alias("raw")).with_row_index("idx", offset=1).with_columns(
-        pl.col("idx").cast(pl.Int32)
-    ).select("raw", "idx")
-    enc = (
-        df.join(user_map.rename({"raw": USER, "idx": "_u"}), on=USER, how="left", maintain_order="left")
-        .join(item_map.rename({"raw": ITEM, "idx": "_i"}), on=ITEM, how="left", maintain_order="left")
-        .drop(USER, ITEM)
-        .rename({"_u": USER, "_i": ITEM})
-    )
-    cols = [USER, ITEM, TIME] + [c for c in enc.columns if c not in (USER, ITEM, TIME)]
-    enc = sort_interactions(enc.select(cols))
-
+def _dataset(enc: pl.DataFrame, user_map: pl.DataFrame, item_map: pl.DataFrame, raw: RawData) -> Dataset:
     items = users = None
     if raw.items is not None and ITEM in raw.items.columns:
         it = raw.items.with_columns(pl.col(ITEM).cast(item_map.schema["raw"], strict=False))
@@ -100,10 +297,27 @@ def encode(df: pl.DataFrame, raw: RawData) -> Dataset:
     return Dataset(enc, user_map, item_map, items, users, name=raw.name, meta=dict(raw.meta))
 
 
-def prepare(raw: RawData, opts: PrepareOptions | None = None) -> Dataset:
-    """Clean and encode ``raw`` (no cache)."""
+def clean(raw: RawData, opts: PrepareOptions) -> pl.DataFrame:
+    """Filtered, deduplicated and k-cored interactions with their raw ids, sorted by
+    (user, time) with ties in source order."""
+    enc, user_map, item_map = _run(_filtered(raw, opts), opts, raw.source or raw.name)
+    return enc.with_columns(pl.lit(user_map["raw"]).gather(pl.col(USER)).alias(USER),
+                            pl.lit(item_map["raw"]).gather(pl.col(ITEM) - 1).alias(ITEM))
+
+
+def encode(df: pl.DataFrame | pl.LazyFrame, raw: RawData) -> Dataset:
+    """Dense ids for already cleaned interactions: users ``0..U-1`` and items ``1..I`` in sorted
+    raw-id order; rows sorted by (user, time), ties in source order."""
+    enc, user_map, item_map = _run(df.lazy(), PrepareOptions(dedupe="none"), raw.source or raw.name)
+    return _dataset(enc, user_map, item_map, raw)
+
+
+def prepare(raw: RawData, opts: PrepareOptions | None = None, timings: dict | None = None) -> Dataset:
+    """Clean and encode ``raw`` (no cache). ``raw.interactions`` may be a DataFrame or a
+    LazyFrame (a scan, see ``load_raw(path, lazy=True)``); ``timings``, when given, receives
+    the seconds of each stage."""
     opts = opts or PrepareOptions()
-    ds = encode(clean(raw, opts), raw)
+    ds = _dataset(*_run(_filtered(raw, opts), opts, raw.source or raw.name, timings), raw)
     ds.meta["prepare"] = asdict(opts)
     return ds
 

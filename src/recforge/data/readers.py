@@ -20,6 +20,9 @@ Formats (the keys of :data:`READERS`):
 
 :func:`load_raw` detects the format of a path; :func:`reader_key` gives the string that the
 Parquet cache uses to tell reader settings apart. Every failure is a one-line :class:`DataError`.
+For tables larger than memory, ``load_raw(path, lazy=True)`` (:func:`scan_table`) gives the same
+interactions as a Polars LazyFrame over a Parquet / CSV scan, which
+:func:`recforge.data.prepare.prepare` streams.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import inspect
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -273,6 +277,18 @@ def _sniff_sep(path: Path) -> str:
     return " "
 
 
+def _table_sep(path: Path, sep: str | None) -> str:
+    """The one-character separator of a delimited file: given, by extension, or sniffed."""
+    if sep is None:
+        sep = {".csv": ",", ".tsv": "\t"}.get(path.suffix.lower()) or _sniff_sep(path)
+    if sep == "\\t":
+        sep = "\t"
+    if len(sep) != 1:
+        raise DataError(f"{path}: separator {sep!r} must be one character; pass --sep with one "
+                        "character (MovieLens '::' files are read by the ml-1m format)")
+    return sep
+
+
 def _read_any_table(path: Path, sep: str | None = None, has_header: bool = True,
                     text_cols: tuple = ()) -> pl.DataFrame:
     """Read a CSV/TSV (by extension, or ``sep``) or Parquet file into a DataFrame.
@@ -283,13 +299,7 @@ def _read_any_table(path: Path, sep: str | None = None, has_header: bool = True,
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq") and sep is None:
         return pl.read_parquet(path)
-    if sep is None:
-        sep = {".csv": ",", ".tsv": "\t"}.get(suffix) or _sniff_sep(path)
-    if sep == "\\t":
-        sep = "\t"
-    if len(sep) != 1:
-        raise DataError(f"{path}: separator {sep!r} must be one character; pass --sep with one "
-                        "character (MovieLens '::' files are read by the ml-1m format)")
+    sep = _table_sep(path, sep)
     overrides = {c: pl.Utf8 for c in text_cols if isinstance(c, str)} if has_header else None
     kw = dict(separator=sep, has_header=has_header, infer_schema_length=10000, encoding="utf8-lossy",
               schema_overrides=overrides or None)
@@ -300,18 +310,37 @@ def _read_any_table(path: Path, sep: str | None = None, has_header: bool = True,
         return pl.read_csv(path, **{**kw, "infer_schema_length": None})
 
 
-def _column(df: pl.DataFrame, spec: Any, flag: str, source: str, has_header: bool = True) -> str:
-    """Resolve a user-given column name (or 0-based index for headerless files)."""
-    if isinstance(spec, str) and spec in df.columns:
+def _column(columns: list[str], spec: Any, flag: str, source: str, has_header: bool = True) -> str:
+    """Resolve a user-given column name (or 0-based index for headerless files) among ``columns``."""
+    if isinstance(spec, str) and spec in columns:
         return spec
     if not has_header and (isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit())):
         idx = int(spec)
-        if 0 <= idx < df.width:
-            return df.columns[idx]
-    close = difflib.get_close_matches(str(spec), df.columns, n=1)
+        if 0 <= idx < len(columns):
+            return columns[idx]
+    close = difflib.get_close_matches(str(spec), columns, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise DataError(f"{source}: no column '{spec}'{hint}; found: {', '.join(df.columns)}; "
+    raise DataError(f"{source}: no column '{spec}'{hint}; found: {', '.join(columns)}; "
                     f"name the right one with {flag}")
+
+
+def _table_mapping(columns: list[str], source: str, has_header: bool, user_col, item_col, time_col,
+                   rating_col, behavior_col) -> tuple[dict[str, str], dict[str, str]]:
+    """Source column -> canonical name, and the renames that keep a non-mapped column that
+    already bears a canonical name out of the way."""
+    mapping: dict[str, str] = {}
+    specs = [(user_col, USER, "--user-col"), (item_col, ITEM, "--item-col"),
+             (time_col, TIME, "--time-col"), (rating_col, RATING, "--rating-col"),
+             (behavior_col, BEHAVIOR, "--behavior-col")]
+    for spec, canon, flag in specs:
+        if spec is None:
+            continue
+        if canon == TIME:
+            flag += " (or time_col=None when the file has no time)"
+        mapping[_column(columns, spec, flag, source, has_header)] = canon
+    targets = set(mapping.values()) | ({TIME} if time_col is None else set())
+    clash = {c: f"{c}_orig" for c in columns if c in targets and c not in mapping}
+    return mapping, clash
 
 
 @_with_errors("table")
@@ -334,20 +363,8 @@ def read_table(path, user_col="user_id", item_col="item_id", time_col="timestamp
         raise DataError(f"{path}: is a folder; give the table file itself")
     source = str(path)
     df = _read_any_table(p, sep, has_header, text_cols=(user_col, item_col))
-    mapping: dict[str, str] = {}
-    specs = [(user_col, USER, "--user-col"), (item_col, ITEM, "--item-col"),
-             (time_col, TIME, "--time-col"), (rating_col, RATING, "--rating-col"),
-             (behavior_col, BEHAVIOR, "--behavior-col")]
-    for spec, canon, flag in specs:
-        if spec is None:
-            continue
-        if canon == TIME:
-            flag += " (or time_col=None when the file has no time)"
-        src = _column(df, spec, flag, source, has_header)
-        mapping[src] = canon
-    # a kept column that already bears a canonical name would collide: keep it under another name
-    targets = set(mapping.values()) | ({TIME} if time_col is None else set())
-    clash = {c: f"{c}_orig" for c in df.columns if c in targets and c not in mapping}
+    mapping, clash = _table_mapping(df.columns, source, has_header, user_col, item_col, time_col,
+                                    rating_col, behavior_col)
     df = df.rename(clash).rename(mapping)
     if time_col is None:
         df = df.with_columns(_positions())
@@ -362,6 +379,184 @@ def read_table(path, user_col="user_id", item_col="item_id", time_col="timestamp
         item_table = _read_item_table(_existing(items), key, df.schema[ITEM])
     return RawData(df, items=item_table, name=p.stem, source=source,
                    meta={"format": "table", "time": time_kind})
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic tables, lazily (data larger than memory)
+# ---------------------------------------------------------------------------------------------
+def _scan_any_table(path: Path, sep: str | None, has_header: bool, text_cols: tuple,
+                    full_inference: bool = False) -> pl.LazyFrame:
+    """:func:`_read_any_table` as a scan (Parquet, or CSV/TSV with the same options)."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq") and sep is None:
+        return pl.scan_parquet(path)
+    sep = _table_sep(path, sep)
+    overrides = {c: pl.Utf8 for c in text_cols if isinstance(c, str)} if has_header else None
+    return pl.scan_csv(path, separator=sep, has_header=has_header, encoding="utf8-lossy",
+                       infer_schema_length=None if full_inference else 10000, schema_overrides=overrides or None)
+
+
+def _lazy_id(col: str, dtype: pl.DataType) -> tuple[dict[str, pl.Expr], Callable[[dict], pl.Expr]]:
+    """Statistics to gather for an id column, and the normalising expression they decide
+    (the rules of :func:`_normalize_id`)."""
+    c = pl.col(col)
+    if dtype.is_integer():
+        return {}, lambda st: c.cast(pl.Int64)
+    if dtype.is_float():
+        return ({f"{col}:int": (c == c.floor()).all()},
+                lambda st: c.cast(pl.Int64) if st[f"{col}:int"] else c.cast(pl.Utf8))
+    text = c.cast(pl.Utf8).str.strip_chars()
+    as_int = text.cast(pl.Int64, strict=False)
+    stats = {f"{col}:int_nulls": as_int.null_count(), f"{col}:round_trip": (as_int.cast(pl.Utf8) == text).all()}
+    return stats, lambda st: (as_int if st[f"{col}:int_nulls"] == st[f"{col}:nulls"] and st[f"{col}:round_trip"]
+                              else text)
+
+
+def _time_stats(dtype: pl.DataType, time_format: str | None) -> tuple[dict[str, pl.Expr], pl.Expr | None]:
+    """Statistics to gather for the time column, and its conversion when the type decides it."""
+    c = pl.col(TIME)
+    out = None
+    if dtype.is_integer():
+        out = c.cast(pl.Int64)
+    elif dtype.is_float():
+        out = c.floor().cast(pl.Int64)
+    elif dtype.is_temporal():
+        out = c.dt.epoch("s")
+    if out is not None:
+        return {"t:out_nulls": out.null_count()}, out
+    if time_format is not None:
+        return {}, None
+    text = c.cast(pl.Utf8).str.strip_chars()
+    return {"t:nulls": text.null_count(), "t:int_nulls": text.cast(pl.Int64, strict=False).null_count(),
+            "t:float_nulls": text.cast(pl.Float64, strict=False).null_count(),
+            "t:present": text.is_not_null().sum(), "t:iso": text.str.contains(_ISO_DATETIME).all()}, None
+
+
+def _lazy_time(lf: pl.LazyFrame, source: str, name: str, time_format: str | None, st: dict
+               ) -> tuple[pl.Expr, int]:
+    """Epoch seconds for a text time column (the rules of :func:`_to_seconds`), decided from the
+    statistics ``st``; a parse is checked in one streaming pass. Returns the expression and its
+    number of missing values."""
+    text = pl.col(TIME).cast(pl.Utf8).str.strip_chars()
+    fix = "give --time-format (e.g. '%Y-%m-%d %H:%M:%S') or point --time-col at a numeric column"
+    count = lambda e: lf.select(e.null_count()).collect(engine="streaming").item()  # noqa: E731
+    if time_format is not None:
+        out = text.str.to_datetime(time_format, strict=True).dt.epoch("s")
+        try:
+            return out, count(out)
+        except pl.exceptions.PolarsError as exc:
+            raise DataError(f"{source}: column '{name}' does not match --time-format "
+                            f"'{time_format}' ({_short(exc)}); fix the format") from exc
+    if st["t:int_nulls"] == st["t:nulls"]:
+        return text.cast(pl.Int64, strict=False), st["t:nulls"]
+    if st["t:float_nulls"] == st["t:nulls"]:
+        return text.cast(pl.Float64, strict=False).floor().cast(pl.Int64), st["t:nulls"]
+    if st["t:present"] and st["t:iso"]:
+        out = text.str.to_datetime(strict=True).dt.epoch("s")
+        try:
+            return out, count(out)
+        except pl.exceptions.PolarsError:
+            pass
+    example = lf.select(text.filter(text.cast(pl.Float64, strict=False).is_null() & text.is_not_null()).first()
+                        ).collect(engine="streaming").item()
+    raise DataError(f"{source}: column '{name}' holds non-numeric times such as "
+                    f"'{example if example is not None else '?'}' that are not ISO dates; {fix}")
+
+
+@_with_errors("table")
+def scan_table(path, user_col="user_id", item_col="item_id", time_col="timestamp", rating_col=None,
+               behavior_col=None, sep=None, has_header=True, items=None, item_key=None,
+               time_format=None) -> RawData:
+    """:func:`read_table` for tables larger than memory: the interactions are a Polars
+    LazyFrame over a Parquet or CSV scan, with the same columns, types and checks.
+
+    The id and time types and the checks (missing ids, unreadable times, an empty file, a
+    non-numeric rating) are decided in one or two streaming passes over the needed columns;
+    the rows themselves are read only when the frame is collected (by :func:`~recforge.data.
+    prepare.prepare`, which never holds the raw-id table in memory).
+    """
+    p = _existing(path)
+    if p.is_dir():
+        raise DataError(f"{path}: is a folder; give the table file itself")
+    source = str(path)
+    is_csv = not (p.suffix.lower() in (".parquet", ".pq") and sep is None)
+    for full_inference in (False, True):
+        scan = _scan_any_table(p, sep, has_header, (user_col, item_col), full_inference)
+        try:
+            lf, time_kind = _scan_canonical(scan, source, is_csv, user_col, item_col, time_col, rating_col,
+                                            behavior_col, has_header, time_format)
+            break
+        except pl.exceptions.ComputeError:
+            # a later CSV row did not fit the inferred types: infer over the whole file instead
+            if full_inference or not is_csv:
+                raise
+    item_table = None
+    if items is not None:
+        key = item_key if item_key is not None else (item_col if isinstance(item_col, str) else ITEM)
+        item_table = _read_item_table(_existing(items), key, lf.collect_schema()[ITEM])
+    with warnings.catch_warnings():  # RawData checks the schema: resolved already, cheap
+        warnings.simplefilter("ignore", pl.exceptions.PerformanceWarning)
+        return RawData(lf, items=item_table, name=p.stem, source=source,
+                       meta={"format": "table", "time": time_kind})
+
+
+def _scan_canonical(lf: pl.LazyFrame, source: str, is_csv: bool, user_col, item_col, time_col,
+                    rating_col, behavior_col, has_header: bool, time_format: str | None
+                    ) -> tuple[pl.LazyFrame, str]:
+    """Canonical columns and types over a scan, and the kind of time ("seconds"/"position")."""
+    mapping, clash = _table_mapping(lf.collect_schema().names(), source, has_header, user_col, item_col,
+                                    time_col, rating_col, behavior_col)
+    lf = lf.rename(clash).rename(mapping)
+    schema = lf.collect_schema()
+    stats: dict[str, pl.Expr] = {"len": pl.len()}
+    if is_csv:  # parse every column once, so that a badly typed later row shows up here
+        stats.update({f"{c}:all": pl.col(c).null_count() for c in schema.names()})
+    decide = {}
+    for col in (USER, ITEM):
+        extra, decide[col] = _lazy_id(col, schema[col])
+        stats.update(extra)
+        stats[f"{col}:nulls"] = pl.col(col).null_count()
+    time_out = None
+    if time_col is not None:
+        extra, time_out = _time_stats(schema[TIME], time_format)
+        stats.update(extra)
+    if RATING in schema and schema[RATING] != pl.Float64:
+        r = pl.col(RATING)
+        as_float = r.cast(pl.Utf8).str.strip_chars().cast(pl.Float64, strict=False)
+        stats["rating:bad"] = as_float.null_count() - r.null_count()
+    st = lf.select(**stats).collect(engine="streaming").row(0, named=True)
+
+    if time_col is None:
+        lf = lf.with_columns(_positions())
+        time_kind = "position"
+    else:
+        name = _source_name(mapping, TIME)
+        if time_out is not None:
+            out, nulls = time_out, st["t:out_nulls"]
+        else:
+            out, nulls = _lazy_time(lf, source, name, time_format, st)
+        if nulls:
+            raise DataError(f"{source}: column '{name}' has {nulls} empty or unreadable time(s); "
+                            "fill or drop those rows")
+        lf = lf.with_columns(out.alias(TIME))
+        time_kind = "seconds"
+    if st["len"] == 0:
+        raise DataError(f"{source}: no interactions found; check that this is the right file")
+    for col in (USER, ITEM):
+        if st[f"{col}:nulls"]:
+            raise DataError(f"{source}: {st[f'{col}:nulls']} row(s) have an empty {col}; remove them or fix the file")
+    lf = lf.with_columns(decide[USER](st).alias(USER), decide[ITEM](st).alias(ITEM))
+    if "rating:bad" in st:
+        if st["rating:bad"]:
+            raise DataError(f"{source}: the rating column is not numeric (a value is not a number); "
+                            "point --rating-col at a numeric column")
+        lf = lf.with_columns(pl.col(RATING).cast(pl.Utf8).str.strip_chars().cast(pl.Float64))
+    for col in (BEHAVIOR, SPLIT):
+        if col in schema and schema[col] != pl.Utf8:
+            lf = lf.with_columns(pl.col(col).cast(pl.Utf8))
+    names = lf.collect_schema().names()
+    first = [c for c in (USER, ITEM, TIME, BEHAVIOR, RATING, SPLIT) if c in names]
+    return lf.select(first + [c for c in names if c not in first]), time_kind
 
 
 def _source_name(mapping: dict[str, str], canon: str) -> str:
@@ -766,7 +961,7 @@ def read_recbole(path, user_col="user_id", item_col="item_id", time_col="timesta
     source = str(path)
     mapping = {}
     for spec, canon, flag in ((user_col, USER, "--user-col"), (item_col, ITEM, "--item-col")):
-        mapping[_column(df, spec, flag, source)] = canon
+        mapping[_column(df.columns, spec, flag, source)] = canon
     has_time = time_col is not None and time_col in df.columns
     if has_time:
         mapping[time_col] = TIME
@@ -945,14 +1140,18 @@ def _resolve(path, options: dict) -> tuple[str, Callable[..., RawData], dict]:
     return fmt, reader, kept
 
 
-def load_raw(path, **options) -> RawData:
+def load_raw(path, lazy: bool = False, **options) -> RawData:
     """Read any supported file or dataset folder into canonical :class:`RawData`.
 
     The format is detected from the path (see :func:`detect_format`) unless ``fmt=`` names one of
     :data:`READERS`. Other options go to the reader (e.g. ``user_col=`` for tables); options set
-    to ``None`` that the chosen reader does not take are ignored.
+    to ``None`` that the chosen reader does not take are ignored. ``lazy=True`` scans a generic
+    table (CSV/TSV/Parquet) instead of reading it (:func:`scan_table`: the interactions are a
+    LazyFrame, for data larger than memory); other formats are read as usual.
     """
     fmt, reader, kept = _resolve(path, options)
+    if lazy and fmt == "table":
+        reader = scan_table
     raw = reader(path, **kept)
     raw.meta.setdefault("format", fmt)
     return raw
@@ -973,6 +1172,7 @@ def reader_key(path, **options) -> str:
     an ``items=`` table, a ``time_path``) are fingerprinted by size and modification time, so a
     change to them invalidates the cache too.
     """
+    options = {k: v for k, v in options.items() if k != "lazy"}  # same data either way
     fmt, _reader, kept = _resolve(path, options)
     p = Path(path)
     extra: list[str] = []

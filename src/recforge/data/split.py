@@ -87,22 +87,36 @@ def _empty_like(df: pl.DataFrame) -> pl.DataFrame:
     return df.clear()
 
 
+def _same_user(offset: int) -> pl.Expr:
+    """Whether the row ``offset`` rows before (negative: after) belongs to the same user, on a
+    frame sorted by user; False past either end."""
+    return (pl.col(USER).shift(offset) == pl.col(USER)).fill_null(False)
+
+
 def leave_one_out(ds: Dataset, min_length: int = 3) -> Split:
     """Last interaction of each user is the test target, the one before it the validation
     target, the rest is training. Users with fewer than ``min_length`` interactions stay wholly
-    in training and are not evaluated."""
+    in training and are not evaluated.
+
+    On the frame sorted by (user, time) every part is a row-wise test over neighbouring rows (no
+    per-user window, no join): a row is its user's last when the next row has another user, and
+    the user has at least ``min_length`` rows when the row ``min_length - 1`` above is theirs.
+    """
     df = sort_interactions(ds.interactions)
-    df = df.with_columns(
-        (pl.len().over(USER) - pl.int_range(pl.len()).over(USER) - 1).alias("_from_end"),
-        pl.len().over(USER).alias("_n"),
-    )
-    evaluated = pl.col("_n") >= min_length
-    test = df.filter(evaluated & (pl.col("_from_end") == 0))
-    valid = df.filter(evaluated & (pl.col("_from_end") == 1))
-    train = df.filter(~evaluated | (pl.col("_from_end") >= 2))
-    drop = ["_from_end", "_n"]
-    return Split(train.drop(drop), valid.drop(drop), test.drop(drop), ds.n_users, ds.n_items,
-                 {"split": "leave-one-out", "min_length": min_length})
+
+    def enough(after: int) -> pl.Expr:
+        """For a row with ``after`` rows of its user after it: the user has >= min_length rows."""
+        before = min_length - 1 - after
+        return _same_user(before) if before > 0 else pl.lit(True)
+
+    last = ~_same_user(-1)
+    second_last = _same_user(-1) & ~_same_user(-2)
+    part = (pl.when(last & enough(0)).then(2).when(second_last & enough(1)).then(1).otherwise(0)
+            .cast(pl.UInt8).alias("_part"))
+    marked = df.lazy().with_columns(part)
+    train, valid, test = pl.collect_all(
+        [marked.filter(pl.col("_part") == k).drop("_part") for k in (0, 1, 2)], engine="streaming")
+    return Split(train, valid, test, ds.n_users, ds.n_items, {"split": "leave-one-out", "min_length": min_length})
 
 
 def temporal(ds: Dataset, test_quantile: float = 0.9, valid_quantile: float = 0.8,
@@ -111,17 +125,23 @@ def temporal(ds: Dataset, test_quantile: float = 0.9, valid_quantile: float = 0.
     the cut-offs validate, the rest test. Cut-offs are timestamps or quantiles of all times.
     Targets of users with no training history are dropped (nothing to rank from)."""
     df = sort_interactions(ds.interactions)
-    ts = df[TIME]
-    t_test = int(test_cutoff) if test_cutoff is not None else int(ts.quantile(test_quantile, "nearest"))
-    t_valid = int(valid_cutoff) if valid_cutoff is not None else int(ts.quantile(valid_quantile, "nearest"))
+    if test_cutoff is None or valid_cutoff is None:
+        q = df.lazy().select(pl.col(TIME).quantile(test_quantile, "nearest").alias("test"),
+                             pl.col(TIME).quantile(valid_quantile, "nearest").alias("valid"))
+        q = q.collect(engine="streaming").row(0, named=True)
+    t_test = int(test_cutoff) if test_cutoff is not None else int(q["test"])
+    t_valid = int(valid_cutoff) if valid_cutoff is not None else int(q["valid"])
     if t_valid > t_test:
         raise ConfigError(f"temporal split: validation cut-off {t_valid} is after test cut-off {t_test}; swap them")
-    train = df.filter(pl.col(TIME) < t_valid)
-    valid = df.filter((pl.col(TIME) >= t_valid) & (pl.col(TIME) < t_test))
-    test = df.filter(pl.col(TIME) >= t_test)
-    known = train.select(USER).unique()
-    valid = valid.join(known, on=USER, how="semi")
-    test = test.join(known, on=USER, how="semi")
+    lf = df.lazy()
+    train_lf = lf.filter(pl.col(TIME) < t_valid)
+    known = train_lf.select(pl.col(USER).unique())
+    held = lambda cond: lf.filter(cond).join(known, on=USER, how="semi", maintain_order="left")  # noqa: E731
+    train, valid, test = pl.collect_all([
+        train_lf,
+        held((pl.col(TIME) >= t_valid) & (pl.col(TIME) < t_test)),
+        held(pl.col(TIME) >= t_test),
+    ], engine="streaming")
     if train.height == 0 or test.height == 0:
         raise DataError(f"temporal split at {t_valid}/{t_test} leaves an empty train or test part; choose other cut-offs")
     return Split(train, valid, test, ds.n_users, ds.n_items,
