@@ -15,7 +15,7 @@ counted, and a hard time limit after which it stops by itself. It also reports r
 FAISS index against exact search on the model's item vectors, with real users' queries.
 
     nice -n 10 .venv/bin/python benchmarks/bench_serving.py [--artifact DIR] [--model sasrec|bpr]
-        [--rate 200] [--requests 2000]
+        [--rate 200] [--requests 2000] [--workers 1]
 
 Without ``--artifact`` a run is trained on Beauty and exported (SASRec when the model is
 registered, else BPR; ``--epochs`` defaults to 1: latency does not depend on how well the model
@@ -62,12 +62,12 @@ def make_artifact(model: str, epochs: int, work: Path) -> Path:
     return export_artifact(run.path, work / f"artifact-{model}")
 
 
-def start_server(artifact: Path, events: Path, port: int, log) -> subprocess.Popen:
+def start_server(artifact: Path, events: Path, port: int, log, workers: int = 1) -> subprocess.Popen:
     import httpx2 as httpx
 
     env = dict(os.environ, RECFORGE_API_KEY="", RECFORGE_ADMIN_KEY="")
     proc = subprocess.Popen([sys.executable, "-m", "recforge.cli", "serve", str(artifact), "--host", "127.0.0.1",
-                             "--port", str(port), "--events", str(events), "--threads", "1"],
+                             "--port", str(port), "--events", str(events), "--threads", "1", "--workers", str(workers)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -83,12 +83,20 @@ def start_server(artifact: Path, events: Path, port: int, log) -> subprocess.Pop
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
+    """User + system CPU time of a process and its running children, the worker processes (Linux /proc)."""
+    total, todo = 0.0, [pid]
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        while todo:
+            p = todo.pop()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            try:
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+            except OSError:
+                pass
     except (OSError, IndexError, ValueError):
         return float("nan")
+    return total
 
 
 class HttpPool:
@@ -257,6 +265,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--max-seconds", type=float, default=30.0, help="hard limit per scenario")
     ap.add_argument("--scenarios", default="user,history,events", help="comma-separated, in order")
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes (recforge serve --workers)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
@@ -299,7 +308,7 @@ def main() -> None:
     results = {}
     with open(work / "server.log", "wb") as log:
         t0 = time.perf_counter()
-        proc = start_server(artifact, work / "events.sqlite", port, log)
+        proc = start_server(artifact, work / "events.sqlite", port, log, args.workers)
         startup = time.perf_counter() - t0
         try:
             import httpx2 as httpx

@@ -188,6 +188,21 @@ def test_cli_evaluates_and_recommends_a_gpu_run_on_the_cpu(no_gpu, tmp_path, cap
     assert recforge.evaluate(run.path, device="cpu")["test"] == res["test"]
 
 
+def test_an_artifact_of_a_gpu_run_serves_on_the_cpu(no_gpu, tmp_path, monkeypatch):
+    from recforge.serving.artifact import export_artifact, load_artifact
+
+    run = recforge.train("bpr", "synthetic", {"epochs": 1, "device": "cpu"}, out=tmp_path, verbose=False)
+    art = export_artifact(run.path, tmp_path / "art")
+    _as_saved_on(art / "model", "cuda")
+    monkeypatch.delenv("RECFORGE_DEVICE", raising=False)
+    with pytest.raises(ConfigError, match="device=cuda"):
+        load_artifact(art, verify=False).model
+    monkeypatch.setenv("RECFORGE_DEVICE", "cpu")  # what `recforge serve --device cpu` sets for its workers
+    model = load_artifact(art, verify=False).model
+    assert model.device_ == torch.device("cpu")
+    assert main(["serve", str(art), "--device", "cuda"]) == 2  # an absent device stops before serving
+
+
 # ---- CUDA ------------------------------------------------------------------------------------------
 def _torch_models() -> list[str]:
     return [n for n in registry.available() if issubclass(registry.get_model_class(n), TorchRecommender)]

@@ -302,6 +302,8 @@ def test_admin_reload_needs_the_key_and_swaps_the_model(artifacts, tmp_path):
         r = c.post("/admin/reload", json=body, headers={"X-API-Key": ADMIN})
         assert r.status_code == 200
         assert r.json()["previous"]["model"] == "ease" and r.json()["current"]["model"] == "bpr"
+        assert r.json()["workers"] == 1 and r.json()["generation"] == 2
+        assert c.get("/health").json()["worker"] == {"pid": os.getpid(), "generation": 2}
         assert c.get("/health").json()["model"]["model"] == "bpr"
         assert c.get("/v1/users/1/recommendations").json()["model"] == "bpr"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=1, help="compute threads of PyTorch, BLAS and FAISS (default: 1)")
     sv.add_argument("--ann-threshold", type=int, default=100_000,
                     help="use the FAISS index above this many items (default: 100000)")
+    sv.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps for PyTorch models (default: the device of "
+                    "training; cpu serves a GPU-trained model on a machine without one)")
+    sv.add_argument("--workers", type=int, default=1,
+                    help="worker processes over the one artifact and event log (default: 1; about one per core)")
 
     em = sub.add_parser("embed", help="write the semantic item table of a dataset (needs the 'text' extra)")
     em.add_argument("input", help="a file, a dataset folder, or a name")
@@ -298,8 +303,14 @@ def _dispatch(args) -> int | None:
     elif args.cmd == "serve":
         from recforge.serving.app import run_server
 
+        if args.device:
+            from recforge.training.device import resolve_device
+
+            resolve_device(args.device)  # an absent device stops here, with the fix
+            os.environ["RECFORGE_DEVICE"] = args.device
+
         run_server(args.artifact, host=args.host, port=args.port, events_path=args.events, threads=args.threads,
-                   ann_threshold=args.ann_threshold)
+                   ann_threshold=args.ann_threshold, workers=args.workers)
     return 0
 
 

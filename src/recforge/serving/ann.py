@@ -35,7 +35,7 @@ def query_vectors(model, hist: Histories, item_vectors: np.ndarray) -> np.ndarra
             users = np.asarray(hist.users, dtype=np.int64)
             n_users = model.net_.user.weight.shape[0]
             known = (users >= 0) & (users < n_users)
-            q = model.net_.user.weight.detach().numpy()[np.clip(users, 0, n_users - 1)].copy()
+            q = model.net_.user.weight.detach().cpu().numpy()[np.clip(users, 0, n_users - 1)].copy()
             if not known.all():
                 m = hist.matrix
                 counts = np.maximum(np.asarray(m.sum(1)).ravel(), 1)

@@ -1,6 +1,6 @@
 """The HTTP server: FastAPI on uvicorn.
 
-    recforge serve ARTIFACT_DIR --host 127.0.0.1 --port 8000 [--events events.sqlite]
+    recforge serve ARTIFACT_DIR --host 127.0.0.1 --port 8000 [--events events.sqlite] [--workers N]
 
 Endpoints (raw ids in, raw ids out):
 
@@ -14,8 +14,23 @@ Endpoints (raw ids in, raw ids out):
   over item co-occurrence for models without vectors (the response's ``method`` says which);
 * ``POST /v1/events`` — a batch of events, durable (fsynced) before the reply and part of the
   user's history for the very next request;
-* ``POST /admin/reload`` — load another artifact and swap it in atomically; requests in flight
-  finish on the model they started with.
+* ``POST /admin/reload`` — load another artifact and swap it in atomically, in every worker
+  process (:mod:`recforge.serving.workers`); requests in flight finish on the model they
+  started with.
+
+With ``--workers N`` there are N processes over one artifact and one event log; events and
+reloads reach all of them (:mod:`recforge.serving.workers` says how).
+
+Garbage collection: a full (oldest-generation) collection of CPython visits every container object
+of the process; with PyTorch, Polars and FastAPI loaded that is about 220,000 objects and
+90-200 ms on the benchmark machine, during which the worker answers nothing. With a few requests
+in flight their live objects exceed the young generation's threshold (700), so young collections
+run 30 times as often and promote request objects until a full collection is due, every 1-10 s
+at 8 connections depending on the rate (p99 80-100 ms; ``benchmarks/bench_serving_stalls.py``).
+The server therefore moves everything that exists after start-up (modules, the model, the
+engine) out of the collector's reach with ``gc.freeze()`` (again after each reload; a replaced
+engine has no reference cycles and is still freed by reference counting), so full collections
+visit only what requests created: 0.1-0.5 ms.
 
 Keys: ``X-API-Key`` must equal ``RECFORGE_ADMIN_KEY`` for ``/admin/*`` (disabled when unset), and
 ``RECFORGE_API_KEY`` for ``/v1/*`` and ``/metrics`` when that variable is set. ``/health`` and the
@@ -27,7 +42,10 @@ wrong shape, 400 for a well-formed request that cannot be answered, 404 for unkn
 """
 
 import asyncio
+import gc
 import hmac
+import inspect
+import json
 import logging
 import os
 import shutil
@@ -44,14 +62,21 @@ log = logging.getLogger("recforge.serving")
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: 1000 events or 2000 history items take well under that
 API_KEY_ENV = "RECFORGE_API_KEY"
 ADMIN_KEY_ENV = "RECFORGE_ADMIN_KEY"
+#: options of the worker processes of ``recforge serve --workers N`` (JSON), set by the parent
+WORKER_OPTIONS_ENV = "RECFORGE_SERVE_WORKER_OPTIONS"
 
 
 class ServingState:
-    """What the app holds: the current engine (swapped on reload), the event log, the metrics."""
+    """What the app holds: the current engine (swapped on reload) and its model generation, the event
+    log, this worker's name, the metrics."""
 
-    def __init__(self, engine, events, metrics, api_key, admin_key, engine_options, tmpdir=None):
+    def __init__(self, engine, generation, events, worker, metrics, api_key, admin_key, engine_options,
+                 tmpdir=None, gc_freeze=False, reload_timeout=300.0):
         self.engine = engine
+        self.generation = generation
+        self.failed_generation = 0
         self.events = events
+        self.worker = worker
         self.metrics = metrics
         self.api_key = api_key
         self.admin_key = admin_key
@@ -59,10 +84,19 @@ class ServingState:
         self.reload_lock = asyncio.Lock()
         self.started = time.time()
         self.tmpdir = tmpdir
+        self.gc_freeze = gc_freeze
+        self.reload_timeout = reload_timeout
 
-    def set_engine(self, engine) -> None:
+    def set_engine(self, engine, generation: int) -> None:
         self.engine = engine  # one reference assignment: atomic for every reader
+        self.generation = generation
         self.metrics.info = {"model": engine.model_name, "artifact": str(engine.artifact.path)}
+        if self.gc_freeze:
+            gc.freeze()  # the new engine's objects join the start-up objects out of the collector's reach
+
+    def report(self, failed: int | None = None, error: str | None = None) -> None:
+        w = self.worker
+        self.events.report_worker(w.name, w.pid, w.started, self.generation, failed, error)
 
 
 def build_engine(artifact_dir, **engine_options):
@@ -72,15 +106,23 @@ def build_engine(artifact_dir, **engine_options):
     return Engine(load_artifact(artifact_dir), **engine_options)
 
 
-def create_app(artifact_dir: str | Path, events_path: str | Path | None = None, api_key: str | None = None,
+def create_app(artifact_dir: str | Path | None, events_path: str | Path | None = None, api_key: str | None = None,
                admin_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY, ann_threshold: int = 100_000,
-               ann_options: dict | None = None, threads: int | None = None):
+               ann_options: dict | None = None, threads: int | None = None, gc_freeze: bool = False,
+               watch_interval: float | None = None, reload_timeout: float | None = None):
     """The FastAPI app serving the artifact at ``artifact_dir``.
 
+    ``artifact_dir`` is published as the next model generation of the event log (every worker on
+    that log follows it); None serves the latest generation already published there (a worker
+    process of ``recforge serve --workers N``).
     ``events_path``: the SQLite file of the event log (created if missing); None puts it in a
     temporary folder removed at shutdown (tests). ``api_key``/``admin_key`` default to the
     environment variables ``RECFORGE_API_KEY``/``RECFORGE_ADMIN_KEY`` ("" turns them off).
-    ``threads``: compute threads of PyTorch, the BLAS and FAISS (None leaves them alone)."""
+    ``threads``: compute threads of PyTorch, the BLAS and FAISS (None leaves them alone).
+    ``gc_freeze``: freeze the start-up objects for the garbage collector (see the module notes;
+    :func:`run_server` does, tests that build many apps in one process leave it off).
+    ``watch_interval``: seconds between two looks at the latest model generation (0: never);
+    ``reload_timeout``: seconds a reload waits for the other workers."""
     try:
         from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request, Response
         from fastapi.concurrency import run_in_threadpool
@@ -91,32 +133,105 @@ def create_app(artifact_dir: str | Path, events_path: str | Path | None = None, 
         raise RecForgeError("serving needs the 'serve' extra: pip install 'recforge[serve]'") from None
 
     from recforge.serving import schemas as S
+    from recforge.serving import workers as W
     from recforge.serving.engine import BadRequestError, NotFoundError
     from recforge.serving.events import EventStore
     from recforge.serving.metrics import CONTENT_TYPE, Metrics
 
     if threads is not None:
         _limit_threads(int(threads))
+    watch_interval = W.WATCH_INTERVAL if watch_interval is None else float(watch_interval)
     engine_options = {"ann_threshold": ann_threshold, "ann_options": ann_options, "threads": threads or 1}
-    engine = build_engine(artifact_dir, **engine_options)
+    if artifact_dir is None and events_path is None:
+        raise RecForgeError("serving the latest published model needs the event log that names it (events_path)")
+    engine = build_engine(artifact_dir, **engine_options) if artifact_dir is not None else None
     tmpdir = None
     if events_path is None:
         tmpdir = tempfile.mkdtemp(prefix="recforge-events-")
         events_path = Path(tmpdir) / "events.sqlite"
     events = EventStore(events_path)
+    worker = W.WorkerId()
+    try:
+        if engine is not None:  # a new service on this log: its model is the next generation
+            events.forget_workers()
+            generation = events.publish_model(str(Path(artifact_dir).resolve()))
+        else:  # a worker: say so first (a reload under way waits for it), then load the latest model
+            events.report_worker(worker.name, worker.pid, worker.started, 0)
+            current = events.current_model()
+            if current is None:
+                raise RecForgeError(f"{events_path}: no model has been published on this event log; "
+                                    "start the service with 'recforge serve ARTIFACT_DIR'")
+            generation, path = current
+            engine = build_engine(path, **engine_options)
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        events.close()
+        raise
     # None: take the key from the environment; "" (or an unset variable): no key required / admin disabled
     api_key = (os.environ.get(API_KEY_ENV) if api_key is None else api_key) or None
     admin_key = (os.environ.get(ADMIN_KEY_ENV) if admin_key is None else admin_key) or None
-    state = ServingState(engine, events, Metrics(), api_key, admin_key, engine_options, tmpdir)
-    state.set_engine(engine)
+    state = ServingState(engine, generation, events, worker, Metrics(), api_key, admin_key, engine_options, tmpdir,
+                         gc_freeze=False, reload_timeout=W.RELOAD_TIMEOUT if reload_timeout is None else reload_timeout)
+    state.set_engine(engine, generation)
+    state.report()
+
+    async def adopt(generation: int, path: str) -> None:
+        """Load generation ``generation`` (published by another worker) and swap it in."""
+        try:
+            new = await run_in_threadpool(build_engine, path, **state.engine_options)
+        except Exception as exc:  # noqa: BLE001 - reported to the worker that took the reload
+            log.error("worker %s could not load generation %d (%s): %s", worker.name, generation, path, exc)
+            state.failed_generation = generation
+            await run_in_threadpool(state.report, generation, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        previous = state.engine
+        state.set_engine(new, generation)
+        previous.close()
+        await run_in_threadpool(state.report)
+        log.info("worker %s now serves generation %d (%s)", worker.name, generation, path)
+
+    async def follow() -> None:
+        """Take up every model generation another worker publishes (see recforge.serving.workers)."""
+        while True:
+            await asyncio.sleep(watch_interval)
+            try:
+                current = state.events.current_model()  # one indexed read; cheaper than a thread hop
+                if current is None or current[0] <= max(state.generation, state.failed_generation):
+                    continue
+                async with state.reload_lock:
+                    current = state.events.current_model()
+                    if current[0] > max(state.generation, state.failed_generation):
+                        await adopt(*current)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep following; the next look may succeed
+                log.exception("looking for a new model generation failed")
 
     @asynccontextmanager
     async def lifespan(app):
-        yield
-        state.engine.close()
-        state.events.close()
-        if state.tmpdir:
-            shutil.rmtree(state.tmpdir, ignore_errors=True)
+        if gc_freeze:
+            gc.collect()  # what is garbage now must not be frozen with the rest
+            state.gc_freeze = True
+            gc.freeze()
+        watcher = asyncio.create_task(follow()) if watch_interval > 0 else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                try:
+                    await watcher
+                except asyncio.CancelledError:
+                    pass
+            state.engine.close()
+            try:
+                state.events.forget_workers([worker.name])
+            except Exception:  # noqa: BLE001 - a dead worker's row is ignored anyway
+                log.warning("could not remove worker %s from the event log", worker.name, exc_info=True)
+            state.events.close()
+            if state.tmpdir:
+                shutil.rmtree(state.tmpdir, ignore_errors=True)
 
     errors = {c: {"model": S.ErrorBody} for c in (400, 401, 413, 422)}
     app = FastAPI(title="RecForge serving", version=_version(), lifespan=lifespan, responses=errors,
@@ -157,7 +272,7 @@ def create_app(artifact_dir: str | Path, events_path: str | Path | None = None, 
     @app.get("/health", response_model=S.Health, tags=["operations"])
     async def health():
         return {"status": "ok", "uptime_seconds": round(time.time() - state.started, 3),
-                "model": state.engine.describe()}
+                "model": state.engine.describe(), "worker": {"pid": worker.pid, "generation": state.generation}}
 
     @app.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(public_key)],
              responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {}}, "description": "Prometheus text format"}})
@@ -218,20 +333,30 @@ def create_app(artifact_dir: str | Path, events_path: str | Path | None = None, 
 
     # ---- admin ---------------------------------------------------------------------------------
     @app.post("/admin/reload", response_model=S.ReloadResponse, tags=["admin"], dependencies=[Depends(admin)],
-              responses={403: {"model": S.ErrorBody}})
+              responses={403: {"model": S.ErrorBody}, 503: {"model": S.ErrorBody}})
     async def reload(body: S.ReloadRequest):
         path = Path(body.path)
         if not path.is_dir():
             raise BadRequestError(f"{body.path}: no such folder on the server")
         async with state.reload_lock:
             t0 = time.perf_counter()
-            new = await run_in_threadpool(build_engine, path, **state.engine_options)
+            new = await run_in_threadpool(build_engine, path, **state.engine_options)  # a bad artifact: 400
+            generation = await run_in_threadpool(state.events.publish_model, str(path.resolve()))
             previous = state.engine
-            state.set_engine(new)
+            state.set_engine(new, generation)
             previous.close()
-        log.info("reloaded %s -> %s", previous.artifact.path, new.artifact.path)
+            await run_in_threadpool(state.report)
+            load_seconds = time.perf_counter() - t0
+        log.info("reloaded %s -> %s (generation %d)", previous.artifact.path, new.artifact.path, generation)
+        serving, failed, pending = await W.wait_for_workers(state.events, generation, state.reload_timeout)
+        if failed or pending:
+            problems = [f"worker {r['pid']}: {r['error']}" for r in failed]
+            problems += [f"worker {r['pid']}: still loading after {state.reload_timeout:g} s" for r in pending]
+            return JSONResponse({"detail": f"generation {generation} ({path}) is served by {len(serving)} of "
+                                           f"{len(serving) + len(failed) + len(pending)} workers: "
+                                           + "; ".join(problems)}, status_code=503)
         return {"status": "reloaded", "previous": previous.describe(), "current": new.describe(),
-                "load_seconds": round(time.perf_counter() - t0, 3)}
+                "load_seconds": round(load_seconds, 3), "generation": generation, "workers": len(serving)}
 
     static_paths.update(r.path for r in app.routes if "{" not in getattr(r, "path", "{"))
     return app
@@ -380,14 +505,56 @@ class MetricsMiddleware:
 # ---- running ------------------------------------------------------------------------------------
 def run_server(artifact_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
                events_path: str | Path = "events.sqlite", threads: int = 1, ann_threshold: int = 100_000,
-               max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "info", access_log: bool = False) -> None:
-    """Serve ``artifact_dir`` with uvicorn until interrupted."""
+               max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "info", access_log: bool = False,
+               workers: int = 1, gc_freeze: bool = True) -> None:
+    """Serve ``artifact_dir`` with uvicorn until interrupted: in this process, or in ``workers``
+    processes over the same artifact and event log (:mod:`recforge.serving.workers`)."""
     try:
         import uvicorn
     except ImportError:  # pragma: no cover
         raise RecForgeError("serving needs the 'serve' extra: pip install 'recforge[serve]'") from None
+    workers = int(workers)
+    if workers < 1:
+        raise RecForgeError(f"--workers must be at least 1, got {workers}")
     logging.getLogger("recforge").setLevel(logging.INFO)
-    app = create_app(artifact_dir, events_path=events_path, threads=threads, ann_threshold=ann_threshold,
-                     max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                timeout_graceful_shutdown=10)
+    options = {"events_path": str(Path(events_path).resolve()), "threads": threads, "ann_threshold": ann_threshold,
+               "max_body_bytes": max_body_bytes, "gc_freeze": gc_freeze}
+    common = {"host": host, "port": port, "log_level": log_level, "access_log": access_log,
+              "timeout_graceful_shutdown": 10}
+    if workers == 1:
+        uvicorn.run(create_app(artifact_dir, **options), **common)
+        return
+    # Several processes: check the artifact once here (a broken one would fail every worker, over and
+    # over), publish it as the service's model, and let each worker load the latest published model.
+    from recforge.serving.artifact import verify_artifact
+    from recforge.serving.events import EventStore
+
+    verify_artifact(artifact_dir)
+    store = EventStore(options["events_path"])
+    try:
+        store.forget_workers()
+        generation = store.publish_model(str(Path(artifact_dir).resolve()))
+    finally:
+        store.close()
+    log.info("serving %s (generation %d) with %d worker processes", artifact_dir, generation, workers)
+    os.environ[WORKER_OPTIONS_ENV] = json.dumps(options)
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        # the supervisor kills a worker that does not answer its ping in time; loading a large model
+        # holds the interpreter for a while
+        common["timeout_worker_healthcheck"] = 60
+    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, **common)
+
+
+def worker_app():
+    """The app of one worker process of ``recforge serve --workers N`` (a uvicorn factory; its
+    options come from the parent in ``RECFORGE_SERVE_WORKER_OPTIONS``)."""
+    import sys
+
+    import uvicorn.config
+
+    logging.getLogger("recforge").setLevel(logging.INFO)
+    try:
+        return create_app(None, **json.loads(os.environ[WORKER_OPTIONS_ENV]))
+    except Exception as exc:  # noqa: BLE001 - tell uvicorn's supervisor not to restart a worker that cannot start
+        log.error("worker %d could not start: %s", os.getpid(), exc, exc_info=not isinstance(exc, RecForgeError))
+        sys.exit(getattr(uvicorn.config, "STARTUP_FAILURE", 3))

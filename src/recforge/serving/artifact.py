@@ -230,7 +230,9 @@ class Artifact:
     def model(self):
         from recforge.models.base import Recommender
 
-        model = Recommender.load(self.path / "model")
+        # RECFORGE_DEVICE (set by `recforge serve --device`, inherited by every worker) overrides the
+        # device the model was trained with: a GPU-trained model serves on a CPU machine with cpu
+        model = Recommender.load(self.path / "model", device=os.environ.get("RECFORGE_DEVICE") or None)
         net = getattr(model, "net_", None)
         if net is not None and hasattr(net, "eval"):
             net.eval()

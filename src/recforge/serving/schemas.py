@@ -124,12 +124,20 @@ class ReloadResponse(BaseModel):
     previous: ModelInfo
     current: ModelInfo
     load_seconds: float
+    generation: int = Field(description="number of the served model in the event log's sequence of models")
+    workers: int = Field(description="worker processes serving the new model when this answer was sent (all)")
+
+
+class WorkerInfo(BaseModel):
+    pid: int = Field(description="process id of the worker that answered")
+    generation: int = Field(description="model generation this worker serves")
 
 
 class Health(BaseModel):
     status: Literal["ok"]
     uptime_seconds: float
     model: ModelInfo
+    worker: WorkerInfo
 
 
 class ErrorBody(BaseModel):
