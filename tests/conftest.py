@@ -46,3 +46,18 @@ def synthetic_loo():
     valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
     test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
     return split, valid, test
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Synthetic data with item text (200 users, 100 items, seed 3) split leave-one-out:
+    (dataset, split, valid, test). Shared by the text-model and device tests."""
+    from recforge.data.prepare import prepare
+    from recforge.data.split import make_split
+    from recforge.data.synthetic import make_synthetic
+    from recforge.pipeline import eval_sets
+
+    ds = prepare(make_synthetic(n_users=200, n_items=100, mean_length=14, seed=3))
+    split = make_split(ds, "loo")
+    valid, test = eval_sets(split)
+    return ds, split, valid, test

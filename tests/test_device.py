@@ -13,15 +13,11 @@ import yaml
 
 import recforge
 from recforge.cli import main
-from recforge.data.prepare import prepare
-from recforge.data.split import make_split
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.evaluator import evaluate
 from recforge.models import registry
 from recforge.models.base import Recommender
 from recforge.models.torch_base import TorchRecommender
-from recforge.pipeline import eval_sets
 from recforge.training import device as D
 
 HAS_CUDA = torch.cuda.is_available()
@@ -206,14 +202,6 @@ def test_an_artifact_of_a_gpu_run_serves_on_the_cpu(no_gpu, tmp_path, monkeypatc
 # ---- CUDA ------------------------------------------------------------------------------------------
 def _torch_models() -> list[str]:
     return [n for n in registry.available() if issubclass(registry.get_model_class(n), TorchRecommender)]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    ds = prepare(make_synthetic(n_users=200, n_items=100, mean_length=14, seed=3))
-    split = make_split(ds, "loo")
-    valid, test = eval_sets(split)
-    return ds, split, valid, test
 
 
 @needs_cuda

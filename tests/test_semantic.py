@@ -24,7 +24,6 @@ from recforge.errors import ConfigError, DataError
 from recforge.evaluation.batch import Histories
 from recforge.evaluation.evaluator import evaluate
 from recforge.models import registry
-from recforge.pipeline import eval_sets
 from recforge.semantic.encoder import HashingEncoder, TextEncoder
 from recforge.semantic.store import SemanticTable, VectorCache, semantic_table
 from recforge.semantic.text import DEFAULT_TEMPLATE, item_texts, text_preview
@@ -38,14 +37,6 @@ TINY = dict(hidden=32, inner=64, max_len=20, batch_size=64, verbose=False, encod
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RECFORGE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    ds = prepare(make_synthetic(n_users=200, n_items=100, mean_length=14, seed=3))
-    split = make_split(ds, "loo")
-    valid, test = eval_sets(split)
-    return ds, split, valid, test
 
 
 def _catalogue(items: pl.DataFrame) -> Dataset:

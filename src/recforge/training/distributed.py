@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
