@@ -35,6 +35,10 @@ def _leftovers(folder):
 # ---- search spaces ------------------------------------------------------------------------------
 def test_every_model_with_hyper_parameters_has_a_valid_space():
     for name in registry.available():
+        if getattr(registry.get_model_class(name), "task", "ranking") == "ctr":
+            with pytest.raises(ConfigError, match="does not search CTR models"):  # not yet: says so
+                tuning.tune(name, "synthetic", trials=1)
+            continue
         if name == "pop":
             with pytest.raises(ConfigError, match="no hyper-parameters to tune"):
                 tuning.load_space(name)

@@ -100,6 +100,10 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         if not model:
             raise ConfigError("no model given; name one (recforge models lists them) or pass --config FILE")
         cfg = resolve(model, data, overrides)
+    from recforge import ctr
+
+    if ctr.is_ctr(cfg["model"]["name"]):  # labelled feature rows: the CTR task (recforge/ctr.py)
+        return ctr.train(cfg, out=out, verbose=verbose, resume_ckpt=resume_ckpt, resume=resume)
     t0 = time.perf_counter()
     from recforge.training import distributed
 
@@ -197,6 +201,10 @@ def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=No
     ``device`` (auto | cpu | cuda | cuda:N | mps) is where a PyTorch model scores and ranks; None:
     the device it was trained with (``device="cpu"`` evaluates a GPU-trained run without a GPU)."""
     run = run if isinstance(run, Run) else Run.load(run)
+    from recforge import ctr
+
+    if ctr.is_ctr_run(run):  # CTR runs are re-evaluated on their test rows with their saved encoders
+        return ctr.evaluate(run, device=device)
     base = run.config
     if "exclude" not in base["eval"]:  # a run folder from before eval.exclude: keep its meaning
         base = {**base, "eval": {**C.EVAL_DEFAULTS, **base["eval"], "exclude": C.resolve_exclude(base)}}
@@ -218,6 +226,9 @@ def recommend(run: str | Path | Run, user=None, history=None, k: int = 10, devic
     """Top-``k`` items (raw ids) for a known ``user`` or a ``history`` of raw item ids, scored on
     ``device`` (None: the device the model was trained with)."""
     run = run if isinstance(run, Run) else Run.load(run)
+    if run.metrics.get("task") == "ctr":
+        raise RecForgeError(f"{run.path} is a CTR run: it scores feature rows, not a catalogue; use "
+                            "recforge predict RUN --input ROWS --out scores.parquet")
     if user is None and not history:
         raise RecForgeError("give a user id (--user RAW_ID) or a history of item ids (--history ITEM ...)")
     return run.recommend(user=user, history=history, k=k, device=device)
@@ -250,6 +261,12 @@ def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:
     from recforge.evaluation.significance import paired_tests
 
     a, b = _runs(run_a), _runs(run_b)
+    from recforge import ctr
+
+    if any(ctr.is_ctr_run(r) for r in a + b):  # CTR runs: paired bootstrap and per-user tests
+        if not all(ctr.is_ctr_run(r) for r in a + b):
+            raise RecForgeError("compare CTR runs with CTR runs, and ranking runs with ranking runs")
+        return ctr.compare(a, b, metrics)
     pa = a[0].metrics.get("protocol", {})
     warnings = []
     for other in a[1:] + b:
@@ -300,7 +317,7 @@ def mean_std(values) -> dict:
 
 
 def _leader_row(model: str, data: str, runs: list[Run]) -> dict:
-    keys = [k for k in HEADLINE if k in runs[0].metrics["test"]]
+    keys = [k for k in HEADLINE + ("auc", "logloss", "gauc") if k in runs[0].metrics["test"]]  # ranking or CTR
     extra = [k for k in ("coverage@10",) if k in runs[0].metrics["test"]]
     row = {"model": model, "data": data, "n_seeds": len(runs), "protocol": runs[0].metrics["protocol"],
            "runs": [str(r.path) for r in runs]}

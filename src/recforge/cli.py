@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--nproc", type=int, default=1, help="score the users in N processes (shards)")
     pr.add_argument("--batch-size", type=int, default=1024)
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--input", help="CTR runs: feature rows to score (CSV, Parquet or libSVM; default: the run's "
+                    "test rows); writes one probability per label")
 
     add_tune_parser(sub)
 
@@ -274,6 +276,15 @@ def _dispatch(args) -> int | None:
 
         print(plot_run(Run.load(args.run).path, args.out))
     elif args.cmd == "predict":
+        from recforge import ctr
+        from recforge.runs import Run
+
+        if ctr.is_ctr_run(Run.load(args.run)):  # CTR: click probabilities of feature rows
+            res = ctr.predict(args.run, args.out, rows=args.input, device=args.device)
+            unseen = "; ".join(f"{k} {v['count']}" for k, v in res["unseen"].items())
+            print(f"{res['rows']} rows scored in {res['seconds']} s -> {res['out']}"
+                  + (f" (values unseen in training, scored as out-of-vocabulary: {unseen})" if unseen else ""))
+            return 0
         if args.nproc != 1:
             return _relaunch(args)
         from recforge.predict import predict, read_user_file
@@ -297,8 +308,12 @@ def _dispatch(args) -> int | None:
     elif args.cmd == "demo":
         return _demo(args)
     elif args.cmd == "export":
+        from recforge.runs import Run
         from recforge.serving.artifact import export_artifact
 
+        if Run.load(args.run).metrics.get("task") == "ctr":
+            raise RecForgeError(f"{args.run}: serving artifacts of CTR runs are not available yet; score feature rows "
+                                "with recforge predict RUN --input ROWS --out scores.parquet")
         print(export_artifact(args.run, args.out))
     elif args.cmd == "serve":
         from recforge.serving.app import run_server
@@ -414,6 +429,10 @@ def _data_cmd(args) -> None:
 
 
 def _metrics_table(m: dict, protocol: dict) -> str:
+    if protocol.get("task") == "ctr":
+        from recforge.ctr import format_metrics
+
+        return format_metrics(m, protocol)
     keys = [k for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@10", "precision@10",
                         "map@10", "mrr", "coverage@10", "n_users") if k in m]
     label = protocol.get("label", "full ranking")
@@ -429,6 +448,10 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _compare_table(res: dict) -> str:
+    if res.get("task") == "ctr":
+        from recforge.ctr import format_compare
+
+        return format_compare(res)
     n_a, n_b = res.get("n_runs", [1, 1])
     seeds = f" (per-user means over {n_a} and {n_b} runs)" if max(n_a, n_b) > 1 else ""
     lines = [f"A: {res['a']}", f"B: {res['b']}{seeds}", *[f"warning: {w}" for w in res["warnings"]],

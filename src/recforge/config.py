@@ -41,6 +41,15 @@ EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclud
 #: the protocol a run uses when ``eval.exclude=auto``, by data kind (ARCHITECTURE.md explains why)
 EXCLUDE_CHOICES = ("auto", "history", "none", "target_behavior")
 SECTIONS = ("model", "data", "split", "eval")
+#: the CTR task (models whose class has ``task = "ctr"``; recforge/data/ctr_readers.py explains the keys):
+#: the ranking data keys (reader options, used when rows are derived from an interaction log) plus these
+CTR_DATA_DEFAULTS = {
+    "schema": None, "label": None, "categorical": None, "numeric": None, "multi": None, "sequence": None,
+    "splitter": "^", "fields": None, "dataset_id": None, "min_count": 1, "max_len": None,
+    "negatives": 4, "negatives_seed": 0, "history_len": 20,
+}
+CTR_SPLIT_DEFAULTS = {"method": "auto"}
+CTR_EVAL_DEFAULTS = {"bins": 10}
 
 
 def parse_value(text: str):
@@ -58,6 +67,9 @@ def base_config(model: str, data: str | None = None) -> dict:
         "eval": copy.deepcopy(EVAL_DEFAULTS),
         "seed": 0,
     }
+    if getattr(registry.get_model_class(model), "task", "ranking") == "ctr":  # labelled feature rows
+        cfg.update(data={**DATA_DEFAULTS, **CTR_DATA_DEFAULTS}, split=dict(CTR_SPLIT_DEFAULTS),
+                   eval=copy.deepcopy(CTR_EVAL_DEFAULTS))
     if data is not None:
         cfg["data"]["path"] = str(data)
     return cfg

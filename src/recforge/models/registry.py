@@ -33,6 +33,18 @@ _MODELS: dict[str, str] = {
     "faerec": "recforge.models.semantic.faerec:FAERec",
     "faerec-gru4rec": "recforge.models.semantic.faerec:FAERecGRU4Rec",
     "faerec-bert4rec": "recforge.models.semantic.faerec:FAERecBERT4Rec",
+    # click-through-rate models (task "ctr": labelled feature rows)
+    "lr": "recforge.models.ctr.lr:LR",
+    "fm": "recforge.models.ctr.fm:FM",
+    "deepfm": "recforge.models.ctr.deepfm:DeepFM",
+    "dcnv2": "recforge.models.ctr.dcnv2:DCNv2",
+    "din": "recforge.models.ctr.din:DIN",
+    "finalmlp": "recforge.models.ctr.finalmlp:FinalMLP",
+    # multi-task CTR models (one output per label)
+    "sharedbottom": "recforge.models.ctr.sharedbottom:SharedBottom",
+    "mmoe": "recforge.models.ctr.mmoe:MMoE",
+    "ple": "recforge.models.ctr.ple:PLE",
+    "esmm": "recforge.models.ctr.esmm:ESMM",
 }
 
 

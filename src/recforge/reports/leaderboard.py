@@ -7,6 +7,12 @@ from pathlib import Path
 
 
 def _protocol_text(p: dict) -> str:
+    if p.get("task") == "ctr":  # labelled feature rows: the split and what the rows are
+        sp = p.get("split", {})
+        desc = sp.get("method", "?") + (f" {':'.join(f'{r:g}' for r in sp['ratios'])} seed {sp.get('seed')}"
+                                        if "ratios" in sp else "")
+        derived = " (rows derived from a log: " + p["data"]["derived"] + ")" if "derived" in p.get("data", {}) else ""
+        return f"CTR, split {desc}, labels {', '.join(p.get('labels', []))}{derived}"
     split = p.get("split", {}).get("split", "?") if isinstance(p.get("split"), dict) else p.get("split")
     ranking = p.get("label") or ("full ranking" if p.get("ranking") == "full" else p.get("ranking"))
     sub = p.get("subsequence_split", "none")

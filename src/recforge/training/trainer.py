@@ -140,10 +140,13 @@ class Trainer:
 
         net = self.model.net_
         net.eval()
-        res = evaluate(self.model, self.valid, ks=self.model.valid_ks(), groups=False,
-                       batch_size=self.model.eval_batch_size)
+        if callable(getattr(self.model, "validate", None)):  # a model with its own validation (CTR: AUC)
+            metrics = self.model.validate(self.valid)
+        else:
+            metrics = evaluate(self.model, self.valid, ks=self.model.valid_ks(), groups=False,
+                               batch_size=self.model.eval_batch_size).metrics
         net.train()
-        return res.metrics
+        return metrics
 
     def _checkpoint(self, epoch, opt, scaler, rng, hist, best_state, bad) -> dict:
         m = self.model

@@ -1,0 +1,1 @@
+"""Click-through-rate models: score a candidate from its feature row (``base.CTRModel``)."""

@@ -1,0 +1,336 @@
+"""The base of CTR models: field embeddings, pointwise loss, batches of encoded rows.
+
+A :class:`CTRModel` is fitted on a :class:`recforge.ctr.CTRSplit` (the encoded train/valid/test
+rows and the fitted :class:`~recforge.data.features.FeatureEncoder`) by the shared trainer:
+``train_batches`` cuts the shuffled training rows into batches (dicts of tensors, one per field,
+plus ``label``) with the trainer's data-parallel helper ``epoch_batches``; ``loss`` is the binary
+cross-entropy of each label (mean over labels) plus ``embedding_reg`` times the mean squared norm
+of the batch's embeddings; ``validate`` gives the validation AUC the trainer stops on
+(``valid_metric=auc``, larger is better). ``predict_proba(table)`` returns ``(n, n_labels)``
+probabilities.
+
+Embeddings (:class:`FieldEmbedding`): one table per vocabulary (a field that ``share``s another
+field's vocabulary uses its table), each with its own size: ``field_dims`` (``{field: dim}``) over
+the spec's ``dim`` over ``embedding_dim``. Id 0 (padding) is a zero row that is never trained.
+Multi-valued and sequence fields are mean-pooled over their non-padding ids; a numeric field is a
+learned vector scaled by its normalised value. Subclasses build their network in ``make_net()``
+from ``self.fields_`` (the encoder's layout) and ``self.labels_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from recforge.errors import ConfigError, RecForgeError
+from recforge.models.torch_base import TorchRecommender
+
+ACTIVATIONS = ("relu", "prelu", "dice", "tanh", "sigmoid")
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation of DIN: ``p(x) x + (1 - p(x)) alpha x`` with ``p = sigmoid(BN(x))``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        shape = x.shape
+        p = torch.sigmoid(self.bn(x.reshape(-1, shape[-1]))).reshape(shape)
+        return p * x + (1 - p) * self.alpha * x
+
+
+def activation(name: str, dim: int) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "prelu":
+        return nn.PReLU(dim)
+    if name == "dice":
+        return Dice(dim)
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    raise ConfigError(f"activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
+def mlp(in_dim: int, hidden: list[int], dropout: float = 0.0, batch_norm: bool = False, act: str = "relu",
+        out_dim: int | None = None) -> nn.Sequential:
+    """Linear → [BatchNorm] → activation → [Dropout] per hidden layer, then an optional linear output."""
+    layers, d = [], in_dim
+    for h in hidden:
+        layers.append(nn.Linear(d, int(h)))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(int(h)))
+        layers.append(activation(act, int(h)))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        d = int(h)
+    if out_dim is not None:
+        layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def mlp_out_dim(in_dim: int, hidden: list[int]) -> int:
+    return int(hidden[-1]) if hidden else in_dim
+
+
+class FieldEmbedding(nn.Module):
+    """Embeddings of every field (see the module docstring). ``forward(batch)`` returns one
+    ``(B, d_f)`` tensor per field in layout order and, in training, leaves the batch's mean squared
+    embedding norm in ``penalty``."""
+
+    def __init__(self, layout: list[dict], default_dim: int, field_dims: dict | None = None, init_std: float = 1e-2):
+        super().__init__()
+        field_dims = dict(field_dims or {})
+        unknown = sorted(set(field_dims) - {f["name"] for f in layout})
+        if unknown:
+            raise ConfigError(f"field_dims names unknown field(s) {', '.join(unknown)}; "
+                              f"fields: {', '.join(f['name'] for f in layout)}")
+        self.layout = layout
+        self.tables = nn.ModuleDict()
+        self.numeric = nn.ParameterDict()
+        self.key: dict[str, str] = {}  # field -> module key (names may hold characters modules reject)
+        self.dims: list[int] = []
+        table_dim: dict[str, int] = {}
+        for i, f in enumerate(layout):
+            if f["kind"] == "numeric":
+                d = int(field_dims.get(f["name"]) or f["dim"] or default_dim)
+                self.key[f["name"]] = f"n{i}"
+                self.numeric[f"n{i}"] = nn.Parameter(torch.randn(d) * init_std)
+            else:
+                t = f["table"]
+                d = int(field_dims.get(t) or f["dim"] or default_dim)
+                if t in table_dim:
+                    if field_dims.get(f["name"]) and int(field_dims[f["name"]]) != table_dim[t]:
+                        raise ConfigError(f"field {f['name']!r} shares the table of {t!r}: its size is {table_dim[t]}")
+                    d = table_dim[t]
+                else:
+                    emb = nn.Embedding(f["vocab"], d, padding_idx=0)
+                    nn.init.normal_(emb.weight, std=init_std)
+                    with torch.no_grad():
+                        emb.weight[0].zero_()
+                    self.tables[f"t{len(table_dim)}"] = emb
+                    table_dim[t] = d
+                self.key[f["name"]] = f"t{list(table_dim).index(t)}"
+            self.dims.append(d)
+        self.penalty = torch.zeros(())
+
+    @property
+    def total_dim(self) -> int:
+        return sum(self.dims)
+
+    def same_dim(self, model: str) -> int:
+        """The one embedding size of all fields (models whose interactions need it)."""
+        if len(set(self.dims)) != 1:
+            raise ConfigError(f"{model} takes inner products between fields, so every field needs the same "
+                              f"embedding size; field_dims gives {dict(zip([f['name'] for f in self.layout], self.dims))}")
+        return self.dims[0]
+
+    def sequence(self, batch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L, d)`` embeddings of a multi/sequence field and its ``(B, L)`` mask of real ids."""
+        ids = batch[name]
+        return self.tables[self.key[name]](ids), ids > 0
+
+    def embed(self, batch, f: dict) -> torch.Tensor:
+        if f["kind"] == "numeric":
+            return batch[f["name"]].float().unsqueeze(-1) * self.numeric[self.key[f["name"]]]
+        e = self.tables[self.key[f["name"]]](batch[f["name"]])
+        if f["kind"] == "categorical":
+            return e
+        n = (batch[f["name"]] > 0).sum(-1, keepdim=True).clamp(min=1).to(e.dtype)
+        return e.sum(1) / n
+
+    def forward(self, batch, skip: tuple[str, ...] = ()) -> list[torch.Tensor]:
+        out = [self.embed(batch, f) for f in self.layout if f["name"] not in skip]
+        if self.training:
+            self.penalty = sum(e.pow(2).sum(-1).mean() for e in out)
+        return out
+
+
+class FieldLinear(nn.Module):
+    """The first-order part: one weight per id of each field (per label) and per numeric field, plus a bias."""
+
+    def __init__(self, layout: list[dict], n_out: int = 1):
+        super().__init__()
+        self.layout = layout
+        self.tables = nn.ModuleDict()
+        self.numeric = nn.ParameterDict()
+        self.key: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for i, f in enumerate(layout):
+            if f["kind"] == "numeric":
+                self.key[f["name"]] = f"n{i}"
+                self.numeric[f"n{i}"] = nn.Parameter(torch.zeros(n_out))
+            else:
+                if f["table"] not in seen:
+                    seen[f["table"]] = f"t{len(seen)}"
+                    emb = nn.Embedding(f["vocab"], n_out, padding_idx=0)
+                    nn.init.zeros_(emb.weight)
+                    self.tables[seen[f["table"]]] = emb
+                self.key[f["name"]] = seen[f["table"]]
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, batch) -> torch.Tensor:
+        out = self.bias
+        for f in self.layout:
+            x = batch[f["name"]]
+            if f["kind"] == "numeric":
+                out = out + x.float().unsqueeze(-1) * self.numeric[self.key[f["name"]]]
+                continue
+            w = self.tables[self.key[f["name"]]](x)
+            if f["kind"] != "categorical":
+                n = (x > 0).sum(-1, keepdim=True).clamp(min=1).to(w.dtype)
+                w = w.sum(1) / n
+            out = out + w
+        return out  # (B, n_out)
+
+
+def fm_interaction(embs: list[torch.Tensor]) -> torch.Tensor:
+    """The FM pairwise term per embedding dimension: ``0.5 ((Σ v)^2 - Σ v^2)``, shape (B, d)."""
+    v = torch.stack(embs, 1)
+    return 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1))
+
+
+class CTRModel(TorchRecommender):
+    """Base of the CTR models (see the module docstring)."""
+
+    task = "ctr"
+
+    def __init__(self, embedding_dim: int = 16, field_dims: dict | None = None, embedding_reg: float = 0.0,
+                 threads: int | None = None, epochs: int = 100, batch_size: int = 4096, patience: int = 2,
+                 valid_metric: str = "auc", eval_batch_size: int = 16384, **train):
+        super().__init__(epochs=epochs, batch_size=batch_size, patience=patience, valid_metric=valid_metric,
+                         eval_batch_size=eval_batch_size, **train)
+        self.embedding_dim, self.field_dims, self.embedding_reg = embedding_dim, field_dims, embedding_reg
+        self.threads = threads
+
+    # ---- building ------------------------------------------------------------------------------
+    def prepare_fit(self, split) -> None:
+        if self.valid_metric != "auc":
+            raise ConfigError(f"valid_metric={self.valid_metric!r}: CTR models stop early on the validation AUC "
+                              "(valid_metric=auc)")
+        if not hasattr(split, "encoder"):
+            raise RecForgeError(f"{self.name} is a CTR model: it trains on labelled feature rows "
+                                "(recforge train with CTR data), not on a ranking split")
+        self.fields_ = split.encoder.layout()
+        self.labels_ = list(split.encoder.schema.labels)
+        self._bn_rows = split.train  # for the batch-norm statistics (not saved)
+
+    def build(self, n_users: int, n_items: int) -> nn.Module:
+        return self.make_net()
+
+    def make_net(self) -> nn.Module:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def embedding(self) -> FieldEmbedding:
+        return FieldEmbedding(self.fields_, self.embedding_dim, self.field_dims)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.labels_)
+
+    # ---- training ------------------------------------------------------------------------------
+    def n_train_batches(self, split) -> int:
+        return max(1, math.ceil(len(split.train) / self.batch_size))
+
+    def train_batches(self, split, rng):
+        for idx, _ in self.epoch_batches(rng.permutation(len(split.train)), rng):
+            yield split.train.batch(np.sort(idx))
+
+    def loss(self, batch) -> torch.Tensor:
+        logits = self.net_(batch)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())
+        emb = getattr(self.net_, "embedding", None)
+        if self.embedding_reg and emb is not None:
+            loss = loss + self.embedding_reg * emb.penalty
+        return loss
+
+    def fit(self, split, valid=None):
+        super().fit(split, valid)
+        if valid is None:  # with validation, the kept weights already hold statistics of their own
+            self.precise_bn()
+        self._bn_rows = None
+        return self
+
+    def precise_bn(self, n_batches: int = 8) -> None:
+        """Recompute the running statistics of every batch-norm layer for the current weights
+        (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021: "precise BN"): a forward pass in
+        training mode, dropout off, over ``n_batches`` training batches of a fixed draw, averaged
+        with equal weights. The running averages kept during training lag behind weights that move
+        fast (embeddings growing from a small initial scale), and the prediction layers of some
+        models (FinalMLP's bilinear fusion) amplify the lag; validation and evaluation then see
+        the network as it is. Models without batch norm skip this."""
+        from recforge.training.device import to_device
+
+        net, rows = self.net_, getattr(self, "_bn_rows", None)
+        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns or rows is None or len(rows) == 0:
+            return
+        was = net.training
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the passes below
+        net.train()
+        for m in net.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        idx = np.random.default_rng(self.seed).permutation(len(rows))[: n_batches * self.batch_size]
+        try:
+            with torch.no_grad():
+                for s in range(0, len(idx), self.batch_size):
+                    part = np.sort(idx[s : s + self.batch_size])
+                    if len(part) < 2:
+                        continue
+                    batch = to_device(rows.batch(part), self.device_)
+                    batch.pop("label", None)
+                    net(batch)
+        finally:
+            for m, mo in zip(bns, momenta):
+                m.momentum = mo
+            net.train(was)
+
+    def validate(self, valid) -> dict[str, float]:
+        """Validation AUC (mean over labels) and log-loss, for early stopping (after
+        :meth:`precise_bn`, so the weights kept at the best epoch carry matching statistics)."""
+        from recforge.evaluation.pointwise import auc, logloss
+
+        self.precise_bn()
+        p = self.predict_proba(valid)
+        return {"auc": float(np.nanmean([auc(valid.y[:, j], p[:, j]) for j in range(p.shape[1])])),
+                "logloss": float(np.mean([logloss(valid.y[:, j], p[:, j]) for j in range(p.shape[1])]))}
+
+    # ---- prediction ----------------------------------------------------------------------------
+    def predict_proba(self, table, batch_size: int | None = None) -> np.ndarray:
+        """Click probabilities ``(n, n_labels)`` of an encoded table (float64, on the CPU)."""
+        from recforge.training.device import to_device
+
+        net, bs = self.net_, int(batch_size or self.eval_batch_size)
+        was = net.training
+        net.eval()
+        out = []
+        try:
+            with torch.no_grad():
+                for s in range(0, len(table), bs):
+                    batch = to_device(table.batch(np.arange(s, min(s + bs, len(table)))), self.device_)
+                    batch.pop("label", None)
+                    out.append(torch.sigmoid(net(batch).float()).cpu().numpy())
+        finally:
+            net.train(was)
+        if not out:
+            return np.zeros((0, self.n_labels))
+        return np.concatenate(out).astype(np.float64)
+
+    def score(self, hist):
+        raise RecForgeError(f"{self.name} is a CTR model: it scores feature rows (predict_proba, recforge predict), "
+                            "not a catalogue ranking")
+
+    def protocol_notes(self) -> dict:
+        return {"valid_metric": self.valid_metric}
