@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from recforge.errors import ConfigError, RecForgeError
 from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate, parse_head_rule
 from recforge.models import registry
 from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset, target_min_rating
-from recforge.runs import Run, RunWriter, run_name
+from recforge.runs import Run, RunWriter, drop_superseded, run_name
 from recforge.training.trainer import set_seed
 
 log = logging.getLogger("recforge")
@@ -173,18 +172,13 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         ds.interactions.select("user_id", "item_id", "timestamp").write_parquet(writer.tmp / "interactions.parquet")
         if ds.items is not None:
             ds.items.write_parquet(writer.tmp / "items.parquet")
-        if rank > 0:
-            writer.abort()
-            shutil.rmtree(writer.root, ignore_errors=True)
-            return Run(None, cfg, metrics)
-        path = writer.commit()
+        path = writer.finish(keep=rank == 0)
     except BaseException:
-        writer.abort()
-        if rank > 0:
-            shutil.rmtree(writer.root, ignore_errors=True)
+        writer.fail(scratch=rank > 0)
         raise
-    if resume is not None and resume.name.startswith(".partial-"):
-        shutil.rmtree(resume, ignore_errors=True)  # the finished run supersedes what a killed run left
+    if path is None:  # another process of a data-parallel run: rank 0 wrote the folder
+        return Run(None, cfg, metrics)
+    drop_superseded(resume)
     return Run(path, cfg, metrics)
 
 

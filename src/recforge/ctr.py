@@ -138,12 +138,11 @@ def protocol_record(cfg: dict, split: CTRSplit, notes: dict, model) -> dict:
 def train(cfg: dict, out: str | Path = "runs", verbose: bool = True, resume_ckpt: Path | None = None,
           resume: Path | None = None):
     """Train and evaluate a CTR model; the same run-folder life cycle as ``api.train``."""
-    import shutil
     import tempfile
 
     from recforge.models import registry
     from recforge.pipeline import dataset_label
-    from recforge.runs import Run, RunWriter, run_name
+    from recforge.runs import Run, RunWriter, drop_superseded, run_name
     from recforge.training import distributed
     from recforge.training.trainer import set_seed
 
@@ -203,18 +202,13 @@ def train(cfg: dict, out: str | Path = "runs", verbose: bool = True, resume_ckpt
             _predictions(table, p, labels).write_parquet(writer.tmp / f"predictions_{part}.parquet")
         split.encoder.save(writer.tmp / "encoders")
         est.save(writer.tmp / "model")
-        if rank > 0:
-            writer.abort()
-            shutil.rmtree(writer.root, ignore_errors=True)
-            return Run(None, cfg, metrics)
-        path = writer.commit()
+        path = writer.finish(keep=rank == 0)
     except BaseException:
-        writer.abort()
-        if rank > 0:
-            shutil.rmtree(writer.root, ignore_errors=True)
+        writer.fail(scratch=rank > 0)
         raise
-    if resume is not None and resume.name.startswith(".partial-"):
-        shutil.rmtree(resume, ignore_errors=True)
+    if path is None:  # another process of a data-parallel run: rank 0 wrote the folder
+        return Run(None, cfg, metrics)
+    drop_superseded(resume)
     return Run(path, cfg, metrics)
 
 

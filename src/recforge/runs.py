@@ -136,6 +136,20 @@ class RunWriter:
         self.tmp.rename(final)
         return final
 
+    def finish(self, keep: bool) -> Path | None:
+        """Commit the run folder (``keep``: rank 0 of a data-parallel run, or the only process) or
+        discard this process's scratch copy (the other ranks); the final path or None."""
+        if keep:
+            return self.commit()
+        self.fail(scratch=True)
+        return None
+
+    def fail(self, scratch: bool = False) -> None:
+        """Remove what was written (and the scratch root of a rank other than 0)."""
+        self.abort()
+        if scratch:
+            shutil.rmtree(self.root, ignore_errors=True)
+
     def abort(self) -> None:
         self._close_log()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -161,3 +175,9 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def drop_superseded(resume) -> None:
+    """After a resumed run is committed: remove the ``.partial-*`` folder a killed run left."""
+    if resume is not None and Path(resume).name.startswith(".partial-"):
+        shutil.rmtree(resume, ignore_errors=True)

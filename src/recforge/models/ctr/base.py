@@ -310,6 +310,12 @@ class CTRModel(TorchRecommender):
     # ---- prediction ----------------------------------------------------------------------------
     def predict_proba(self, table, batch_size: int | None = None) -> np.ndarray:
         """Click probabilities ``(n, n_labels)`` of an encoded table (float64, on the CPU)."""
+        out = self.predict_batches(table, lambda net, batch: net(batch), batch_size)
+        return out if len(out) else np.zeros((0, self.n_labels))
+
+    def predict_batches(self, table, logits, batch_size: int | None = None) -> np.ndarray:
+        """``sigmoid(logits(net, batch))`` over an encoded table, batch by batch, in evaluation mode
+        on the model's device; float64 NumPy on the CPU (empty for an empty table)."""
         from recforge.training.device import to_device
 
         net, bs = self.net_, int(batch_size or self.eval_batch_size)
@@ -321,12 +327,10 @@ class CTRModel(TorchRecommender):
                 for s in range(0, len(table), bs):
                     batch = to_device(table.batch(np.arange(s, min(s + bs, len(table)))), self.device_)
                     batch.pop("label", None)
-                    out.append(torch.sigmoid(net(batch).float()).cpu().numpy())
+                    out.append(torch.sigmoid(logits(net, batch).float()).cpu().numpy())
         finally:
             net.train(was)
-        if not out:
-            return np.zeros((0, self.n_labels))
-        return np.concatenate(out).astype(np.float64)
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     def score(self, hist):
         raise RecForgeError(f"{self.name} is a CTR model: it scores feature rows (predict_proba, recforge predict), "

@@ -76,18 +76,4 @@ class ESMM(MultiTaskCTRModel):
 
     def predict_cvr(self, table, batch_size: int | None = None) -> np.ndarray:
         """``pCVR = p(conversion | click)`` of every row ``(n,)`` (float64)."""
-        from recforge.training.device import to_device
-
-        net, bs = self.net_, int(batch_size or self.eval_batch_size)
-        was = net.training
-        net.eval()
-        out = []
-        try:
-            with torch.no_grad():
-                for s in range(0, len(table), bs):
-                    batch = to_device(table.batch(np.arange(s, min(s + bs, len(table)))), self.device_)
-                    batch.pop("label", None)
-                    out.append(torch.sigmoid(net.logits(batch)[1].float()).cpu().numpy())
-        finally:
-            net.train(was)
-        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+        return self.predict_batches(table, lambda net, batch: net.logits(batch)[1], batch_size)
