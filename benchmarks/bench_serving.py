@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_serving_loadgen import read_response  # noqa: E402  (the one HTTP response reader of the benchmarks)
 BEAUTY = HERE.parent.parent / "shared" / "data" / "amazon-beauty" / "Beauty.txt"
 RESULTS = HERE / "results" / "serving.json"
 
@@ -159,19 +161,7 @@ class HttpPool:
                 reader, writer = conn
                 writer.write(head + data)
                 status_line = await reader.readline()
-            status = int(status_line.split()[1])
-            length, close = 0, False
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"connection" and value.strip().lower() == b"close":
-                    close = True
-            payload = await reader.readexactly(length)
+            status, payload, close = await read_response(reader, status_line)
             ok = not close
             return status, payload
         finally:

@@ -46,6 +46,23 @@ def schedule(rate: float, n: int, arrival: str, seed: int) -> list[float]:
     return out
 
 
+async def read_response(reader: asyncio.StreamReader, status_line: bytes) -> tuple[int, bytes, bool]:
+    """The rest of an HTTP/1.1 response after its status line: ``(status, body, server closes)``."""
+    status = int(status_line.split()[1])
+    length, close = 0, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            close = True
+    return status, await reader.readexactly(length), close
+
+
 class Conn:
     """One keep-alive HTTP/1.1 connection; reconnects when the server closed it."""
 
@@ -63,19 +80,7 @@ class Conn:
                 line = await self.reader.readline()
                 if not line:
                     raise ConnectionResetError("connection closed by the server")
-                status = int(line.split()[1])
-                length, close = 0, False
-                while True:
-                    line = await self.reader.readline()
-                    if line in (b"\r\n", b""):
-                        break
-                    name, _, value = line.partition(b":")
-                    name = name.strip().lower()
-                    if name == b"content-length":
-                        length = int(value)
-                    elif name == b"connection" and value.strip().lower() == b"close":
-                        close = True
-                payload = await self.reader.readexactly(length)
+                status, payload, close = await read_response(self.reader, line)
                 if close:
                     self.close()
                 return status, payload

@@ -181,3 +181,16 @@ def drop_superseded(resume) -> None:
     """After a resumed run is committed: remove the ``.partial-*`` folder a killed run left."""
     if resume is not None and Path(resume).name.startswith(".partial-"):
         shutil.rmtree(resume, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, out: Path) -> Path:
+    """Rename a completed temporary folder into place (replacing an empty ``out``); on any error
+    the temporary folder is removed, so nothing half-written is left. Returns ``out``."""
+    try:
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

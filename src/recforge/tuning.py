@@ -711,6 +711,8 @@ def format_trials(frame: pl.DataFrame, metric: str, best: int | None = None, par
 
 def _write_study(out: Path, cfg: dict, best_cfg: dict, frame: pl.DataFrame, summary: dict,
                  space: dict[str, Param], metric: str, study, importances: dict | None) -> Path:
+    from recforge.runs import publish_folder
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{out.name}-", dir=out.parent))
     try:
@@ -726,13 +728,10 @@ def _write_study(out: Path, cfg: dict, best_cfg: dict, frame: pl.DataFrame, summ
         note = plot_trials(study, space, metric, importances, tmp / "trials.png")
         summary["plot"] = "trials.png" if note is None else note
         (tmp / "study.json").write_text(json.dumps(summary, indent=2, default=str))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return publish_folder(tmp, out)
 
 
 # ---- plot ---------------------------------------------------------------------------------------

@@ -160,12 +160,9 @@ def _to_seconds(df: pl.DataFrame, col: str, source: str, time_format: str | None
     name = label or col
     dtype = s.dtype
     fix = "give --time-format (e.g. '%Y-%m-%d %H:%M:%S') or point --time-col at a numeric column"
-    if dtype.is_integer():
-        out = s.cast(pl.Int64)
-    elif dtype.is_float():
-        out = s.floor().cast(pl.Int64)
-    elif dtype.is_temporal():
-        out = s.dt.epoch("s")
+    typed = _typed_seconds(pl.col(col), dtype)
+    if typed is not None:
+        out = df.select(typed).to_series()
     else:
         text = s.cast(pl.Utf8).str.strip_chars()
         if time_format is not None:
@@ -185,6 +182,18 @@ def _to_seconds(df: pl.DataFrame, col: str, source: str, time_format: str | None
         raise DataError(f"{source}: column '{name}' has {out.null_count()} empty or unreadable time(s); "
                         "fill or drop those rows")
     return df.with_columns(out.alias(col))
+
+
+def _typed_seconds(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr | None:
+    """Int64 epoch seconds of a time column whose type decides it (integers, floats floored,
+    dates and datetimes); None for text, which needs parsing."""
+    if dtype.is_integer():
+        return expr.cast(pl.Int64)
+    if dtype.is_float():
+        return expr.floor().cast(pl.Int64)
+    if dtype.is_temporal():
+        return expr.dt.epoch("s")
+    return None
 
 
 def _parse_text_time(text: pl.Series) -> pl.Series | None:
@@ -415,13 +424,7 @@ def _lazy_id(col: str, dtype: pl.DataType) -> tuple[dict[str, pl.Expr], Callable
 def _time_stats(dtype: pl.DataType, time_format: str | None) -> tuple[dict[str, pl.Expr], pl.Expr | None]:
     """Statistics to gather for the time column, and its conversion when the type decides it."""
     c = pl.col(TIME)
-    out = None
-    if dtype.is_integer():
-        out = c.cast(pl.Int64)
-    elif dtype.is_float():
-        out = c.floor().cast(pl.Int64)
-    elif dtype.is_temporal():
-        out = c.dt.epoch("s")
+    out = _typed_seconds(c, dtype)
     if out is not None:
         return {"t:out_nulls": out.null_count()}, out
     if time_format is not None:

@@ -41,6 +41,7 @@ import yaml
 
 from recforge.data.schema import ITEM, TIME, USER
 from recforge.errors import RecForgeError
+from recforge.runs import publish_folder
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -143,13 +144,10 @@ def export_artifact(run_dir: str | Path, out: str | Path) -> Path:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return publish_folder(tmp, out)
 
 
 def sha256_file(path: Path) -> str:
