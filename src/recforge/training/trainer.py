@@ -178,7 +178,12 @@ class Trainer:
         m = self.model
         net = m.net_
         device, precision = m.device_, m.precision
-        opt = torch.optim.Adam(net.parameters(), lr=m.lr, weight_decay=m.weight_decay)
+        # a model may bring its own optimiser and step (multi-task AdaTask); Adam otherwise
+        make = getattr(m, "make_optimizer", None)
+        opt = make() if callable(make) else None
+        own_step = getattr(m, "optimizer_step", None) if opt is not None else None
+        if opt is None:
+            opt = torch.optim.Adam(net.parameters(), lr=m.lr, weight_decay=m.weight_decay)
         scaler = grad_scaler(device, precision)
         rng = np.random.default_rng(m.seed)
         rank, n_proc = distributed.world()
@@ -222,6 +227,8 @@ class Trainer:
                         scaler.scale(loss).backward()
                         scaler.step(opt)
                         scaler.update()
+                    elif callable(own_step):
+                        own_step(loss, opt)
                     else:
                         loss.backward()
                         opt.step()

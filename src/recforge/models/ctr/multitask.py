@@ -8,12 +8,11 @@ needs a fixed number); otherwise fitting stops with one :class:`ConfigError`.
 ``optimizer``: ``adam`` (the trainer's Adam) or ``adatask`` (:mod:`recforge.training.adatask`:
 per-task Adam moments on every parameter, so a shared parameter's update is the sum of one
 normalised step per task, while a parameter only one task reaches gets plain Adam). With
-``adatask`` the model takes the optimisation step itself, inside :meth:`loss`: one backward pass
-per task (``torch.autograd.grad``), the AdaTask step with the trainer's learning-rate schedule
-(``lr_factor`` at the same point of training), and a returned loss value that is detached from
-the network, so the trainer's own backward pass and Adam step touch no parameter. Its moments are
-saved with the training state, so ``resume_from`` continues exactly. Not supported with it:
-``precision=fp16`` (the gradient scaler needs the trainer's step) and data-parallel training.
+``adatask`` the model hands the trainer its optimiser (:meth:`make_optimizer`) and its step
+(:meth:`optimizer_step`: one backward pass per task, ``torch.autograd.grad``, then the AdaTask
+step); the trainer's learning-rate schedule and checkpoints apply to it as to Adam, so
+``resume_from`` continues exactly. Not supported with it: ``precision=fp16`` (the gradient scaler
+steps the optimiser itself) and data-parallel training.
 """
 
 from __future__ import annotations
@@ -64,36 +63,17 @@ class MultiTaskCTRModel(CTRModel):
                                   "scaler cannot see: use precision=bf16 or fp32")
             if world()[1] > 1:
                 raise ConfigError("optimizer=adatask is not supported in data-parallel training; run one process")
-        self._adatask = None
-        self._epoch, self._progress = 0, 0.0
 
     # ---- AdaTask -------------------------------------------------------------------------------
-    def _optimizer(self):
-        if getattr(self, "_adatask", None) is None:
-            from recforge.training.adatask import AdaTask
+    def make_optimizer(self):
+        """The trainer's optimiser: AdaTask over the network's parameters (None with optimizer=adam:
+        the trainer's Adam, and its step)."""
+        if self.optimizer != "adatask":
+            return None
+        from recforge.training.adatask import AdaTask
 
-            params = [p for p in self.net_.parameters() if p.requires_grad]
-            self._adatask = AdaTask(params, self.n_labels, lr=self.lr, weight_decay=self.weight_decay)
-        return self._adatask
-
-    def train_batches(self, split, rng):
-        """The base batches, noting how far training is (for AdaTask's learning-rate schedule)."""
-        self._epoch = getattr(self, "_epoch", 0) + 1
-        n = max(1, self.n_train_batches(split))
-        for i, batch in enumerate(super().train_batches(split, rng)):
-            self._progress = self._epoch - 1 + min(i / n, 1.0)
-            yield batch
-
-    def train_state(self) -> dict:
-        state = {"epoch": getattr(self, "_epoch", 0)}
-        if self.optimizer == "adatask":
-            state["adatask"] = self._optimizer().state_dict()
-        return state
-
-    def load_train_state(self, state: dict) -> None:
-        self._epoch = int(state.get("epoch", 0))
-        if self.optimizer == "adatask" and state.get("adatask"):
-            self._optimizer().load_state_dict(state["adatask"])
+        return AdaTask([p for p in self.net_.parameters() if p.requires_grad], self.n_labels, lr=self.lr,
+                       weight_decay=self.weight_decay)
 
     def task_losses(self, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The binary cross-entropy of each label and the embedding penalty (0 without ``embedding_reg``)."""
@@ -106,21 +86,17 @@ class MultiTaskCTRModel(CTRModel):
     def loss(self, batch) -> torch.Tensor:
         if self.optimizer != "adatask":
             return super().loss(batch)
-        from recforge.training.trainer import lr_factor
-
         losses, reg = self.task_losses(batch)
-        total = torch.stack(losses).mean() + reg
-        if not torch.isfinite(total):
-            return total  # the trainer stops with its message; no step is taken
-        opt = self._optimizer()
+        self._task_losses = [loss + reg for loss in losses]  # what optimizer_step differentiates, task by task
+        return torch.stack(losses).mean() + reg
+
+    def optimizer_step(self, loss, opt) -> None:
+        """AdaTask's step: each task's gradient from its own backward pass."""
+        losses, self._task_losses = self._task_losses, None
         params = opt.params()
-        grads = [torch.autograd.grad(losses[k] + reg, params, retain_graph=k < len(losses) - 1, allow_unused=True)
+        grads = [torch.autograd.grad(losses[k], params, retain_graph=k < len(losses) - 1, allow_unused=True)
                  for k in range(len(losses))]
-        f = lr_factor(self, self._progress) if self.lr_schedule != "constant" or self.warmup_epochs else 1.0
-        for group in opt.param_groups:
-            group["lr"] = self.lr * f
         opt.step(grads)
-        return total.detach().requires_grad_()
 
     def protocol_notes(self) -> dict:
         return {**super().protocol_notes(), "optimizer": self.optimizer}
