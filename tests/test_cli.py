@@ -287,3 +287,14 @@ def test_target_behavior_protocol_end_to_end(tmp_path):
     strict = recforge.evaluate(b.path, exclude="history")
     assert strict["protocol"]["exclude"] == "history"
     assert strict["test"]["mrr"] == 0.0 and strict["test"]["hr@20"] == 0.0
+
+
+def test_separator_overrides_stay_text():
+    """``data.sep=|`` and ``data.splitter=|`` name a separator: YAML would read ``|``/``>`` as an empty
+    block scalar and ``#`` as a comment, silently giving the default separator; YAML 1.1 reads
+    ``1e-3`` as text, a learning rate as a string."""
+    from recforge.config import parse_value
+
+    assert [parse_value(v) for v in ("|", ">", "#", ";", "a|b")] == ["|", ">", "#", ";", "a|b"]
+    assert [parse_value(v) for v in ("null", "~", "", "3", "1e-3", "[64, 64]", "true")] == [
+        None, None, None, 3, 1e-3, [64, 64], True]

@@ -35,10 +35,6 @@ def _leftovers(folder):
 # ---- search spaces ------------------------------------------------------------------------------
 def test_every_model_with_hyper_parameters_has_a_valid_space():
     for name in registry.available():
-        if getattr(registry.get_model_class(name), "task", "ranking") == "ctr":
-            with pytest.raises(ConfigError, match="does not search CTR models"):  # not yet: says so
-                tuning.tune(name, "synthetic", trials=1)
-            continue
         if name == "pop":
             with pytest.raises(ConfigError, match="no hyper-parameters to tune"):
                 tuning.load_space(name)
@@ -341,3 +337,32 @@ def test_ctrl_c_in_the_trainer_stops_the_study(small_data, tmp_path, monkeypatch
     assert res.summary["interrupted"] is True
     assert res.trials["state"].to_list() == ["complete", "fail"]
     assert res.trials["error"].to_list() == [None, "interrupted"]
+
+
+def test_ctr_study_scores_validation_auc_and_its_best_config_trains(tmp_path, monkeypatch):
+    """A CTR model is tuned on the validation AUC; the test rows are split off but never encoded;
+    the best config trains the very model that was scored."""
+    from test_ctr_models import _write_libsvm
+
+    from recforge.data.features import FeatureEncoder
+
+    data = _write_libsvm(tmp_path / "toy")
+    fixed = ["data.fields=user,item,ctx", "batch_size=256", "hidden=[32]", "threads=1", "epochs=3"]
+    encoded = []
+    real = FeatureEncoder.transform
+
+    def spy(self, df, source="the data", *a, **k):
+        encoded.append(source)
+        return real(self, df, source, *a, **k)
+
+    monkeypatch.setattr(FeatureEncoder, "transform", spy)
+    res = tuning.tune("deepfm", str(data), overrides=fixed, trials=2, out=tmp_path / "study", progress=False)
+    assert res.metric == "auc" and 0.5 < res.best["value"] <= 1
+    assert encoded == ["the train part", "the valid part"]
+    assert res.summary["evaluation"].startswith("pointwise: AUC") and res.summary["split"]["method"] == "presplit"
+    monkeypatch.setattr(FeatureEncoder, "transform", real)
+    best = yaml.safe_load((res.path / "best.yaml").read_text())
+    run = recforge.train(config=best, out=tmp_path / "runs", verbose=False)
+    assert run.metrics["valid"]["auc"] == pytest.approx(res.best["value"], abs=1e-6)
+    with pytest.raises(ConfigError, match="CTR models are tuned and stopped early on the validation AUC"):
+        tuning.tune("deepfm", str(data), overrides=fixed, trials=1, metric="ndcg@10", out=tmp_path / "s2")

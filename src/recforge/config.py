@@ -16,6 +16,7 @@ path. Values are parsed as YAML scalars (``1e-3``, ``true``, ``[5, 10]``).
 from __future__ import annotations
 
 import copy
+import re
 
 import yaml
 
@@ -53,10 +54,25 @@ CTR_EVAL_DEFAULTS = {"bins": 10}
 
 
 def parse_value(text: str):
+    """A command-line value read as YAML (``3``, ``1e-3``, ``[64, 64]``, ``true``, ``null``); text that
+    YAML reads as nothing without saying null (``|``, ``>``, ``#``: separators, not block scalars or
+    comments) stays the text it is; ``1e-3``, which YAML 1.1 reads as text, is a number."""
+    if text == "":
+        return None
     try:
-        return yaml.safe_load(text) if text != "" else None
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if value is None and text.strip() not in ("~", "null", "Null", "NULL"):
+        return text
+    if value == "" and text.strip() not in ('""', "''"):
+        return text
+    if isinstance(value, str) and _EXPONENT.fullmatch(text.strip()):
+        return float(text)
+    return value
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def base_config(model: str, data: str | None = None) -> dict:

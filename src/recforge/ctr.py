@@ -41,7 +41,7 @@ class CTRSplit:
 
     train: EncodedTable
     valid: EncodedTable | None
-    test: EncodedTable
+    test: EncodedTable | None
     encoder: FeatureEncoder
     protocol: dict = field(default_factory=dict)
     n_users: int = 0
@@ -84,13 +84,14 @@ def _vocab_size(enc: FeatureEncoder, names: tuple[str, ...]) -> int:
     return 0
 
 
-def prepare(cfg: dict) -> tuple[CTRSplit, dict, dict]:
-    """The encoded split of a CTR config, the config with the split resolved, and data notes."""
+def prepare(cfg: dict, test: bool = True) -> tuple[CTRSplit, dict, dict]:
+    """The encoded split of a CTR config, the config with the split resolved, and data notes.
+    ``test=False`` leaves the test part unencoded (``split.test`` is None): hyper-parameter search."""
     t0 = time.perf_counter()
     src, parts, rec = load_parts(cfg)
     enc = FeatureEncoder(src.schema).fit(parts["train"], "the training part")
-    tables = {k: enc.transform(v, f"the {k} part") for k, v in parts.items() if v.height}
-    split = CTRSplit(tables["train"], tables.get("valid"), tables["test"], enc, rec,
+    tables = {k: enc.transform(v, f"the {k} part") for k, v in parts.items() if v.height and (test or k != "test")}
+    split = CTRSplit(tables["train"], tables.get("valid"), tables.get("test"), enc, rec,
                      _vocab_size(enc, ("user", "user_id", "userid", src.schema.user or "")),
                      _vocab_size(enc, ("item", "item_id", "itemid", "adgroup_id")))
     cfg = copy.deepcopy(cfg)

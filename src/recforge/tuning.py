@@ -30,6 +30,12 @@ cannot be searched. Each bound and choice is checked against the model's own val
 the first trial. A parameter fixed among the ``key=value`` overrides (``lr=1e-3``) is left out of
 the search.
 
+**CTR models** (``recforge tune deepfm --data frappe-folder ...``) are scored by their validation
+AUC (the mean over labels for multi-task models), the metric their early stopping follows; the
+encoders are fitted on the training part, the validation part is encoded with them, and the test
+part is split off but never encoded or read. ``best.yaml`` trains the same model with
+``recforge train --config``.
+
 **Seeds.** ``--seed`` seeds the sampler. The models' training seed is the config's ``seed``
 (``seed=N`` among the overrides; 0 by default) and is the same for every trial, so trials differ
 only by their hyper-parameters; parallel workers on one ``--storage`` should take different
@@ -407,11 +413,9 @@ def tune(model: str, data: str | None = None, overrides=None, *, trials: int | N
     cfg = resolve(model, data, overrides)
     name = cfg["model"]["name"]
     cls = registry.get_model_class(name)
-    if getattr(cls, "task", "ranking") == "ctr":
-        raise ConfigError(f"recforge tune does not search CTR models ({name}) yet; train with key=value overrides "
-                          "and compare the runs' validation AUC")
+    ctr = getattr(cls, "task", "ranking") == "ctr"
     keys = cls.param_names()
-    metric = _choose_metric(cfg, keys, metric, overrides, name)
+    metric = _choose_ctr_metric(metric) if ctr else _choose_metric(cfg, keys, metric, overrides, name)
     if "valid_metric" in keys:
         cfg["model"]["valid_metric"] = metric  # early stopping and pruning follow the tuned metric
     if epochs is not None:
@@ -432,10 +436,15 @@ def tune(model: str, data: str | None = None, overrides=None, *, trials: int | N
         raise RecForgeError(f"{out}: exists and is not an empty folder; choose another --out or remove it")
 
     optuna = _optuna()
-    ds = load_dataset(cfg["data"])
-    cfg = C.with_resolved_exclude(cfg, ds)
-    split = split_dataset(ds, cfg)
-    valid_set = validation_set(cfg, split)
+    if ctr:
+        ds = None
+        split, cfg = ctr_train_valid(cfg)
+        valid_set = split.valid
+    else:
+        ds = load_dataset(cfg["data"])
+        cfg = C.with_resolved_exclude(cfg, ds)
+        split = split_dataset(ds, cfg)
+        valid_set = validation_set(cfg, split)
     is_torch = issubclass(cls, TorchRecommender)
 
     verbosity = optuna.logging.get_verbosity()
@@ -486,7 +495,7 @@ def tune(model: str, data: str | None = None, overrides=None, *, trials: int | N
                 raise KeyboardInterrupt
             trial.set_user_attr("epochs", len(history.get("epochs", [])))
             trial.set_user_attr("best_epoch", history.get("best_epoch"))
-        metrics = _validate(est, valid_set, cfg, split, metric)
+        metrics = est.validate(valid_set) if ctr else _validate(est, valid_set, cfg, split, metric)
         trial.set_user_attr("valid", {k: v for k, v in metrics.items() if k != "n_users"})
         if not math.isfinite(metrics[metric]):  # Optuna fails such a trial; say why in the table
             trial.set_user_attr("error", f"valid {metric} is {metrics[metric]}")
@@ -535,7 +544,9 @@ def tune(model: str, data: str | None = None, overrides=None, *, trials: int | N
     summary = {
         "model": name, "data": cfg["data"]["path"], "metric": f"valid {metric}", "direction": "maximize",
         "protocol": "scores on the validation part only: the test part of the split is never read",
-        "split": split.protocol, "evaluation": _protocol_describe(cfg),
+        "split": split.protocol,
+        "evaluation": ("pointwise: AUC over every validation row (mean over labels)" if ctr
+                       else _protocol_describe(cfg)),
         "study_name": study.study_name, "storage": _redact(storage),
         "sampler": f"{type(study.sampler).__name__}(seed={seed})",
         "pruner": type(study.pruner).__name__ + (f"(warm-up {prune_warmup} epochs, 5 startup trials)"
@@ -565,6 +576,25 @@ def _choose_metric(cfg: dict, keys: set[str], metric: str | None, overrides, nam
         raise ConfigError(f"--metric {metric!r}: use hr@K, ndcg@K, recall@K, precision@K, map@K, mrr@K, coverage@K "
                           "or mrr (e.g. ndcg@10)")
     return metric
+
+
+def _choose_ctr_metric(metric: str | None) -> str:
+    if metric is not None and str(metric).lower() != "auc":
+        raise ConfigError(f"--metric {metric}: CTR models are tuned and stopped early on the validation AUC "
+                          "(--metric auc)")
+    return "auc"
+
+
+def ctr_train_valid(cfg: dict):
+    """The encoded training and validation parts of a CTR config and the config with its split
+    resolved; the test part is split off but never encoded."""
+    from recforge.ctr import prepare
+
+    split, cfg, _ = prepare(cfg, test=False)
+    if split.valid is None:
+        raise ConfigError("tuning needs a validation part, and this split has none; use split.method=random or "
+                          "temporal, or a pre-split source with validation rows (the test part is never used)")
+    return split, cfg
 
 
 def _validate(est, valid_set, cfg: dict, split, metric: str) -> dict:

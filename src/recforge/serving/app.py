@@ -12,6 +12,9 @@ Endpoints (raw ids in, raw ids out):
   in ``unknown_items``), with ``exclude`` and a ``categories`` allow-list;
 * ``GET /v1/items/{item_id}/similar?k=10`` — cosine neighbours over the model's item vectors, or
   over item co-occurrence for models without vectors (the response's ``method`` says which);
+* ``POST /v1/score`` — for an artifact of a CTR run: probabilities of each label for candidate
+  rows given with their features (:mod:`recforge.serving.ctr_engine`); the ranking endpoints above
+  answer 400 for such an artifact, and this one 400 for a ranking artifact;
 * ``POST /v1/events`` — a batch of events, durable (fsynced) before the reply and part of the
   user's history for the very next request;
 * ``POST /admin/reload`` — load another artifact and swap it in atomically, in every worker
@@ -100,10 +103,18 @@ class ServingState:
 
 
 def build_engine(artifact_dir, **engine_options):
+    """The engine of an artifact: ranking (:class:`~recforge.serving.engine.Engine`) or CTR scoring
+    (:class:`~recforge.serving.ctr_engine.CTREngine`), by the artifact's task."""
     from recforge.serving.artifact import load_artifact
+
+    art = load_artifact(artifact_dir)
+    if art.task == "ctr":
+        from recforge.serving.ctr_engine import CTREngine
+
+        return CTREngine(art, **engine_options)
     from recforge.serving.engine import Engine
 
-    return Engine(load_artifact(artifact_dir), **engine_options)
+    return Engine(art, **engine_options)
 
 
 def create_app(artifact_dir: str | Path | None, events_path: str | Path | None = None, api_key: str | None = None,
@@ -280,6 +291,13 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     # ---- recommendations -----------------------------------------------------------------------
+    def ranking():
+        eng = state.engine
+        if eng.task != "ranking":
+            raise BadRequestError(f"model {eng.model_name} is a CTR model: it scores candidate rows given with their "
+                                  "features (POST /v1/score); it does not rank a catalogue")
+        return eng
+
     user_path = Annotated[str, PathParam(min_length=1, max_length=S.MAX_ID_CHARS, description="raw user id")]
     k_query = Annotated[int, Query(ge=1, le=S.MAX_K, description="number of items to return")]
 
@@ -288,7 +306,7 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
     async def recommend_user(user_id: user_path, k: k_query = 10,
                        exclude: Annotated[list[str] | None, Query(max_length=S.MAX_EXCLUDE)] = None,
                        categories: Annotated[list[str] | None, Query(max_length=S.MAX_CATEGORIES)] = None):
-        eng = state.engine
+        eng = ranking()
         uidx = eng.user_idx(user_id)
         history = eng.history_of(uidx)
         fresh, unknown = eng.encode_items(state.events.items_of(user_id))
@@ -299,7 +317,7 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
     @app.post("/v1/recommendations", response_model=S.RecommendationResponse, tags=["recommendations"],
               dependencies=[Depends(public_key)])
     async def recommend_history(body: S.RecommendationRequest):
-        eng = state.engine
+        eng = ranking()
         hist, unknown = eng.encode_items(body.history)
         ex, _ = eng.encode_items(body.exclude)
         r = await eng.recommend_async(-1, hist, body.k, ex, body.categories, exclude_seen=body.exclude_seen)
@@ -309,7 +327,7 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
              dependencies=[Depends(public_key)], responses={404: {"model": S.ErrorBody}})
     def similar(item_id: Annotated[str, PathParam(min_length=1, max_length=S.MAX_ID_CHARS, description="raw item id")],
                 k: k_query = 10):
-        eng = state.engine
+        eng = ranking()
         known, _ = eng.encode_items([item_id])
         if not known:
             raise NotFoundError(f"item {item_id!r} is not in the catalogue of model {eng.model_name}")
@@ -328,8 +346,19 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
         n = await asyncio.wrap_future(state.events.append(rows))
         state.metrics.add_events(n)
         eng = state.engine
+        if eng.task != "ranking":  # a CTR model has no catalogue to check the items against
+            return {"accepted": n, "unknown_items": []}
         _, unknown = eng.encode_items(dict.fromkeys(e.item_id for e in body.events))
         return {"accepted": n, "unknown_items": unknown[:100]}
+
+    # ---- CTR scoring ---------------------------------------------------------------------------
+    @app.post("/v1/score", response_model=S.ScoreResponse, tags=["scoring"], dependencies=[Depends(public_key)])
+    async def score(body: S.ScoreRequest):
+        eng = state.engine
+        if eng.task != "ctr":
+            raise BadRequestError(f"model {eng.model_name} ranks a catalogue: ask GET /v1/users/{{user_id}}/"
+                                  "recommendations or POST /v1/recommendations; /v1/score serves CTR models")
+        return await run_in_threadpool(eng.score, body.user_id, body.context, body.candidates, body.unseen)
 
     # ---- admin ---------------------------------------------------------------------------------
     @app.post("/admin/reload", response_model=S.ReloadResponse, tags=["admin"], dependencies=[Depends(admin)],

@@ -15,6 +15,12 @@
       popularity.npy        int64 counts per encoded item over the training part (index 0: padding)
       item_vectors.npy      float32 (n_items + 1, d) item vectors, when the model has them
 
+A CTR run (``task: ctr`` in its metrics) becomes a scoring artifact instead: ``manifest.json``
+(with ``task: ctr``, the labels and the features), ``config.yaml``, ``metrics.json``, ``model/``
+and ``encoders/`` (the encoders fitted on the run's training part, applied unchanged to every row
+the server scores). It has no catalogue or history: it scores candidate rows given with their
+features (``POST /v1/score``).
+
 The folder is assembled in a hidden temporary folder beside ``DIR`` and renamed into place, so
 an interrupted export leaves nothing half-written. :func:`load_artifact` checks every checksum
 before it reads anything and needs nothing but the folder (and the model's code).
@@ -99,11 +105,11 @@ def export_artifact(run_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(f"{out}: exists and is not an empty folder; choose another --out or remove it")
-    for name in ("model", "user_map.parquet", "item_map.parquet", "interactions.parquet"):
+    ctr = run.metrics.get("task") == "ctr"
+    needed = ("model", "encoders") if ctr else ("model", "user_map.parquet", "item_map.parquet", "interactions.parquet")
+    for name in needed:
         if not (run.path / name).exists():
             raise ArtifactError(f"{run.path}: incomplete run folder (no {name}); train it again")
-    model = run.model
-    ds = run.dataset
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))
     umask = os.umask(0)
@@ -113,41 +119,57 @@ def export_artifact(run_dir: str | Path, out: str | Path) -> Path:
         shutil.copytree(run.path / "model", tmp / "model")
         shutil.copy2(run.path / "config.yaml", tmp / "config.yaml")
         shutil.copy2(run.path / "metrics.json", tmp / "metrics.json")
-        ds.user_map.write_parquet(tmp / "user_map.parquet")
-        ds.item_map.write_parquet(tmp / "item_map.parquet")
-        if ds.items is not None:
-            ds.items.write_parquet(tmp / "items.parquet")
-        inter = ds.interactions.select(USER, ITEM, TIME).sort([USER, TIME], maintain_order=True)
-        inter.write_parquet(tmp / "interactions.parquet")
-        pop, pop_source = _training_popularity(ds, run.config)
-        np.save(tmp / "popularity.npy", pop)
-        vec = item_vectors_of(model)
-        if vec is not None:
-            np.save(tmp / "item_vectors.npy", vec)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "recforge_version": __version__,
+            "task": "ctr" if ctr else "ranking",
+            "model": run.config["model"]["name"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_run": str(run.path.resolve()),
+            "data": run.config.get("data", {}).get("path"),
+        }
+        manifest.update(_export_ctr(run, tmp) if ctr else _export_ranking(run, tmp))
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
                 files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "recforge_version": __version__,
-            "model": getattr(model, "name", run.config["model"]["name"]),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source_run": str(run.path.resolve()),
-            "data": run.config.get("data", {}).get("path"),
-            "n_users": ds.n_users,
-            "n_items": ds.n_items,
-            "n_interactions": inter.height,
-            "item_vectors": None if vec is None else {"dim": int(vec.shape[1])},
-            "popularity_source": pop_source,
-            "files": files,
-        }
+        manifest["files"] = files
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return publish_folder(tmp, out)
+
+
+def _export_ctr(run, tmp: Path) -> dict:
+    """The encoders of a CTR run; the manifest's labels and features."""
+    from recforge.data.features import FeatureEncoder
+
+    shutil.copytree(run.path / "encoders", tmp / "encoders")
+    enc = FeatureEncoder.load(tmp / "encoders")  # a broken encoder folder fails the export, not the server
+    return {"labels": list(enc.schema.labels), "user_column": enc.schema.user,
+            "features": [{"name": f.name, "kind": f.kind} for f in enc.schema.features]}
+
+
+def _export_ranking(run, tmp: Path) -> dict:
+    """The catalogue, histories, popularity and item vectors of a ranking run; their manifest entries."""
+    model = run.model
+    ds = run.dataset
+    ds.user_map.write_parquet(tmp / "user_map.parquet")
+    ds.item_map.write_parquet(tmp / "item_map.parquet")
+    if ds.items is not None:
+        ds.items.write_parquet(tmp / "items.parquet")
+    inter = ds.interactions.select(USER, ITEM, TIME).sort([USER, TIME], maintain_order=True)
+    inter.write_parquet(tmp / "interactions.parquet")
+    pop, pop_source = _training_popularity(ds, run.config)
+    np.save(tmp / "popularity.npy", pop)
+    vec = item_vectors_of(model)
+    if vec is not None:
+        np.save(tmp / "item_vectors.npy", vec)
+    return {"model": getattr(model, "name", run.config["model"]["name"]), "n_users": ds.n_users,
+            "n_items": ds.n_items, "n_interactions": inter.height,
+            "item_vectors": None if vec is None else {"dim": int(vec.shape[1])}, "popularity_source": pop_source}
 
 
 def sha256_file(path: Path) -> str:
@@ -224,23 +246,53 @@ class Artifact:
     def n_users(self) -> int:
         return self.user_map.height
 
+    task = "ranking"
+
     @cached_property
     def model(self):
-        from recforge.models.base import Recommender
-
-        # RECFORGE_DEVICE (set by `recforge serve --device`, inherited by every worker) overrides the
-        # device the model was trained with: a GPU-trained model serves on a CPU machine with cpu
-        model = Recommender.load(self.path / "model", device=os.environ.get("RECFORGE_DEVICE") or None)
-        net = getattr(model, "net_", None)
-        if net is not None and hasattr(net, "eval"):
-            net.eval()
-        return model
+        return _load_model(self.path)
 
 
-def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+def _load_model(path: Path):
+    from recforge.models.base import Recommender
+
+    # RECFORGE_DEVICE (set by `recforge serve --device`, inherited by every worker) overrides the
+    # device the model was trained with: a GPU-trained model serves on a CPU machine with cpu
+    model = Recommender.load(path / "model", device=os.environ.get("RECFORGE_DEVICE") or None)
+    net = getattr(model, "net_", None)
+    if net is not None and hasattr(net, "eval"):
+        net.eval()
+    return model
+
+
+@dataclass
+class CTRArtifact:
+    """A verified CTR scoring artifact: the encoders and (on first use) the model."""
+
+    path: Path
+    manifest: dict
+    config: dict
+    encoder: object  # recforge.data.features.FeatureEncoder
+    task = "ctr"
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]
+
+    @cached_property
+    def model(self):
+        return _load_model(self.path)
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact | CTRArtifact:
     """Load a serving artifact after checking its checksums (``verify=False`` skips the check)."""
     path = Path(path)
     manifest = verify_artifact(path) if verify else json.loads((path / MANIFEST).read_text())
+    if manifest.get("task") == "ctr":
+        from recforge.data.features import FeatureEncoder
+
+        return CTRArtifact(path, manifest, yaml.safe_load((path / "config.yaml").read_text()),
+                           FeatureEncoder.load(path / "encoders"))
     opt = lambda n: pl.read_parquet(path / n) if (path / n).exists() else None  # noqa: E731
     vec = path / "item_vectors.npy"
     art = Artifact(

@@ -126,6 +126,10 @@ def _score_rows(model, users: list[int], histories: list[list[int]], n_items: in
 
 
 class Engine:
+    """One loaded ranking artifact (see the module docstring)."""
+
+    task = "ranking"
+
     def __init__(self, artifact: Artifact, ann_threshold: int = 100_000, ann_options: dict | None = None,
                  threads: int = 1, max_batch: int = 32):
         t0 = time.perf_counter()
@@ -196,7 +200,7 @@ class Engine:
     def describe(self) -> dict:
         m = self.artifact.manifest
         return {"model": self.model_name, "artifact": str(self.artifact.path), "created": m.get("created"),
-                "format_version": m.get("format_version"), "n_users": self.n_users, "n_items": self.n_items,
+                "format_version": m.get("format_version"), "task": "ranking", "n_users": self.n_users, "n_items": self.n_items,
                 "ann": self.ann_status, "similar_items": self.similar_method,
                 "category_column": self.category_column}
 

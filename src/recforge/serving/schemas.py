@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StringConstraints)
 
 MAX_K = 1000
 MAX_HISTORY_ITEMS = 2000
@@ -12,6 +13,9 @@ MAX_EXCLUDE = 1000
 MAX_CATEGORIES = 100
 MAX_EVENTS = 1000
 MAX_ID_CHARS = 256
+MAX_CANDIDATES = 5000
+MAX_VALUE_CHARS = 1000
+MAX_LIST_VALUES = 1000
 
 
 def _utf8(text: str) -> str:
@@ -112,8 +116,11 @@ class ModelInfo(BaseModel):
     artifact: str
     created: str | None = None
     format_version: int | None = None
-    n_users: int
-    n_items: int
+    task: Literal["ranking", "ctr"] = "ranking"
+    n_users: int | None = Field(default=None, description="users of a ranking model's catalogue")
+    n_items: int | None = Field(default=None, description="items of a ranking model's catalogue")
+    labels: list[str] | None = Field(default=None, description="what a CTR model predicts, one probability each")
+    features: list[str] | None = Field(default=None, description="the features a CTR model scores rows by")
     ann: str
     similar_items: str
     category_column: str | None = None
@@ -138,6 +145,37 @@ class Health(BaseModel):
     uptime_seconds: float
     model: ModelInfo
     worker: WorkerInfo
+
+
+#: one feature value: a category (string or number), a number, null (missing), or a list of values
+Scalar = StrictInt | StrictFloat | StrictBool | Text(MAX_VALUE_CHARS) | None
+FeatureValue = Annotated[Scalar | Annotated[list[Scalar], Field(max_length=MAX_LIST_VALUES)],
+                         Field(description="a category, a number, null (missing), or a list for a multi-valued field")]
+FeatureRow = dict[Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)], FeatureValue]
+
+
+class ScoreRequest(_Body):
+    user_id: RawId | None = Field(default=None, description="the user, put in the model's user column")
+    context: FeatureRow = Field(default_factory=dict, description="features shared by every candidate")
+    candidates: Annotated[list[FeatureRow], Field(min_length=1, max_length=MAX_CANDIDATES)] = Field(
+        description="one feature row each (a value here wins over the context's)")
+    unseen: Literal["oov", "error"] = Field(
+        default="oov", description="values never seen in training: score as out-of-vocabulary (and list them), "
+                                   "or refuse the request")
+
+
+class UnseenValues(BaseModel):
+    count: int
+    examples: list[str]
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    user_id: str | None = None
+    labels: list[str]
+    scores: list[dict[str, float]] = Field(description="per candidate, in the request's order: label -> probability")
+    unseen: dict[str, UnseenValues] = Field(
+        default_factory=dict, description="per feature, values never seen in training, scored as out-of-vocabulary")
 
 
 class ErrorBody(BaseModel):
