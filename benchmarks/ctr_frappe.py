@@ -41,6 +41,30 @@ def rel(p) -> str:
         return str(p)
 
 
+KEYS = ("auc", "logloss", "gauc", "valid_auc", "best_epoch", "seconds_per_epoch")
+
+
+def seed_runs(model: str, data: str, seeds: list[int], overrides: list[str], runs: str) -> dict:
+    """Train ``model`` on ``data`` once per seed (``overrides`` for all); each run's test figures and
+    their mean ± std (``KEYS``)."""
+    per_seed = []
+    for s in seeds:
+        run = recforge.train(model, data=data, overrides=[*overrides, f"seed={s}"], out=runs, verbose=False)
+        met = run.metrics
+        per_seed.append({"seed": s, "run": rel(run.path), "auc": met["test"]["auc"], "logloss": met["test"]["logloss"],
+                         "gauc": met["test"].get("gauc"), "valid_auc": met["valid"]["auc"],
+                         "best_epoch": met["training"]["best_epoch"],
+                         "epochs_run": len(json.loads((run.path / "history.json").read_text())["epochs"]),
+                         "seconds_per_epoch": met["timing"]["seconds_per_epoch"],
+                         "fit_seconds": met["timing"]["fit_seconds"]})
+        print(f"  {model:<9} seed {s}: test AUC {met['test']['auc']:.4f}  logloss {met['test']['logloss']:.4f}  "
+              f"best epoch {met['training']['best_epoch']}  {met['timing']['seconds_per_epoch']:.2f} s/epoch",
+              file=sys.stderr, flush=True)
+    present = {k: [r[k] for r in per_seed if r[k] is not None] for k in KEYS}
+    return {"n_seeds": len(seeds), **{k: mean_std(v) if v else None for k, v in present.items()},
+            "runs": per_seed}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/frappe")
@@ -56,24 +80,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, t0 = [], time.perf_counter()
     for m in models:
-        per_seed = []
-        for s in seeds:
-            run = recforge.train(m, data=args.data, overrides=["threads=1", "split.seed=0", f"seed={s}"],
-                                 out=args.runs, verbose=False)
-            met = run.metrics
-            per_seed.append({"seed": s, "run": rel(run.path), "auc": met["test"]["auc"], "logloss": met["test"]["logloss"],
-                             "gauc": met["test"].get("gauc"), "valid_auc": met["valid"]["auc"],
-                             "best_epoch": met["training"]["best_epoch"],
-                             "epochs_run": len(json.loads((run.path / "history.json").read_text())["epochs"]),
-                             "seconds_per_epoch": met["timing"]["seconds_per_epoch"],
-                             "fit_seconds": met["timing"]["fit_seconds"]})
-            print(f"  {m:<9} seed {s}: test AUC {met['test']['auc']:.4f}  logloss {met['test']['logloss']:.4f}  "
-                  f"best epoch {met['training']['best_epoch']}  {met['timing']['seconds_per_epoch']:.2f} s/epoch",
-                  file=sys.stderr, flush=True)
-        rows.append({"model": m, "n_seeds": len(seeds), "bars_auc": BARS.get(m),
-                     **{k: mean_std([r[k] for r in per_seed]) for k in ("auc", "logloss", "gauc", "valid_auc",
-                                                                       "best_epoch", "seconds_per_epoch")},
-                     "runs": per_seed})
+        rows.append({"model": m, "bars_auc": BARS.get(m),
+                     **seed_runs(m, args.data, seeds, ["threads=1", "split.seed=0"], args.runs)})
     protocol = json.loads((Path(rows[0]["runs"][0]["run"]) / "metrics.json").read_text())["protocol"]
     board = {"data": args.data, "split": protocol["split"], "source": protocol["data"], "seeds": seeds,
              "threads": 1, "rows": rows, "minutes": round((time.perf_counter() - t0) / 60, 1),

@@ -115,6 +115,26 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path):
     assert hist_b[-1]["loss"] < hist_b[0]["loss"]
 
 
+def test_ctr_model_in_two_processes_trains_like_one(tmp_path):
+    """DeepFM (batch norm, dropout) on labelled rows: 2 processes at the same global batch learn
+    what one process learns; only rank 0 writes the run folder."""
+    from test_ctr_models import _write_libsvm
+
+    data = _write_libsvm(tmp_path / "toy")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--data", str(data), "--quiet", "data.fields=user,item,ctx", "epochs=4", "batch_size=256",
+              "embedding_dim=8", "hidden=[32]", "threads=1", "patience=10"]
+    one = _cli("train", "deepfm", "--out", str(tmp_path / "one"), *common, env=env)
+    two = _cli("train", "deepfm", "--out", str(tmp_path / "two"), "--nproc", "2", *common, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    runs = list((tmp_path / "two").iterdir())
+    assert len(runs) == 1 and not runs[0].name.startswith(".")
+    a = json.loads((Path(one.stdout.strip().splitlines()[-1]) / "metrics.json").read_text())
+    b = json.loads((runs[0] / "metrics.json").read_text())
+    assert b["timing"]["processes"] == 2 and b["task"] == "ctr"
+    assert a["test"]["auc"] > 0.75 and b["test"]["auc"] == pytest.approx(a["test"]["auc"], abs=0.03)
+
+
 def test_predict_in_two_processes_writes_the_same_file(tmp_path):
     run = recforge.train("ease", "synthetic", {"reg_lambda": 50.0}, out=tmp_path / "runs", verbose=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")

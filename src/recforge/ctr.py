@@ -190,6 +190,8 @@ def train(cfg: dict, out: str | Path = "runs", verbose: bool = True, resume_ckpt
                        "total_seconds": round(time.perf_counter() - t0, 2)},
             "training": {k: v for k, v in est.history_.items() if k != "epochs"},
         }
+        if n_proc > 1:
+            metrics["timing"]["processes"] = n_proc
         if resume is not None:
             metrics["resumed_from"] = str(resume)
         writer.write_json("history.json", est.history_)
