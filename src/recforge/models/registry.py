@@ -40,6 +40,7 @@ _MODELS: dict[str, str] = {
     "dcnv2": "recforge.models.ctr.dcnv2:DCNv2",
     "din": "recforge.models.ctr.din:DIN",
     "finalmlp": "recforge.models.ctr.finalmlp:FinalMLP",
+    "gem": "recforge.models.ctr.gem:GEM",
     # multi-task CTR models (one output per label)
     "sharedbottom": "recforge.models.ctr.sharedbottom:SharedBottom",
     "mmoe": "recforge.models.ctr.mmoe:MMoE",
