@@ -63,10 +63,27 @@ def _protocol_record(cfg: dict, split, model) -> dict:
     threshold = target_min_rating(cfg, split)
     if threshold is not None:
         rec["targets"] = f"held-out rows rated >= {threshold:g} (lower-rated held-out items count as non-relevant)"
+    rec.update(_behavior_record(cfg, split))
+    if split.knowledge is not None:
+        rec["knowledge"] = {**split.knowledge.describe(),
+                            "used_by_model": bool(getattr(model, "uses_knowledge", False))}
     notes = getattr(model, "protocol_notes", None)
     if callable(notes):
         rec.update(notes())
     return rec
+
+
+def _behavior_record(cfg: dict, split) -> dict:
+    """The target behaviour and the behaviours the model was given (training rows of each)."""
+    from recforge.data.schema import BEHAVIOR
+
+    out: dict = {}
+    if cfg["data"].get("target_behavior"):
+        out["target_behavior"] = cfg["data"]["target_behavior"]
+    if BEHAVIOR in split.train.columns:
+        counts = split.train.group_by(BEHAVIOR).len().sort(["len", BEHAVIOR], descending=[True, False])
+        out["behaviors"] = {str(b): int(n) for b, n in counts.iter_rows()}
+    return out
 
 
 def train(model: str | None = None, data: str | None = None, overrides=None, out: str | Path = "runs",
@@ -123,6 +140,9 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
     est = registry.create(cfg["model"]["name"], **params)
     if getattr(est, "needs_items", False):  # text-enhanced models read the item side table
         est.attach_dataset(ds)
+    if split.knowledge is not None and not getattr(est, "uses_knowledge", False):
+        log.warning("data.knowledge: %s does not read item relations; they are built and recorded, not used",
+                    cfg["model"]["name"])
     name = run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"])
     # only rank 0 writes the run folder; the other processes write into a scratch folder they delete
     writer = RunWriter(out if rank == 0 else tempfile.mkdtemp(prefix="recforge-rank"), name)

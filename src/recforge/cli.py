@@ -29,7 +29,8 @@ from pathlib import Path
 from recforge.errors import RecForgeError
 
 DATA_FLAGS = [
-    ("--format", "format", "force a reader: table, ml-100k, ml-1m, ml-latest, sequence, recbole, userbehavior, lightgcn"),
+    ("--format", "format", "force a reader: table, ml-100k, ml-1m, ml-latest, sequence, recbole, userbehavior, "
+                           "lightgcn, split-tables"),
     ("--user-col", "user_col", "column holding user ids (tables)"),
     ("--item-col", "item_col", "column holding item ids (tables)"),
     ("--time-col", "time_col", "column holding timestamps; 'none' when the file has no time (row order is used)"),
@@ -436,6 +437,8 @@ def _metrics_table(m: dict, protocol: dict) -> str:
     keys = [k for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@10", "precision@10",
                         "map@10", "mrr", "coverage@10", "n_users") if k in m]
     label = protocol.get("label", "full ranking")
+    if protocol.get("target_behavior"):
+        label += f"; target behaviour {protocol['target_behavior']}"
     lines = [f"test ({label}):"] + [f"  {k:<13} {m[k]:.4f}" if isinstance(m[k], float) else f"  {k:<13} {m[k]}" for k in keys]
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ A resolved run config has five sections::
 
     model: {name: ease, reg_lambda: 500.0, ...}   # the model's YAML defaults + overrides
     data:  {path: ..., min_user: 0, ...}           # reader and preparation options
-    split: {method: loo, ...}                      # split method and its options
+    split: {method: auto, ...}                     # split method (auto: presplit or loo) and its options
     eval:  {ks: [5, 10, 20], sampled: null, ...}   # protocol
     seed: 0
 
@@ -28,10 +28,12 @@ DATA_DEFAULTS = {
     "user_col": None, "item_col": None, "time_col": None, "rating_col": None, "behavior_col": None,
     "items": None, "item_key": None, "sep": None, "time_format": None,
     "dedupe": "first", "rating_threshold": None, "min_user": 0, "min_item": 0, "behaviors": None,
-    "target_behavior": None, "cache": True,
+    "target_behavior": None, "knowledge": None, "cache": True,
 }
-SPLIT_DEFAULTS = {"method": "loo"}
+#: ``auto``: ``presplit`` when the source comes with its split (train/test files), ``loo`` otherwise
+SPLIT_DEFAULTS = {"method": "auto"}
 SPLIT_OPTIONS = {
+    "auto": {"min_length"},
     "loo": {"min_length"},
     "temporal": {"test_quantile", "valid_quantile", "test_cutoff", "valid_cutoff"},
     "random": {"ratios", "seed"},
@@ -172,9 +174,22 @@ def resolve_exclude(cfg: dict, has_behaviors: bool = False) -> str:
     return "history"
 
 
+def resolve_split_method(cfg: dict, ds) -> str:
+    """``split.method``, with ``auto`` chosen by data kind: ``presplit`` for a source that comes
+    with its split (a ``split`` column: LightGCN's train.txt/test.txt, a folder with train.csv
+    and test.csv, RecBole's X.train.inter/X.test.inter), ``loo`` otherwise."""
+    from recforge.data.schema import SPLIT
+
+    method = cfg["split"].get("method") or "auto"
+    if method != "auto":
+        return method
+    return "presplit" if SPLIT in ds.interactions.columns else "loo"
+
+
 def with_resolved_exclude(cfg: dict, ds) -> dict:
-    """A copy of ``cfg`` whose ``eval.exclude`` is resolved for the dataset ``ds`` (so the run
-    folder's config says what was done, not ``auto``)."""
+    """A copy of ``cfg`` whose data-dependent ``auto`` choices, ``eval.exclude`` and
+    ``split.method``, are resolved for the dataset ``ds`` (so the run folder's config says what
+    was done, not ``auto``)."""
     from recforge.data.schema import BEHAVIOR
 
     inter = ds.interactions
@@ -182,17 +197,24 @@ def with_resolved_exclude(cfg: dict, ds) -> dict:
     out = copy.deepcopy(cfg)
     out["eval"]["exclude"] = resolve_exclude(cfg, has_behaviors)
     out["eval"].pop("exclude_history", None)
+    if "split" in out and "method" in out["split"]:
+        out["split"]["method"] = resolve_split_method(out, ds)
     return out
 
 
-def split_options(cfg: dict) -> tuple[str, dict]:
-    method = cfg["split"].get("method", "loo")
+def split_options(cfg: dict, ds=None) -> tuple[str, dict]:
+    """The split method (``auto`` resolved for ``ds``; ``loo`` without a dataset) and its options."""
+    given = cfg["split"].get("method") or "auto"
+    method = resolve_split_method(cfg, ds) if ds is not None else given
+    if method == "auto":
+        method = "loo"
     if method not in SPLIT_OPTIONS:
         raise ConfigError(f"unknown split {method!r}; choose one of {', '.join(SPLIT_OPTIONS)}")
     opts = {k: v for k, v in cfg["split"].items() if k != "method"}
     bad = set(opts) - SPLIT_OPTIONS[method]
     if bad:
-        raise ConfigError(f"split {method!r} does not take {', '.join(sorted(bad))}; it takes: "
+        chosen = f" (split.method=auto chose {method} for this data)" if given == "auto" else ""
+        raise ConfigError(f"split {method!r}{chosen} does not take {', '.join(sorted(bad))}; it takes: "
                           f"{', '.join(sorted(SPLIT_OPTIONS[method])) or 'no options'}")
     if "ratios" in opts:
         opts["ratios"] = tuple(opts["ratios"])

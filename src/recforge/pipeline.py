@@ -9,14 +9,16 @@ import polars as pl
 from recforge.config import split_options
 from recforge.data.dataset import Dataset
 from recforge.data.prepare import PrepareOptions, prepare, prepare_cached
-from recforge.data.schema import RATING
+from recforge.data.schema import BEHAVIOR, RATING, SPLIT
 from recforge.data.split import Split, make_split
-from recforge.errors import ConfigError
+from recforge.errors import ConfigError, DataError
 from recforge.evaluation.batch import EvalSet, build_evalset
 
 READER_OPTIONS = ("format", "user_col", "item_col", "time_col", "rating_col", "behavior_col", "items",
                   "item_key", "sep", "time_format")
-BUILTIN = ("synthetic",)
+#: built-in data: ``synthetic[:SEED]`` (a shop log) and ``synthetic-mb[:SEED]`` (the same shop with
+#: view / cart / buy behaviours, :func:`recforge.data.synthetic.make_synthetic` ``behaviors=True``)
+BUILTIN = ("synthetic", "synthetic-mb")
 
 
 def prepare_options(data_cfg: dict) -> PrepareOptions:
@@ -47,22 +49,68 @@ def load_dataset(data_cfg: dict) -> Dataset:
         raise ConfigError("no data given; pass --data PATH_OR_NAME (e.g. --data synthetic or a file or folder)")
     opts = prepare_options(data_cfg)
     name = str(path)
-    if name == "synthetic" or name.startswith("synthetic:"):
+    kind, _, seed = name.partition(":")
+    if kind in BUILTIN:
         from recforge.data.synthetic import make_synthetic
 
-        seed = int(name.split(":", 1)[1]) if ":" in name else 0
-        return prepare(make_synthetic(seed=seed), opts)
-    source = resolve_dataset(name)
-    ropts = reader_options(data_cfg)
-    loader = lambda: load_raw(source, lazy=True, **ropts)  # noqa: E731  (large tables stream; see prepare.py)
-    if not data_cfg.get("cache", True):
-        return prepare(loader(), opts)
-    return prepare_cached(loader, str(source), opts, reader_key(source, **ropts))
+        ds = prepare(make_synthetic(seed=int(seed or 0), behaviors=kind == "synthetic-mb"), opts)
+    else:
+        source = resolve_dataset(name)
+        ropts = reader_options(data_cfg)
+        loader = lambda: load_raw(source, lazy=True, **ropts)  # noqa: E731  (large tables stream; see prepare.py)
+        if not data_cfg.get("cache", True):
+            ds = prepare(loader(), opts)
+        else:
+            ds = prepare_cached(loader, str(source), opts, reader_key(source, **ropts))
+    check_target_behavior(ds, data_cfg)
+    return ds
+
+
+def check_target_behavior(ds: Dataset, data_cfg: dict) -> None:
+    """``data.target_behavior`` must be a behaviour of the data with rows left after filtering;
+    one DataError naming the behaviours present (or the filters) and the fix otherwise."""
+    target = data_cfg.get("target_behavior")
+    if not target:
+        return
+    inter = ds.interactions
+    if BEHAVIOR not in inter.columns:
+        raise DataError(f"{ds.name}: data.target_behavior={target} but the data has no behaviour column; map the "
+                        "column that holds behaviour types with data.behavior_col=NAME (--behavior-col), or drop "
+                        "data.target_behavior")
+    source = ds.meta.get("source_behaviors")
+    if source is None:  # a dataset prepared before the counts were recorded
+        source = {("" if b is None else b): n for b, n in inter.group_by(BEHAVIOR).len().iter_rows()}
+    present = [b for b in source if b]
+    if target not in source:
+        raise DataError(f"{ds.name}: data.target_behavior={target} is not a behaviour of the data (behaviours "
+                        f"present: {', '.join(present)}); set data.target_behavior to one of them")
+    is_target = pl.col(BEHAVIOR) == target
+    if SPLIT in inter.columns:  # held-out rows of a given split without a behaviour are target rows
+        is_target = is_target | (pl.col(BEHAVIOR).is_null() & (pl.col(SPLIT) != "train"))
+    if not inter.select(is_target.fill_null(False).any()).item():
+        kept = prepare_options(data_cfg).behaviors
+        if kept and target not in kept:
+            raise DataError(f"{ds.name}: data.behaviors={','.join(kept)} removes every row of the target behaviour "
+                            f"{target}; add it: data.behaviors={','.join(kept)},{target}")
+        p = ds.meta.get("prepare", {})
+        filters = ", ".join(f"{k}={p[k]}" for k in ("min_user", "min_item", "rating_threshold") if p.get(k))
+        raise DataError(f"{ds.name}: no row of the target behaviour {target} is left after filtering "
+                        f"({source[target]:,} before; {filters or 'filters'}); lower the k-core thresholds "
+                        "(data.min_user, data.min_item) or the other filters")
 
 
 def split_dataset(ds: Dataset, cfg: dict) -> Split:
-    method, opts = split_options(cfg)
-    return make_split(ds, method, **opts)
+    """The split the config names (``auto``: the source's own split, else leave-one-out), over
+    the target behaviour's rows when ``data.target_behavior`` is set, with the item relations of
+    ``data.knowledge`` (built from the training part) in ``split.knowledge``."""
+    method, opts = split_options(cfg, ds)
+    data = cfg.get("data", {})
+    split = make_split(ds, method, target_behavior=data.get("target_behavior") or None, **opts)
+    if data.get("knowledge"):
+        from recforge.data.knowledge import build_knowledge
+
+        split.knowledge = build_knowledge(data["knowledge"], ds, split.train)
+    return split
 
 
 def eval_sets(split: Split, target_min_rating: float | None = None,

@@ -56,8 +56,23 @@ def _time_stats(df: pl.DataFrame, meta: dict) -> dict:
 
 
 def _counts(df: pl.DataFrame, col: str) -> dict:
-    vc = df.group_by(col).len().sort(["len", col], descending=[True, False])
-    return {str(k): int(v) for k, v in vc.iter_rows()}
+    """Rows per value; rows without a value (held-out rows of a given split without a
+    behaviour, which are the target behaviour) count under ``unlabelled``."""
+    vc = df.group_by(col).len().sort(["len", col], descending=[True, False], nulls_last=True)
+    return {("unlabelled" if k is None else str(k)): int(v) for k, v in vc.iter_rows()}
+
+
+def _held_out(df: pl.DataFrame) -> dict:
+    """Per held-out part of a given split: rows, users, and rows whose item never occurs in
+    the training part (such a target can only be ranked by what a model knows without it)."""
+    train_items = df.filter(pl.col(SPLIT) == "train")[ITEM].unique().implode()
+    out = {}
+    for part in ("valid", "test"):
+        rows = df.filter(pl.col(SPLIT) == part)
+        if rows.height:
+            out[part] = {"rows": rows.height, "users": int(rows[USER].n_unique()),
+                         "items_not_in_train": int((~rows[ITEM].is_in(train_items)).sum())}
+    return out
 
 
 def _side_columns(table: pl.DataFrame | None, key: str) -> list[str]:
@@ -88,6 +103,7 @@ def describe(ds: Dataset, template: str | None = None) -> dict:
         d["behaviors"] = _counts(df, BEHAVIOR)
     if SPLIT in df.columns:
         d["splits"] = _counts(df, SPLIT)
+        d["held_out"] = _held_out(df)
     if RATING in df.columns and n:
         r = df[RATING].drop_nulls()
         if len(r):
@@ -147,6 +163,9 @@ def format_description(d: dict) -> str:
     for key, label in (("behaviors", "behaviors"), ("splits", "splits")):
         if d.get(key):
             rows.append((label, _inline(d[key])))
+    for part, h in (d.get("held_out") or {}).items():
+        rows.append((f"{part} rows", f"{_fmt_num(h['rows'])} of {_fmt_num(h['users'])} users; "
+                                     f"{_fmt_num(h['items_not_in_train'])} with an item not in train"))
     if d.get("ratings"):
         rows.append(("ratings", _inline(d["ratings"])))
     for key, label in (("interaction_columns", "interaction columns"), ("item_columns", "item columns"),

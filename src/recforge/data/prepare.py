@@ -214,11 +214,43 @@ def _sort_dedupe(table: pl.DataFrame, n_users: int, n_items: int, dedupe: str,
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
+def behavior_counts(raw: RawData) -> dict[str, int] | None:
+    """Rows per behaviour of the source, before any filter (``None``: no behaviour column). A
+    held-out row of a given split without a behaviour counts under ``""`` (see
+    :func:`recforge.data.readers.read_split_tables`)."""
+    lf = raw.interactions.lazy()
+    if BEHAVIOR not in lf.collect_schema().names():
+        return None
+    counts = _collect(lf.group_by(BEHAVIOR).len()).sort(["len", BEHAVIOR], descending=[True, False])
+    return {("" if b is None else str(b)): int(n) for b, n in counts.iter_rows()}
+
+
+def _check_behaviors(raw: RawData, opts: PrepareOptions, counts: dict[str, int] | None) -> None:
+    """``behaviors`` must name behaviours the source has: one DataError naming those present."""
+    if not opts.behaviors:
+        return
+    source = raw.source or raw.name
+    wanted = ",".join(opts.behaviors)
+    if counts is None:
+        raise DataError(f"{source}: data.behaviors={wanted} but the data has no behaviour column; map the column "
+                        "that holds behaviour types with data.behavior_col=NAME (--behavior-col), or drop "
+                        "data.behaviors")
+    present = [b for b in counts if b]
+    missing = [b for b in opts.behaviors if b not in counts]
+    if missing:
+        raise DataError(f"{source}: data.behaviors names {', '.join(missing)}, which the data does not have "
+                        f"(behaviours present: {', '.join(present)}); name behaviours that exist, e.g. "
+                        f"data.behaviors={','.join(present)}")
+
+
 def _filtered(raw: RawData, opts: PrepareOptions) -> pl.LazyFrame:
     lf = raw.interactions.lazy()
     cols = lf.collect_schema().names()
     if opts.behaviors and BEHAVIOR in cols:
-        lf = lf.filter(pl.col(BEHAVIOR).is_in(list(opts.behaviors)))
+        keep = pl.col(BEHAVIOR).is_in(list(opts.behaviors))
+        if SPLIT in cols:  # held-out rows of a given split without a behaviour are the target behaviour
+            keep = keep | (pl.col(BEHAVIOR).is_null() & (pl.col(SPLIT) != "train"))
+        lf = lf.filter(keep)
     if opts.rating_threshold is not None:
         if RATING not in cols:
             raise DataError(
@@ -317,8 +349,12 @@ def prepare(raw: RawData, opts: PrepareOptions | None = None, timings: dict | No
     LazyFrame (a scan, see ``load_raw(path, lazy=True)``); ``timings``, when given, receives
     the seconds of each stage."""
     opts = opts or PrepareOptions()
+    counts = behavior_counts(raw)
+    _check_behaviors(raw, opts, counts)
     ds = _dataset(*_run(_filtered(raw, opts), opts, raw.source or raw.name, timings), raw)
     ds.meta["prepare"] = asdict(opts)
+    if counts is not None:
+        ds.meta["source_behaviors"] = counts
     return ds
 
 

@@ -16,7 +16,10 @@ Formats (the keys of :data:`READERS`):
 * ``recbole``: RecBole atomic files ``<name>.inter`` (+ ``.item``, ``.user``);
 * ``userbehavior``: Alibaba's headerless ``user,item,category,behavior,ts`` log;
 * ``lightgcn`` and ``lightgcn-lastfm``: LightGCN's pre-split ``train.txt``/``test.txt`` and
-  ``data1.txt``/``test1.txt``.
+  ``data1.txt``/``test1.txt``;
+* ``split-tables``: a folder holding a given split as tables, ``train.csv`` and ``test.csv``
+  (optionally ``valid.csv``; or ``.tsv`` / ``.parquet``), e.g. the multi-behaviour sets
+  (:func:`read_split_tables`).
 
 :func:`load_raw` detects the format of a path; :func:`reader_key` gives the string that the
 Parquet cache uses to tell reader settings apart. Every failure is a one-line :class:`DataError`.
@@ -899,6 +902,102 @@ def read_lightgcn_lastfm(path) -> RawData:
 
 
 # ---------------------------------------------------------------------------------------------
+# A given split as tables: train.csv / valid.csv / test.csv
+# ---------------------------------------------------------------------------------------------
+SPLIT_PARTS = ("train", "valid", "test")
+
+
+def _split_files(d: Path) -> dict[str, Path] | None:
+    """``{"train": ..., ["valid": ...,] "test": ...}`` when the folder holds ``train.X`` and
+    ``test.X`` tables with one suffix X (csv, tsv, parquet, pq); None otherwise."""
+    for suffix in TABLE_SUFFIXES:
+        files = {part: d / f"{part}{suffix}" for part in SPLIT_PARTS}
+        if files["train"].is_file() and files["test"].is_file():
+            return {part: f for part, f in files.items() if f.is_file()}
+    return None
+
+
+@_with_errors("split-tables")
+def read_split_tables(path, user_col="user_id", item_col="item_id", time_col="timestamp", rating_col=None,
+                      behavior_col=None, sep=None, items=None, item_key=None, time_format=None) -> RawData:
+    """A folder holding a given split: ``train.csv`` and ``test.csv``, optionally ``valid.csv``
+    (or the same names ending ``.tsv`` / ``.parquet``). One table with a ``split`` column.
+
+    Every part needs the user and item columns (``user_col``/``item_col``); the other columns
+    are optional in the held-out parts. The multi-behaviour sets (``retailrocket-mb``,
+    ``tmall-mb``) have ``user_id,item_id,behavior,timestamp`` in ``train.csv`` and only
+    ``user_id,item_id`` in ``test.csv``:
+
+    * a held-out row without a behaviour keeps an empty (null) ``behavior``: it is a row of the
+      target behaviour, whatever its name (``data.target_behavior`` names it; the behaviour
+      filter ``data.behaviors`` always keeps such rows);
+    * a held-out part without a time column gets, per user, the times right after the user's
+      last row of the earlier parts (last time + 1, + 2, ... in file order; a user without
+      earlier rows starts after the last time of all earlier rows), so held-out rows come
+      after the history they are ranked against. ``meta["held_out_time"]`` records it.
+
+    A column named ``behavior`` (or the one ``behavior_col`` names) is the behaviour; without
+    a time column in ``train`` the times are positions, as for LightGCN's folders.
+    """
+    d = _as_dir(_existing(path))
+    files = _split_files(d)
+    if files is None:
+        raise DataError(f"{path}: a given split needs train.csv and test.csv (or .tsv / .parquet) in one folder")
+    parts: list[pl.DataFrame] = []
+    meta: dict = {"format": "split-tables", "parts": {}}
+    time_kind = None
+    for part, f in files.items():
+        df = _read_any_table(f, sep, True, text_cols=(user_col, item_col))
+        cols = df.columns
+        if part == "train":
+            has_time = time_col is not None and time_col in cols
+            if time_col is not None and time_col != "timestamp" and not has_time:
+                _column(cols, time_col, "--time-col", str(f))  # a named column that is missing: say so
+            time_kind = "seconds" if has_time else "position"
+        else:
+            has_time = time_kind == "seconds" and time_col in cols
+        beh = behavior_col if part == "train" or (behavior_col is not None and behavior_col in cols) else None
+        rating = rating_col if part == "train" or (rating_col is not None and rating_col in cols) else None
+        mapping, clash = _table_mapping(cols, str(f), True, user_col, item_col, time_col if has_time else None,
+                                        rating, beh)
+        df = df.rename(clash).rename(mapping)
+        for col in (USER, ITEM):
+            df = df.with_columns(pl.col(col).cast(pl.Utf8).str.strip_chars())
+        if has_time:
+            df = _to_seconds(df, TIME, str(f), time_format, label=_source_name(mapping, TIME))
+        elif part == "train":
+            df = df.with_columns(_positions())
+        else:
+            df = _after_earlier(df, pl.concat(parts, how="diagonal_relaxed"))
+            meta.setdefault("held_out_time", {})[part] = "after the user's last earlier row (the file has no time)"
+        if BEHAVIOR in df.columns and df.schema[BEHAVIOR] != pl.Utf8:
+            df = df.with_columns(pl.col(BEHAVIOR).cast(pl.Utf8))
+        meta["parts"][part] = df.height
+        parts.append(df.with_columns(pl.lit(part).alias(SPLIT)))
+    has_behavior = [BEHAVIOR in p.columns for p in parts]
+    if has_behavior[0] and not all(has_behavior):
+        meta["unlabelled_behavior"] = [p for p, b in zip(files, has_behavior) if not b]
+    meta["time"] = time_kind
+    df = _finish(pl.concat(parts, how="diagonal_relaxed"), str(path))
+    item_table = None
+    if items is not None:
+        key = item_key if item_key is not None else (item_col if isinstance(item_col, str) else ITEM)
+        item_table = _read_item_table(_existing(items), key, df.schema[ITEM])
+    return RawData(df, items=item_table, name=d.name, source=str(path), meta=meta)
+
+
+def _after_earlier(df: pl.DataFrame, earlier: pl.DataFrame) -> pl.DataFrame:
+    """Times for held-out rows that have none: per user, right after the user's last earlier
+    time (+1, +2, ... in file order), or after the last earlier time of anyone for a new user."""
+    last = earlier.group_by(USER).agg(pl.col(TIME).max().alias("_last"))
+    overall = int(earlier[TIME].max()) if earlier.height else -1
+    start = pl.col("_last").fill_null(overall) + 1
+    return (df.join(last, on=USER, how="left", maintain_order="left")
+            .with_columns((start + pl.int_range(pl.len(), dtype=pl.Int64).over(USER)).alias(TIME))
+            .drop("_last"))
+
+
+# ---------------------------------------------------------------------------------------------
 # RecBole atomic files
 # ---------------------------------------------------------------------------------------------
 _ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -1036,10 +1135,11 @@ READERS: dict[str, Callable[..., RawData]] = {
     "userbehavior": read_userbehavior,
     "lightgcn": read_lightgcn,
     "lightgcn-lastfm": read_lightgcn_lastfm,
+    "split-tables": read_split_tables,
 }
 ALIASES = {"csv": "table", "tsv": "table", "parquet": "table", "ml-10m": "ml-1m", "ml-20m": "ml-latest",
            "ml-25m": "ml-latest", "movielens-100k": "ml-100k", "atomic": "recbole", "taobao": "userbehavior",
-           "lastfm": "lightgcn-lastfm", "sasrec": "sequence"}
+           "lastfm": "lightgcn-lastfm", "sasrec": "sequence", "split": "split-tables", "given-split": "split-tables"}
 
 
 def _data_files(d: Path) -> list[Path]:
@@ -1073,6 +1173,8 @@ def _detect_dir(d: Path) -> str:
         return "lightgcn"
     if has("data1.txt") and has("test1.txt"):
         return "lightgcn-lastfm"
+    if _split_files(d) is not None:
+        return "split-tables"
     if any(d.glob("*.inter")):
         return "recbole"
     if any((d / (f.name[:-9] + "_time.txt")).exists() for f in d.glob("*_item.txt")):

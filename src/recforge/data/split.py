@@ -2,7 +2,32 @@
 
 Every split returns a :class:`Split` whose ``train`` frame is the only thing a model is fitted
 on. Validation targets are ranked against the training history; test targets against the
-training plus validation history. A test interaction is never in ``train``.
+training plus validation history (plus ``context``, below). A test interaction is never in
+``train``.
+
+**Target behaviour.** With ``target_behavior=NAME`` (``data.target_behavior``; the data has a
+``behavior`` column) only rows of that behaviour are held out; the other behaviours are inputs:
+
+* ``loo``: each user's last target row (by time) is the test target, the second-to-last the
+  validation target. Training holds every row of the user, of every behaviour, at or before the
+  validation target's time (at or before the test target's time when there is no validation
+  target), except the targets; the rows after the validation target and up to the test target's
+  time (other behaviours only: no target row lies between the two) are ``context``: visible when
+  ranking the test target, never trained on. Rows after the test target's time are dropped
+  (nothing from the user's future). A user is held out when they have a target row and at least
+  ``min_length`` rows at or before it (counting it); others stay wholly in training. With every
+  row of the target behaviour this is exactly :func:`leave_one_out`.
+* ``temporal``: cut-offs are quantiles of the target rows' times (unless given); training holds
+  every row before the validation cut-off; validation and test targets are the target rows of
+  the two periods; other behaviours of the validation period are ``context``; rows of other
+  behaviours from the test cut-off on are dropped.
+* ``random``: the per-user random split of the target rows; every other row trains (a random
+  split has no time order, so nothing is dropped).
+* ``presplit``: the given training part as it is; held-out rows without a behaviour (the
+  multi-behaviour sets' ``test.csv``) are target rows; held-out rows of another behaviour are
+  ``context`` (validation part) or dropped (test part).
+
+Counts (held-out users, users without a target row, dropped rows) go into ``Split.protocol``.
 """
 
 from __future__ import annotations
@@ -15,7 +40,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recforge.data.dataset import Dataset, sort_interactions
-from recforge.data.schema import ITEM, SPLIT, TIME, USER
+from recforge.data.schema import BEHAVIOR, ITEM, SPLIT, TIME, USER
 from recforge.errors import ConfigError, DataError
 
 SPLITS = ("loo", "temporal", "random", "presplit")
@@ -31,15 +56,22 @@ class Split:
     n_users: int
     n_items: int
     protocol: dict = field(default_factory=dict)
+    #: rows visible when ranking test targets that are neither trained on nor targets (with a
+    #: target behaviour: the other behaviours' rows of the validation period); None when none
+    context: pl.DataFrame | None = None
+    #: item relations asked for with ``data.knowledge`` (recforge.data.knowledge.Knowledge),
+    #: built from the training part only; None when not asked for
+    knowledge: object | None = None
 
     def history(self, which: str) -> pl.DataFrame:
         """Interactions visible to the model when ranking ``which`` targets (valid or test)."""
         if which == "valid":
             return self.train
         if which == "test":
-            if self.valid.height == 0:
+            extra = [f for f in (self.valid, self.context) if f is not None and f.height]
+            if not extra:
                 return self.train
-            return sort_interactions(pl.concat([self.train, self.valid], how="diagonal_relaxed"))
+            return sort_interactions(pl.concat([self.train, *extra], how="diagonal_relaxed"))
         raise ValueError(f"unknown split part {which!r}")
 
     def targets(self, which: str) -> pl.DataFrame:
@@ -93,15 +125,18 @@ def _same_user(offset: int) -> pl.Expr:
     return (pl.col(USER).shift(offset) == pl.col(USER)).fill_null(False)
 
 
-def leave_one_out(ds: Dataset, min_length: int = 3) -> Split:
+def leave_one_out(ds: Dataset, min_length: int = 3, target_behavior: str | None = None) -> Split:
     """Last interaction of each user is the test target, the one before it the validation
     target, the rest is training. Users with fewer than ``min_length`` interactions stay wholly
-    in training and are not evaluated.
+    in training and are not evaluated. ``target_behavior``: only rows of that behaviour are
+    held out (:func:`_target_leave_one_out`, the module docstring states the rules).
 
     On the frame sorted by (user, time) every part is a row-wise test over neighbouring rows (no
     per-user window, no join): a row is its user's last when the next row has another user, and
     the user has at least ``min_length`` rows when the row ``min_length - 1`` above is theirs.
     """
+    if target_behavior is not None:
+        return _target_leave_one_out(ds, min_length, target_behavior)
     df = sort_interactions(ds.interactions)
 
     def enough(after: int) -> pl.Expr:
@@ -120,14 +155,19 @@ def leave_one_out(ds: Dataset, min_length: int = 3) -> Split:
 
 
 def temporal(ds: Dataset, test_quantile: float = 0.9, valid_quantile: float = 0.8,
-             test_cutoff: int | None = None, valid_cutoff: int | None = None) -> Split:
+             test_cutoff: int | None = None, valid_cutoff: int | None = None,
+             target_behavior: str | None = None) -> Split:
     """Global temporal split: interactions before the validation cut-off train, those between
     the cut-offs validate, the rest test. Cut-offs are timestamps or quantiles of all times.
-    Targets of users with no training history are dropped (nothing to rank from)."""
+    Targets of users with no training history are dropped (nothing to rank from).
+    ``target_behavior``: only rows of that behaviour are targets and the quantiles are taken
+    over their times (module docstring)."""
     df = sort_interactions(ds.interactions)
+    is_target = _target_rows(df, target_behavior, ds.name) if target_behavior is not None else None
     if test_cutoff is None or valid_cutoff is None:
-        q = df.lazy().select(pl.col(TIME).quantile(test_quantile, "nearest").alias("test"),
-                             pl.col(TIME).quantile(valid_quantile, "nearest").alias("valid"))
+        times = df.lazy() if is_target is None else df.lazy().filter(is_target)
+        q = times.select(pl.col(TIME).quantile(test_quantile, "nearest").alias("test"),
+                         pl.col(TIME).quantile(valid_quantile, "nearest").alias("valid"))
         q = q.collect(engine="streaming").row(0, named=True)
     t_test = int(test_cutoff) if test_cutoff is not None else int(q["test"])
     t_valid = int(valid_cutoff) if valid_cutoff is not None else int(q["valid"])
@@ -137,23 +177,53 @@ def temporal(ds: Dataset, test_quantile: float = 0.9, valid_quantile: float = 0.
     train_lf = lf.filter(pl.col(TIME) < t_valid)
     known = train_lf.select(pl.col(USER).unique())
     held = lambda cond: lf.filter(cond).join(known, on=USER, how="semi", maintain_order="left")  # noqa: E731
-    train, valid, test = pl.collect_all([
-        train_lf,
-        held((pl.col(TIME) >= t_valid) & (pl.col(TIME) < t_test)),
-        held(pl.col(TIME) >= t_test),
-    ], engine="streaming")
+    in_valid = (pl.col(TIME) >= t_valid) & (pl.col(TIME) < t_test)
+    in_test = pl.col(TIME) >= t_test
+    if is_target is None:
+        train, valid, test = pl.collect_all([train_lf, held(in_valid), held(in_test)], engine="streaming")
+        context = None
+    else:
+        train, valid, test, context = pl.collect_all(
+            [train_lf, held(in_valid & is_target), held(in_test & is_target), held(in_valid & ~is_target)],
+            engine="streaming")
     if train.height == 0 or test.height == 0:
         raise DataError(f"temporal split at {t_valid}/{t_test} leaves an empty train or test part; choose other cut-offs")
-    return Split(train, valid, test, ds.n_users, ds.n_items,
-                 {"split": "temporal", "valid_cutoff": t_valid, "test_cutoff": t_test})
+    protocol = {"split": "temporal", "valid_cutoff": t_valid, "test_cutoff": t_test}
+    if is_target is not None:
+        protocol.update(
+            target_behavior=target_behavior,
+            history="every row (all behaviours) before the validation cut-off trains; other behaviours of the "
+                    "validation period are visible at test time only; other behaviours from the test cut-off on "
+                    "are dropped",
+            users_evaluated=int(test[USER].n_unique()),
+            users_without_target=ds.n_users - int(df.filter(is_target)[USER].n_unique()),
+            context_rows=context.height,
+            rows_dropped=df.height - train.height - valid.height - test.height - context.height)
+    return Split(train, valid, test, ds.n_users, ds.n_items, protocol, context=context)
 
 
-def random_ratio(ds: Dataset, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
+def random_ratio(ds: Dataset, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
+                 target_behavior: str | None = None) -> Split:
     """Per-user random split by ratio (train, valid, test); every user keeps at least one
-    training interaction."""
+    training interaction. ``target_behavior``: the rows of that behaviour are split so (each
+    user keeping one training row of it), every other row trains."""
     if len(ratios) != 3 or abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) < 0:
         raise ConfigError(f"random split: ratios {ratios} must be three non-negative numbers summing to 1")
     df = sort_interactions(ds.interactions)
+    protocol = {"split": "random", "ratios": list(ratios), "seed": seed}
+    if target_behavior is not None:
+        is_target = _target_rows(df, target_behavior, ds.name)
+        train, valid, test = _random_parts(df.filter(is_target), ratios, seed)
+        train = sort_interactions(pl.concat([train, df.filter(~is_target)]))
+        protocol.update(target_behavior=target_behavior,
+                        history="every row of the other behaviours trains (a random split has no time order)",
+                        users_evaluated=int(test[USER].n_unique()))
+        return Split(train, valid, test, ds.n_users, ds.n_items, protocol)
+    return Split(*_random_parts(df, ratios, seed), ds.n_users, ds.n_items, protocol)
+
+
+def _random_parts(df: pl.DataFrame, ratios: tuple[float, float, float], seed: int
+                  ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     rng = np.random.default_rng(seed)
     df = df.with_columns(pl.Series("_r", rng.random(df.height)))
     df = df.with_columns(
@@ -166,12 +236,13 @@ def random_ratio(ds: Dataset, ratios: tuple[float, float, float] = (0.8, 0.1, 0.
     valid = df.filter(~is_train & (frac < va))
     test = df.filter(~is_train & (frac >= va))
     drop = ["_r", "_k", "_n"]
-    return Split(train.drop(drop), valid.drop(drop), test.drop(drop), ds.n_users, ds.n_items,
-                 {"split": "random", "ratios": list(ratios), "seed": seed})
+    return train.drop(drop), valid.drop(drop), test.drop(drop)
 
 
-def presplit(ds: Dataset) -> Split:
-    """Use the ``split`` column the source came with (train / valid / test)."""
+def presplit(ds: Dataset, target_behavior: str | None = None) -> Split:
+    """Use the ``split`` column the source came with (train / valid / test). ``target_behavior``:
+    held-out rows without a behaviour are rows of that behaviour; held-out rows of another
+    behaviour are ``context`` (validation part) or dropped (test part)."""
     df = sort_interactions(ds.interactions)
     if SPLIT not in df.columns:
         raise DataError(f"{ds.name}: split=presplit needs a pre-split source (train/test files); use split=loo")
@@ -179,17 +250,93 @@ def presplit(ds: Dataset) -> Split:
     train, valid, test = part("train"), part("valid"), part("test")
     if train.height == 0 or test.height == 0:
         raise DataError(f"{ds.name}: pre-split source has no train or no test rows")
-    return Split(train, valid, test, ds.n_users, ds.n_items,
-                 {"split": "presplit", "has_valid": valid.height > 0})
+    protocol = {"split": "presplit", "has_valid": valid.height > 0}
+    context = None
+    if target_behavior is not None:
+        _require_behavior_column(df, target_behavior, ds.name)
+        label = pl.col(BEHAVIOR).fill_null(pl.lit(target_behavior))
+        valid, test = (f.with_columns(label) for f in (valid, test))
+        held = lambda f, keep: f.filter((pl.col(BEHAVIOR) == target_behavior) == keep)  # noqa: E731
+        context, valid, n_test = held(valid, False), held(valid, True), test.height
+        test = held(test, True)
+        if test.height == 0:
+            raise DataError(f"{ds.name}: no held-out row of the target behaviour {target_behavior!r}; name the "
+                            "behaviour of the test rows with data.target_behavior")
+        train_users = train[USER].unique()
+        protocol.update(
+            target_behavior=target_behavior,
+            history="the given training part (all behaviours) as it is; held-out rows without a behaviour are "
+                    "target rows",
+            users_evaluated=int(test[USER].n_unique()), rows_dropped=n_test - test.height,
+            context_rows=context.height,
+            test_users_without_training_rows=int((~test[USER].unique().is_in(train_users.implode())).sum()),
+            test_items_not_in_training=int((~test[ITEM].is_in(train[ITEM].unique().implode())).sum()))
+    return Split(train, valid, test, ds.n_users, ds.n_items, protocol, context=context)
 
 
-def make_split(ds: Dataset, method: str = "loo", **options) -> Split:
+# ---- target behaviour ------------------------------------------------------------------------
+def _require_behavior_column(df: pl.DataFrame, target_behavior: str, name: str) -> None:
+    if BEHAVIOR not in df.columns:
+        raise DataError(f"{name}: the target behaviour {target_behavior!r} needs a behaviour column; map it with "
+                        "data.behavior_col=NAME, or drop data.target_behavior")
+
+
+def _target_rows(df: pl.DataFrame, target_behavior: str, name: str) -> pl.Expr:
+    """The rows of the target behaviour, as an expression; a DataError when there are none."""
+    _require_behavior_column(df, target_behavior, name)
+    is_target = (pl.col(BEHAVIOR) == target_behavior).fill_null(False)
+    if not df.select(is_target.any()).item():
+        present = ", ".join(str(b) for b in df[BEHAVIOR].drop_nulls().unique().sort())
+        raise DataError(f"{name}: no row of the target behaviour {target_behavior!r} (behaviours present: "
+                        f"{present}); set data.target_behavior to one of them")
+    return is_target
+
+
+def _target_leave_one_out(ds: Dataset, min_length: int, target: str) -> Split:
+    """Leave-one-out over the target behaviour's rows (module docstring)."""
+    df = sort_interactions(ds.interactions)
+    is_target = _target_rows(df, target, ds.name)
+    rows = df.with_row_index("_row").with_columns(is_target.alias("_t"))
+    per_user = rows.filter("_t").group_by(USER, maintain_order=True).agg(
+        pl.len().alias("_n_t"), pl.col("_row").last().alias("_test_row"), pl.col(TIME).last().alias("_t_test"),
+        pl.col("_row").tail(2).first().alias("_valid_row"), pl.col(TIME).tail(2).first().alias("_t_valid"))
+    rows = rows.join(per_user, on=USER, how="left", maintain_order="left")
+    t, row = pl.col(TIME), pl.col("_row")
+    held = pl.col("_t_test").is_not_null() & ((t <= pl.col("_t_test")).sum().over(USER) >= min_length)
+    rows = rows.with_columns(held.alias("_held"), (held & (pl.col("_n_t") >= 2)).alias("_has_valid"))
+    part = (pl.when(pl.col("_held") & (row == pl.col("_test_row"))).then(pl.lit("test"))
+            .when(pl.col("_has_valid") & (row == pl.col("_valid_row"))).then(pl.lit("valid"))
+            .when(pl.col("_held") & (t > pl.col("_t_test"))).then(pl.lit("dropped"))
+            .when(pl.col("_has_valid") & (t > pl.col("_t_valid"))).then(pl.lit("context"))
+            .otherwise(pl.lit("train")).alias("_part"))
+    rows = rows.with_columns(part)
+    keep = df.columns
+    train, valid, test, context = (rows.filter(pl.col("_part") == p).select(keep)
+                                   for p in ("train", "valid", "test", "context"))
+    users_with_target = per_user.height
+    protocol = {
+        "split": "leave-one-out", "min_length": min_length, "target_behavior": target,
+        "history": "every row of the user (all behaviours) at or before the held-out target's time, except the "
+                   "targets; other behaviours after the validation target are visible at test time only; rows "
+                   "after the test target's time are dropped",
+        "users_evaluated": test.height,
+        "users_without_target": ds.n_users - users_with_target,
+        "users_too_short": users_with_target - test.height,
+        "rows_dropped": int(rows.select((pl.col("_part") == "dropped").sum()).item()),
+        "context_rows": context.height,
+    }
+    return Split(train, valid, test, ds.n_users, ds.n_items, protocol, context=context)
+
+
+def make_split(ds: Dataset, method: str = "loo", target_behavior: str | None = None, **options) -> Split:
+    """The split ``method`` of ``ds``; ``target_behavior`` holds out that behaviour's rows only."""
+    t = {"target_behavior": target_behavior} if target_behavior is not None else {}
     if method in ("loo", "leave-one-out"):
-        return leave_one_out(ds, **options)
+        return leave_one_out(ds, **options, **t)
     if method == "temporal":
-        return temporal(ds, **options)
+        return temporal(ds, **options, **t)
     if method == "random":
-        return random_ratio(ds, **options)
+        return random_ratio(ds, **options, **t)
     if method == "presplit":
-        return presplit(ds)
+        return presplit(ds, **t)
     raise ConfigError(f"unknown split {method!r}; choose one of {', '.join(SPLITS)}")

@@ -20,6 +20,16 @@
 The simulation is vectorised over users: it runs position by position, each step an array
 operation over the users whose sequence is still going, so 10M interactions take seconds.
 
+With ``behaviors=True`` the walk above is the user's *views*, and carts and purchases follow
+them (a shop's funnel, for multi-behaviour models): each view is carted with probability
+``p_cart`` a few minutes later; a carted item is bought with probability ``p_buy_cart``, a viewed
+item that was not carted with ``p_buy_view``, some minutes to hours after the cart or view; and
+a share ``unviewed_buy_share`` of all purchases are of popular items the user never viewed
+(impulse buys, at a random time of the user's activity). So views predict purchases: most
+purchases are of items the user viewed before, and a viewed item is far more likely to be bought
+than one never viewed. The rows carry a ``behavior`` column (``view``, ``cart``, ``buy``); the
+views are the same rows as without the option (the funnel draws from its own generator).
+
 :func:`make_random_log` is a plain power-law log without structure, for preparation benchmarks.
 """
 
@@ -30,7 +40,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import polars as pl
 
-from recforge.data.schema import ITEM, TIME, USER, RawData
+from recforge.data.schema import BEHAVIOR, ITEM, TIME, USER, RawData
 from recforge.errors import ConfigError
 
 DAY = 86_400
@@ -84,20 +94,43 @@ class SyntheticKnobs:
     break_gap_days: float = 3.0  # median mean gap (days) between sessions
 
 
-def _knobs(knobs: dict) -> SyntheticKnobs:
+@dataclass(frozen=True)
+class BehaviorKnobs:
+    """The funnel of :func:`make_synthetic` with ``behaviors=True`` (keyword arguments too)."""
+
+    p_cart: float = 0.2  # a view is followed by a cart of the item
+    p_buy_cart: float = 0.5  # a carted item is bought
+    p_buy_view: float = 0.03  # a viewed item that was not carted is bought
+    unviewed_buy_share: float = 0.1  # share of purchases of items the user never viewed
+    cart_delay: float = 300.0  # mean seconds from view to cart
+    buy_delay: float = 3600.0  # mean seconds from cart (or view) to purchase
+
+
+def _knobs(knobs: dict, behaviors: bool = False) -> tuple[SyntheticKnobs, BehaviorKnobs | None]:
     names = {f.name for f in fields(SyntheticKnobs)}
-    unknown = sorted(set(knobs) - names)
+    funnel = {f.name for f in fields(BehaviorKnobs)}
+    unknown = sorted(set(knobs) - names - (funnel if behaviors else set()))
     if unknown:
+        hint = " (the funnel options need behaviors=True)" if set(unknown) & funnel else ""
         raise ConfigError(
-            f"make_synthetic: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            f"make_synthetic: unknown option(s) {', '.join(unknown)}{hint}; valid: {', '.join(sorted(names))}"
+            + (f", {', '.join(sorted(funnel))}" if behaviors else "")
         )
+    b = None
+    if behaviors:
+        b = BehaviorKnobs(**{key: v for key, v in knobs.items() if key in funnel})
+        probs = (b.p_cart, b.p_buy_cart, b.p_buy_view)
+        if not all(0 <= p <= 1 for p in probs) or not 0 <= b.unviewed_buy_share < 1:
+            raise ConfigError("make_synthetic: p_cart, p_buy_cart and p_buy_view must lie in [0, 1] and "
+                              "unviewed_buy_share in [0, 1)")
+        knobs = {key: v for key, v in knobs.items() if key not in funnel}
     k = SyntheticKnobs(**knobs)
     lo, hi = (int(x) for x in k.n_successors)
     if not 1 <= lo <= hi:
         raise ConfigError(f"make_synthetic: n_successors must be (lo, hi) with 1 <= lo <= hi, got {k.n_successors}")
     if not (0 <= k.p_follow and 0 <= k.p_random and k.p_follow + k.p_random <= 1):
         raise ConfigError("make_synthetic: p_follow and p_random must be >= 0 with a sum <= 1")
-    return k
+    return k, b
 
 
 def _words(base: tuple[str, ...], n: int) -> list[str]:
@@ -223,6 +256,7 @@ def make_synthetic(
     n_categories: int = 20,
     mean_length: float = 30,
     seed: int = 0,
+    behaviors: bool = False,
     **knobs,
 ) -> RawData:
     """A synthetic shop log with categories, popularity skew, Markov habits and item text.
@@ -231,13 +265,15 @@ def make_synthetic(
     ``timestamp``; Int64, raw ids from 1), items (``item_id``, ``title``, ``category``,
     ``price``) and users (``user_id``, ``age_group``). Byte-identical for a given seed.
     ``knobs`` are the fields of :class:`SyntheticKnobs`. The default (2000 users, 1000 items)
-    has about 60k interactions.
+    has about 60k interactions. ``behaviors=True``: the interactions are views followed by carts
+    and purchases (module docstring; ``behavior`` column, named ``"synthetic-mb"``); ``knobs``
+    may then also hold the fields of :class:`BehaviorKnobs`.
     """
     if n_users < 1 or n_items < 2:
         raise ConfigError(f"make_synthetic: need n_users >= 1 and n_items >= 2, got {n_users} and {n_items}")
     if mean_length <= 0:
         raise ConfigError(f"make_synthetic: mean_length must be > 0, got {mean_length}")
-    k = _knobs(knobs)
+    k, funnel = _knobs(knobs, behaviors)
     rng = np.random.default_rng(seed)
     cat = _build_catalog(rng, n_items, n_categories, k)
     n_cat = cat["n_categories"]
@@ -382,7 +418,42 @@ def make_synthetic(
                    "mean_length": mean_length, "seed": seed, **asdict(k)},
     }
     meta["params"]["n_successors"] = list(k.n_successors)
-    return RawData(interactions, items=items, users=users, name="synthetic", source="synthetic", meta=meta)
+    if funnel is None:
+        return RawData(interactions, items=items, users=users, name="synthetic", source="synthetic", meta=meta)
+    meta["params"].update(behaviors=True, **asdict(funnel))
+    interactions = _funnel(interactions, funnel, np.random.default_rng([seed, 1]), cat["sampler"], n_items)
+    return RawData(interactions, items=items, users=users, name="synthetic-mb", source="synthetic-mb", meta=meta)
+
+
+def _funnel(views: pl.DataFrame, b: BehaviorKnobs, rng: np.random.Generator, smp: _Sampler,
+            n_items: int) -> pl.DataFrame:
+    """Views, their carts and purchases, and purchases of unviewed items, in time order."""
+    user, item, t = (views[c].to_numpy() for c in (USER, ITEM, TIME))
+    n = len(user)
+    carted = rng.random(n) < b.p_cart
+    cart_t = t + 1 + rng.exponential(b.cart_delay, n).astype(np.int64)
+    bought = np.where(carted, rng.random(n) < b.p_buy_cart, rng.random(n) < b.p_buy_view)
+    buy_t = np.where(carted, cart_t, t) + 1 + rng.exponential(b.buy_delay, n).astype(np.int64)
+    # impulse purchases: popular items at a random time of a random (activity-weighted) user's span
+    n_extra = int(round(b.unviewed_buy_share / (1 - b.unviewed_buy_share) * bought.sum()))
+    rows = rng.integers(0, n, n_extra)  # a random view row: users weighted by their activity
+    extra_user = user[rows]
+    span = views.group_by(USER).agg(pl.col(TIME).min().alias("lo"), pl.col(TIME).max().alias("hi"))
+    lo_hi = pl.DataFrame({USER: extra_user}).join(span, on=USER, how="left", maintain_order="left")
+    lo, hi = lo_hi["lo"].to_numpy(), lo_hi["hi"].to_numpy()
+    extra_t = lo + (rng.random(n_extra) * (hi - lo + 1)).astype(np.int64)
+    extra_item = smp.draw(rng, np.zeros(n_extra, dtype=np.int64), np.full(n_extra, n_items, dtype=np.int64)) + 1
+    parts = [
+        (user, item, t, "view"),
+        (user[carted], item[carted], cart_t[carted], "cart"),
+        (np.concatenate([user[bought], extra_user]), np.concatenate([item[bought], extra_item]),
+         np.concatenate([buy_t[bought], extra_t]), "buy"),
+    ]
+    frame = pl.concat([
+        pl.DataFrame({USER: u, ITEM: i, TIME: tt, BEHAVIOR: [name] * len(u)},
+                     schema={USER: pl.Int64, ITEM: pl.Int64, TIME: pl.Int64, BEHAVIOR: pl.Utf8})
+        for u, i, tt, name in parts])
+    return frame.sort(TIME, maintain_order=True)
 
 
 def _items_table(rng: np.random.Generator, cat: dict) -> pl.DataFrame:
