@@ -299,3 +299,22 @@ def test_target_without_rows_after_filtering(tmp_path, capsys):
     with pytest.raises(DataError, match="no behaviour column"):
         prepare(RawData(pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]})),
                 PrepareOptions(behaviors=("buy",)))
+
+
+def test_trainer_validates_under_the_runs_exclusion(tmp_path, monkeypatch):
+    """Early stopping ranks the validation purchase as the test does: with a target behaviour only
+    past purchases are excluded (a viewed item stays a candidate), not the whole history."""
+    import recforge
+
+    seen = []
+    real = evaluate
+
+    def spy(model, evalset, *a, protocol=None, **k):
+        seen.append((protocol, evalset.excluded is not None))
+        return real(model, evalset, *a, protocol=protocol, **k)
+
+    monkeypatch.setattr("recforge.evaluation.evaluator.evaluate", spy)
+    recforge.train("bpr", "synthetic-mb", {"data.target_behavior": "buy", "epochs": 2},
+                   out=tmp_path, verbose=False)
+    # the two validations of training (then the final valid/test evaluations of the run)
+    assert len(seen) >= 2 and all(p is not None and p.exclude == "target_behavior" and has for p, has in seen[:2])

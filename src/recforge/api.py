@@ -44,6 +44,14 @@ def _protocol(cfg: dict) -> Protocol:
                                 cfg["data"].get("target_behavior") if exclude == "target_behavior" else None)
 
 
+def valid_protocol(cfg: dict) -> Protocol:
+    """The protocol of the trainer's validation (early stopping, pruning): full ranking under the
+    run's exclusion and tie rule. Without it the trainer would exclude the whole history, which for
+    data with a target behaviour removes the viewed and carted items that are valid candidates."""
+    p = _protocol(cfg)
+    return Protocol.from_option(None, p.exclude, p.ties, p.target_behavior)
+
+
 def _eval_sets(cfg: dict, split):
     target_behavior = cfg["data"].get("target_behavior") if C.resolve_exclude(cfg) == "target_behavior" else None
     return eval_sets(split, target_min_rating(cfg, split), target_behavior)
@@ -155,6 +163,7 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         if resume_ckpt is not None:
             log.info("resuming %s", resume)
         tf = time.perf_counter()
+        est.valid_protocol = valid_protocol(cfg)
         est.fit(split, valid_set)
         fit_seconds = time.perf_counter() - tf
         pop = split.item_popularity

@@ -484,6 +484,10 @@ def tune(model: str, data: str | None = None, overrides=None, *, trials: int | N
         if hasattr(est, "callbacks"):
             est.callbacks = [*est.callbacks, _pruning_callback(optuna, trial, est.valid_metric)]
         try:
+            if not ctr:
+                from recforge.api import valid_protocol
+
+                est.valid_protocol = valid_protocol(cfg)
             est.fit(split, valid_set)
         except TrainingError as exc:
             trial.set_user_attr("error", str(exc))

@@ -21,13 +21,16 @@ class Histories:
     ``indptr``/``items`` the time-ordered history of each row (ragged), ``n_items`` the catalogue
     size. Models take what they need: ``matrix`` (CSR rows) for item-based models,
     ``sequences(max_len)`` (left-padded LongTensor) for sequential ones, ``users`` for
-    user-embedding models.
+    user-embedding models. ``behaviors`` (optional) holds the behaviour of each history row
+    (aligned with ``items``; strings, None where unknown), filled when the history comes from data
+    with a behaviour column; multi-behaviour models read it, others ignore it.
     """
 
     users: np.ndarray
     indptr: np.ndarray
     items: np.ndarray
     n_items: int
+    behaviors: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -42,7 +45,8 @@ class Histories:
 
     def slice(self, start: int, stop: int) -> "Histories":
         ip = self.indptr[start : stop + 1]
-        return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items)
+        beh = None if self.behaviors is None else self.behaviors[ip[0] : ip[-1]]
+        return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items, beh)
 
     @cached_property
     def lengths(self) -> np.ndarray:
@@ -123,15 +127,20 @@ def build_evalset(history: pl.DataFrame, targets: pl.DataFrame, n_users: int, n_
 
 
 def _rows_of(history: pl.DataFrame, users: np.ndarray, n_users: int, n_items: int) -> Histories:
-    """The history items of ``users`` (in that order) as ragged rows."""
+    """The history items of ``users`` (in that order) as ragged rows, with their behaviours when
+    the frame has a behaviour column."""
+    from recforge.data.dataset import sort_interactions
+    from recforge.data.schema import BEHAVIOR
     from recforge.data.split import ragged_sequences
 
+    history = sort_interactions(history)
     indptr_all, items_all = ragged_sequences(history, n_users)
     lengths = indptr_all[users + 1] - indptr_all[users]
     indptr = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     idx = np.repeat(indptr_all[users] - indptr[:-1], lengths) + np.arange(indptr[-1])
-    return Histories(users, indptr, items_all[idx], n_items)
+    beh = history[BEHAVIOR].to_numpy()[idx] if BEHAVIOR in history.columns else None
+    return Histories(users, indptr, items_all[idx], n_items, beh)
 
 
 def _positions(users: np.ndarray, tu: np.ndarray) -> np.ndarray:

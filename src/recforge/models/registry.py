@@ -33,6 +33,9 @@ _MODELS: dict[str, str] = {
     "faerec": "recforge.models.semantic.faerec:FAERec",
     "faerec-gru4rec": "recforge.models.semantic.faerec:FAERecGRU4Rec",
     "faerec-bert4rec": "recforge.models.semantic.faerec:FAERecBERT4Rec",
+    # multi-behaviour models (data.target_behavior names the behaviour they rank for)
+    "mbgcn": "recforge.models.multibehavior.mbgcn:MBGCN",
+    "mbsasrec": "recforge.models.multibehavior.mbsasrec:MBSASRec",
     # click-through-rate models (task "ctr": labelled feature rows)
     "lr": "recforge.models.ctr.lr:LR",
     "fm": "recforge.models.ctr.fm:FM",

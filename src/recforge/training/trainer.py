@@ -142,8 +142,9 @@ class Trainer:
         net.eval()
         if callable(getattr(self.model, "validate", None)):  # a model with its own validation (CTR: AUC)
             metrics = self.model.validate(self.valid)
-        else:
+        else:  # full ranking under the run's exclusion and tie rule (valid_protocol, set by the caller)
             metrics = evaluate(self.model, self.valid, ks=self.model.valid_ks(), groups=False,
+                               protocol=getattr(self.model, "valid_protocol", None),
                                batch_size=self.model.eval_batch_size).metrics
         net.train()
         return metrics
