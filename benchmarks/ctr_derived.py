@@ -2,11 +2,14 @@
 Taobao UserBehavior sample, over three seeds.
 
     python benchmarks/ctr_derived.py [--datasets ml-100k,taobao] [--models lr,fm,deepfm,din]
-                                     [--seeds 0,1,2] [--negatives 4] [--out benchmarks/results/ctr_derived.json]
+                                     [--seeds 0,1,2] [--negatives 4] [--negatives-from existing|all]
+                                     [--out benchmarks/results/ctr_derived.json]
 
 Neither log has impressions, so rows are derived (``data.negatives``): every interaction is a
 positive, and 4 negatives per positive are drawn uniformly (negative seed 0, the same for every
-model and run seed) from the items the user never interacted with in the whole log; each row
+model and run seed) from the items the user never interacted with in the whole log and that
+already existed at the positive's time (``--negatives-from existing``, the default of
+``data.negatives_from``; ``all``: the whole catalogue, future items included); each row
 carries the user, the item, the item's side features where the data has them (MovieLens genres),
 and ``hist_items``, the user's previous 20 items in time order. The split is temporal over the
 rows' time (the default of derived rows, 8:1:1 by time), so models score later rows than they
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="lr,fm,deepfm,din")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--negatives", type=int, default=4)
+    ap.add_argument("--negatives-from", default="existing", choices=["existing", "all"])
     ap.add_argument("--out", default="benchmarks/results/ctr_derived.json")
     ap.add_argument("--runs", default="runs/ctr_derived")
     args = ap.parse_args(argv)
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
         if not Path(data).exists():
             print(f"{data}: not there (the shared data folder sits beside the project); skipped", file=sys.stderr)
             continue
-        over = ["threads=1", f"data.negatives={args.negatives}"]
+        over = ["threads=1", f"data.negatives={args.negatives}", f"data.negatives_from={args.negatives_from}"]
         if name == "taobao":
             over.append("data.format=userbehavior")
         rows = [{"model": m, **seed_runs(m, data, seeds, over, f"{args.runs}/{name}")}
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
         met = json.loads((Path(rows[0]["runs"][0]["run"]) / "metrics.json").read_text())
         boards.append({"dataset": name, "data": data, "split": met["protocol"]["split"],
                        "source": met["protocol"]["data"], "dataset_rows": met["dataset"], "rows": rows})
-    out = {"seeds": seeds, "threads": 1, "negatives": args.negatives, "boards": boards,
+    out = {"seeds": seeds, "threads": 1, "negatives": args.negatives, "negatives_from": args.negatives_from,
+           "boards": boards,
            "minutes": round((time.perf_counter() - t0) / 60, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -284,3 +284,27 @@ def test_splits_random_temporal_and_errors():
     no_time = CTRSource({"all": df}, Schema([FeatureSpec("c")], ["y"]), "table")
     with pytest.raises(ConfigError, match="needs a time column"):
         split_rows(no_time, {"method": "temporal"})
+
+
+def test_derived_negatives_come_from_items_that_existed_then():
+    """Items 1-5 first appear at times 10..50; a row at time t draws only items first seen at or
+    before t that its user never had; a row with no such item falls back to the whole catalogue."""
+    import scipy.sparse as sp
+
+    from recforge.data.ctr_readers import existing_negatives
+    from recforge.training.samplers import SeenPairs
+
+    # the log: user 0 had items 1 (t 10) and 3 (t 30); user 1 had 2 (t 20), 4 (t 40), 5 (t 50)
+    users = np.array([0, 1, 0, 1, 1])
+    items = np.array([1, 2, 3, 4, 5])
+    times = np.array([10, 20, 30, 40, 50])
+    seen = SeenPairs(sp.csr_matrix((np.ones(5), (users, items)), shape=(2, 6)))
+    rng = np.random.default_rng(0)
+    neg, fallback = existing_negatives(seen, users, times, items, 200, 5, rng)
+    assert set(neg[1]) == {1}  # t 20: items 1, 2 existed; user 1 had 2
+    assert set(neg[2]) == {2}  # t 30: items 1-3; user 0 had 1 and 3
+    assert set(neg[3]) == {1, 3}  # t 40: items 1-4; user 1 had 2 and 4
+    assert set(neg[4]) == {1, 3}  # t 50: items 1-5; user 1 had 2, 4, 5
+    # t 10: only item 1 existed, and user 0 had it: the whole catalogue, still never a seen item
+    assert fallback == 200 and set(neg[0]) <= {2, 4, 5}
+    assert abs((neg[3] == 1).mean() - 0.5) < 0.1  # uniform over what is left
