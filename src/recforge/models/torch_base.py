@@ -15,7 +15,9 @@ class TorchRecommender(Recommender):
 
     Subclasses implement ``build(n_users, n_items) -> nn.Module``, ``train_batches(split, rng)``
     (an iterator of batches), ``n_train_batches(split)``, ``loss(batch) -> scalar tensor`` and
-    ``score(histories)``.
+    ``score(histories)``; optionally ``before_training(split, valid)`` (run on the built network
+    before the trainer) and ``after_step(batch, lr)`` (called by the trainer after every optimiser
+    step, with the learning rate of that step).
 
     Where it runs: ``device`` (``auto``: CUDA when present; ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and
     ``precision`` (``fp32``, ``bf16``, ``fp16``: mixed precision of the loss computation). The learning
@@ -134,6 +136,7 @@ class TorchRecommender(Recommender):
         self.prepare_fit(split)
         self.net_ = self.build(split.n_users, split.n_items)
         self.to_device(self.device_)
+        self.before_training(split, valid)
         trainer = Trainer(self, split, valid, verbose=self.verbose, checkpoint_dir=getattr(self, "checkpoint_dir", None),
                           resume_from=getattr(self, "resume_from", None))
         self.history_ = trainer.run().as_dict()
@@ -141,6 +144,9 @@ class TorchRecommender(Recommender):
 
     def prepare_fit(self, split) -> None:
         """Hook: compute what the model needs from the training data before building."""
+
+    def before_training(self, split, valid=None) -> None:
+        """Hook: work on the built network, on its device, before the trainer runs (pre-training)."""
 
     def _fitted_state(self) -> dict:
         state = super()._fitted_state()

@@ -7,7 +7,8 @@ weights restored. A loss that is not finite stops training at once with a :class
 (weights that produced it are never kept or evaluated).
 
 Batches are moved to the model's device and the loss runs under the model's precision
-(:mod:`recforge.training.device`).
+(:mod:`recforge.training.device`). A model with an ``after_step(batch, lr)`` method is called after
+every optimiser step (ALPT's low-precision tables are updated there).
 
 Checkpoints: with a ``checkpoint_dir``, ``last.pt`` is written after every epoch (network,
 optimiser, gradient scaler, every random generator the run draws from, the early-stopping counters,
@@ -185,6 +186,7 @@ class Trainer:
         own_step = getattr(m, "optimizer_step", None) if opt is not None else None
         if opt is None:
             opt = torch.optim.Adam(net.parameters(), lr=m.lr, weight_decay=m.weight_decay)
+        after_step = getattr(m, "after_step", None)  # work of the model after each step (ALPT's integer tables)
         scaler = grad_scaler(device, precision)
         rng = np.random.default_rng(m.seed)
         rank, n_proc = distributed.world()
@@ -233,6 +235,8 @@ class Trainer:
                     else:
                         loss.backward()
                         opt.step()
+                    if callable(after_step):
+                        after_step(batch, opt.param_groups[0]["lr"])
                     total += value
                     n_batches += 1
                     if n_batches % 20 == 0:

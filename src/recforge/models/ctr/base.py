@@ -15,6 +15,14 @@ the spec's ``dim`` over ``embedding_dim``. Id 0 (padding) is a zero row that is 
 Multi-valued and sequence fields are mean-pooled over their non-padding ids; a numeric field is a
 learned vector scaled by its normalised value. Subclasses build their network in ``make_net()``
 from ``self.fields_`` (the encoder's layout) and ``self.labels_``.
+
+Two training techniques every CTR model takes: ``embedding_bits`` (8, 4 or 2) keeps the embedding
+tables as integers trained by ALPT (:mod:`recforge.models.ctr.alpt`; ``alpt_step``,
+``alpt_step_lr``; ``embedding_bytes()`` gives their size against float32), and ``pretrain``
+(``{method: mfp|rfd, epochs, mask_ratio, negatives, ...}``) pre-trains the embeddings and the
+interaction layers with MAP (:mod:`recforge.models.ctr.map`) before CTR training. MAP reads a row's
+representation from the network's ``represent(batch, embs)``: the vector its prediction layer
+reads (the MAP module's docstring says which, model by model).
 """
 
 from __future__ import annotations
@@ -84,9 +92,12 @@ def mlp_out_dim(in_dim: int, hidden: list[int]) -> int:
 class FieldEmbedding(nn.Module):
     """Embeddings of every field (see the module docstring). ``forward(batch)`` returns one
     ``(B, d_f)`` tensor per field in layout order and, in training, leaves the batch's mean squared
-    embedding norm in ``penalty``."""
+    embedding norm in ``penalty``. With ``bits`` (8, 4, 2) every table is a low-precision
+    :class:`~recforge.models.ctr.alpt.QuantEmbedding` (ALPT; ``step``: one step size per row or
+    per table)."""
 
-    def __init__(self, layout: list[dict], default_dim: int, field_dims: dict | None = None, init_std: float = 1e-2):
+    def __init__(self, layout: list[dict], default_dim: int, field_dims: dict | None = None, init_std: float = 1e-2,
+                 bits: int | None = None, step: str = "row"):
         super().__init__()
         field_dims = dict(field_dims or {})
         unknown = sorted(set(field_dims) - {f["name"] for f in layout})
@@ -111,6 +122,11 @@ class FieldEmbedding(nn.Module):
                     if field_dims.get(f["name"]) and int(field_dims[f["name"]]) != table_dim[t]:
                         raise ConfigError(f"field {f['name']!r} shares the table of {t!r}: its size is {table_dim[t]}")
                     d = table_dim[t]
+                elif bits:
+                    from recforge.models.ctr.alpt import QuantEmbedding
+
+                    self.tables[f"t{len(table_dim)}"] = QuantEmbedding(f["vocab"], d, bits, step, init_std)
+                    table_dim[t] = d
                 else:
                     emb = nn.Embedding(f["vocab"], d, padding_idx=0)
                     nn.init.normal_(emb.weight, std=init_std)
@@ -125,6 +141,18 @@ class FieldEmbedding(nn.Module):
     @property
     def total_dim(self) -> int:
         return sum(self.dims)
+
+    def nbytes(self) -> dict:
+        """Bytes of the embedding tables (numeric fields' vectors aside): ``fp32`` (float32 tables of
+        the same shapes) and ``stored`` (as held), plus ``codes``, ``step_sizes`` and ``packed`` for
+        low-precision tables (:meth:`QuantEmbedding.nbytes`)."""
+        out = {"fp32": 0, "stored": 0}
+        for t in self.tables.values():
+            b = t.nbytes() if hasattr(t, "nbytes") else {"fp32": t.weight.numel() * 4,
+                                                         "stored": t.weight.numel() * t.weight.element_size()}
+            for k, v in b.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def same_dim(self, model: str) -> int:
         """The one embedding size of all fields (models whose interactions need it)."""
@@ -177,17 +205,24 @@ class FieldLinear(nn.Module):
                 self.key[f["name"]] = seen[f["table"]]
         self.bias = nn.Parameter(torch.zeros(n_out))
 
-    def forward(self, batch) -> torch.Tensor:
-        out = self.bias
+    def terms(self, batch) -> list[torch.Tensor]:
+        """The first-order term of each field, ``(B, n_out)`` each, in layout order (bias aside)."""
+        out = []
         for f in self.layout:
             x = batch[f["name"]]
             if f["kind"] == "numeric":
-                out = out + x.float().unsqueeze(-1) * self.numeric[self.key[f["name"]]]
+                out.append(x.float().unsqueeze(-1) * self.numeric[self.key[f["name"]]])
                 continue
             w = self.tables[self.key[f["name"]]](x)
             if f["kind"] != "categorical":
                 n = (x > 0).sum(-1, keepdim=True).clamp(min=1).to(w.dtype)
                 w = w.sum(1) / n
+            out.append(w)
+        return out
+
+    def forward(self, batch) -> torch.Tensor:
+        out = self.bias
+        for w in self.terms(batch):
             out = out + w
         return out  # (B, n_out)
 
@@ -204,12 +239,21 @@ class CTRModel(TorchRecommender):
     task = "ctr"
 
     def __init__(self, embedding_dim: int = 16, field_dims: dict | None = None, embedding_reg: float = 0.0,
-                 threads: int | None = None, epochs: int = 100, batch_size: int = 4096, patience: int = 2,
-                 valid_metric: str = "auc", eval_batch_size: int = 16384, **train):
+                 embedding_bits: int | None = None, alpt_step: str = "row", alpt_step_lr: float = 1e-4,
+                 pretrain: dict | str | None = None, threads: int | None = None, epochs: int = 100,
+                 batch_size: int = 4096, patience: int = 2, valid_metric: str = "auc", eval_batch_size: int = 16384,
+                 **train):
+        from recforge.models.ctr.alpt import check_bits
+        from recforge.models.ctr.map import check_pretrain
+
         super().__init__(epochs=epochs, batch_size=batch_size, patience=patience, valid_metric=valid_metric,
                          eval_batch_size=eval_batch_size, **train)
         self.embedding_dim, self.field_dims, self.embedding_reg = embedding_dim, field_dims, embedding_reg
+        self.embedding_bits, self.alpt_step, self.alpt_step_lr = embedding_bits, alpt_step, alpt_step_lr
+        self.pretrain = pretrain
         self.threads = threads
+        check_bits(embedding_bits, alpt_step)  # early: before any data is read
+        check_pretrain(pretrain)
 
     # ---- building ------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
@@ -222,6 +266,17 @@ class CTRModel(TorchRecommender):
         self.fields_ = split.encoder.layout()
         self.labels_ = list(split.encoder.schema.labels)
         self._bn_rows = split.train  # for the batch-norm statistics (not saved)
+        if self.embedding_bits:
+            from recforge.training.distributed import world
+
+            if self.precision == "fp16":
+                raise ConfigError("embedding_bits (ALPT) updates the integer tables from unscaled gradients, which "
+                                  "the fp16 gradient scaler changes: use precision=bf16 or fp32")
+            if world()[1] > 1:
+                raise ConfigError("embedding_bits (ALPT) is not supported in data-parallel training; run one process")
+            if getattr(self, "optimizer", "adam") == "adatask":
+                raise ConfigError("embedding_bits (ALPT) needs the rows' gradients of one backward pass, which "
+                                  "optimizer=adatask does not leave: use optimizer=adam")
 
     def build(self, n_users: int, n_items: int) -> nn.Module:
         return self.make_net()
@@ -230,7 +285,17 @@ class CTRModel(TorchRecommender):
         raise NotImplementedError
 
     def embedding(self) -> FieldEmbedding:
-        return FieldEmbedding(self.fields_, self.embedding_dim, self.field_dims)
+        return FieldEmbedding(self.fields_, self.embedding_dim, self.field_dims, bits=self.embedding_bits,
+                              step=self.alpt_step)
+
+    def embedding_bytes(self) -> dict:
+        """Bytes of the fitted model's embedding tables: ``bits`` (32 for float32 tables), ``fp32``
+        (float32 tables of the same shapes) and ``stored`` (as held: int8 codes plus step sizes with
+        ``embedding_bits``; see :meth:`FieldEmbedding.nbytes`). The first-order weights and the
+        numeric fields' vectors are not counted (they stay float32)."""
+        emb = getattr(self.net_, "embedding", None)
+        sizes = emb.nbytes() if isinstance(emb, FieldEmbedding) else {"fp32": 0, "stored": 0}
+        return {"bits": int(self.embedding_bits or 32), **sizes}
 
     @property
     def n_labels(self) -> int:
@@ -252,11 +317,61 @@ class CTRModel(TorchRecommender):
             loss = loss + self.embedding_reg * emb.penalty
         return loss
 
+    def before_training(self, split, valid=None) -> None:
+        """ALPT's updater of the integer tables (``embedding_bits``), then MAP pre-training
+        (``pretrain``, :mod:`recforge.models.ctr.map`) of the built network on the training rows; a
+        run resumed from a checkpoint takes its pre-trained weights from the checkpoint instead."""
+        from recforge.models.ctr.alpt import ALPTUpdater
+
+        self._alpt = None
+        if self.embedding_bits:
+            self._alpt = ALPTUpdater(self.net_, self.alpt_step_lr)
+            if not self._alpt.tables:
+                raise ConfigError(f"embedding_bits={self.embedding_bits}: {self.name} has no embedding tables to "
+                                  "hold in low precision (its first-order weights stay float32); leave it null")
+        self._pretrain_record = None
+        if self.pretrain and not getattr(self, "resume_from", None):
+            from recforge.models.ctr.map import Pretrainer
+
+            self._pretrain_record = Pretrainer(self, split).run()
+            if self._alpt is not None:  # fine-tuning starts with fresh moments, as the trainer's optimiser does
+                self._alpt.state = {}
+
+    def after_step(self, batch, lr: float) -> None:
+        """After each optimiser step of the trainer: ALPT's update of the integer tables (nothing
+        without ``embedding_bits``)."""
+        alpt = getattr(self, "_alpt", None)
+        if alpt is None:
+            return
+        from recforge.training.device import autocast
+
+        def second_pass():
+            with autocast(self.device_, self.precision):
+                return self.loss(batch)
+
+        alpt.step(second_pass, lr, self.weight_decay)
+
+    def train_state(self) -> dict:
+        """ALPT's Adam moments of the integer tables and the pre-training record, for checkpoints."""
+        alpt = getattr(self, "_alpt", None)
+        return {"alpt": alpt.state_dict() if alpt is not None else None,
+                "pretrain": getattr(self, "_pretrain_record", None)}
+
+    def load_train_state(self, state: dict) -> None:
+        alpt = getattr(self, "_alpt", None)
+        if alpt is not None and state.get("alpt"):
+            alpt.load_state_dict(state["alpt"])
+        if state.get("pretrain"):
+            self._pretrain_record = state["pretrain"]
+
     def fit(self, split, valid=None):
         super().fit(split, valid)
         if valid is None:  # with validation, the kept weights already hold statistics of their own
             self.precise_bn()
         self._bn_rows = None
+        self._alpt = None
+        if getattr(self, "_pretrain_record", None):
+            self.history_["pretrain"] = self._pretrain_record
         return self
 
     def precise_bn(self, n_batches: int = 8) -> None:
@@ -337,4 +452,11 @@ class CTRModel(TorchRecommender):
                             "not a catalogue ranking")
 
     def protocol_notes(self) -> dict:
-        return {"valid_metric": self.valid_metric}
+        notes = {"valid_metric": self.valid_metric, "embedding_bits": int(self.embedding_bits or 32)}
+        if self.embedding_bits:
+            notes["alpt"] = {"step": self.alpt_step, "step_lr": self.alpt_step_lr,
+                             "embedding_bytes": self.embedding_bytes()}
+        record = getattr(self, "_pretrain_record", None) or getattr(self, "history_", {}).get("pretrain")
+        if record:
+            notes["pretrain"] = {k: v for k, v in record.items() if k != "epochs"}
+        return notes

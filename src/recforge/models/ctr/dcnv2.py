@@ -46,13 +46,17 @@ class DCNv2Net(nn.Module):
         self.out = nn.Linear(out_in, model.n_labels)
 
     def forward(self, batch):
-        x0 = torch.cat(self.embedding(batch), -1)
+        return self.out(self.represent(batch))
+
+    def represent(self, batch, embs=None):
+        """The input of the output layer: cross and MLP outputs (parallel) or the MLP output (stacked)."""
+        x0 = torch.cat(self.embedding(batch) if embs is None else embs, -1)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
         if self.structure == "parallel":
-            return self.out(torch.cat([x, self.dnn(x0)], -1))
-        return self.out(self.dnn(x))
+            return torch.cat([x, self.dnn(x0)], -1)
+        return self.dnn(x)
 
 
 class DCNv2(CTRModel):

@@ -33,6 +33,11 @@ class DeepFMNet(nn.Module):
         embs = self.embedding(batch)
         return self.linear(batch) + self.fm(embs) + self.dnn(torch.cat(embs, -1))
 
+    def represent(self, batch, embs=None):
+        """The MLP's last hidden layer and the FM logit (first-order plus pairwise terms)."""
+        embs = self.embedding(batch) if embs is None else embs
+        return torch.cat([self.dnn[:-1](torch.cat(embs, -1)), self.linear(batch) + self.fm(embs)], -1)
+
 
 class DeepFM(CTRModel):
     name = "deepfm"

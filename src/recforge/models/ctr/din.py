@@ -28,6 +28,7 @@ class DINNet(nn.Module):
         super().__init__()
         self.embedding = model.embedding()
         self.target, self.seq = model.pair_
+        self.skip = (self.seq,)  # the attended sequence is read position by position, not pooled
         names = [f["name"] for f in model.fields_]
         d = self.embedding.dims[names.index(self.target)]
         self.others = [n for n in names if n != self.seq]
@@ -37,13 +38,18 @@ class DINNet(nn.Module):
         self.dnn = mlp(in_dim, model.hidden, model.dropout, model.batch_norm, model.activation, out_dim=model.n_labels)
 
     def forward(self, batch):
-        embs = self.embedding(batch, skip=(self.seq,))
+        return self.dnn[-1](self.represent(batch))
+
+    def represent(self, batch, embs=None):
+        """The MLP's last hidden layer over the other fields' embeddings and the interest vector
+        (``embs``: the embeddings of every field but the sequence)."""
+        embs = self.embedding(batch, skip=self.skip) if embs is None else embs
         q = embs[self.t_index]
         keys, mask = self.embedding.sequence(batch, self.seq)
         qe = q.unsqueeze(1).expand_as(keys)
         w = self.attention(torch.cat([qe, keys, qe - keys, qe * keys], -1)).squeeze(-1) * mask.to(keys.dtype)
         interest = (w.unsqueeze(-1) * keys).sum(1)
-        return self.dnn(torch.cat([*embs, interest], -1))
+        return self.dnn[:-1](torch.cat([*embs, interest], -1))
 
 
 class DIN(CTRModel):

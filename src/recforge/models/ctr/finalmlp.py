@@ -70,10 +70,17 @@ class FinalMLPNet(nn.Module):
         self.fusion = BilinearFusion(mlp_out_dim(d, model.mlp1_hidden), mlp_out_dim(d, model.mlp2_hidden),
                                      int(model.heads), model.n_labels)
 
-    def forward(self, batch):
-        embs = self.embedding(batch)
+    def streams(self, batch, embs=None):
+        embs = self.embedding(batch) if embs is None else embs
         x = torch.cat(embs, -1)
-        return self.fusion(self.mlp1(self.gate1(embs, x)), self.mlp2(self.gate2(embs, x)))
+        return self.mlp1(self.gate1(embs, x)), self.mlp2(self.gate2(embs, x))
+
+    def forward(self, batch):
+        return self.fusion(*self.streams(batch))
+
+    def represent(self, batch, embs=None):
+        """The two streams' outputs, concatenated, before the bilinear fusion."""
+        return torch.cat(self.streams(batch, embs), -1)
 
 
 class FinalMLP(CTRModel):

@@ -40,6 +40,11 @@ class FMNet(nn.Module):
     def forward(self, batch):
         return self.linear(batch) + self.fm(self.embedding(batch))
 
+    def represent(self, batch, embs=None):
+        """The concatenated field embeddings and the pairwise-interaction vector."""
+        embs = self.embedding(batch) if embs is None else embs
+        return torch.cat([*embs, fm_interaction(embs)], -1)
+
 
 class FM(CTRModel):
     name = "fm"

@@ -10,6 +10,7 @@ FTRL; L2 through ``weight_decay``.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from recforge.models.ctr.base import CTRModel, FieldLinear
@@ -22,6 +23,10 @@ class LRNet(nn.Module):
 
     def forward(self, batch):
         return self.linear(batch)
+
+    def represent(self, batch, embs=None):
+        """The per-field first-order terms, concatenated (LR has no embeddings; ``embs`` is unused)."""
+        return torch.cat(self.linear.terms(batch), -1)
 
 
 class LR(CTRModel):
