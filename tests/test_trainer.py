@@ -185,3 +185,20 @@ def test_cli_config_file_and_bad_resume(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["train", "--data", "synthetic"]) == 2
     assert "needs a model name" in capsys.readouterr().err
+
+
+def test_plateau_schedule_divides_the_rate_after_each_validation_without_progress(tmp_path):
+    import json
+
+    import recforge
+    from recforge.training.trainer import plateau_drops
+
+    rows = [{"epoch": 1, "ndcg@10": 0.1}, {"epoch": 2, "ndcg@10": 0.1}, {"epoch": 3}, {"epoch": 4, "ndcg@10": 0.2},
+            {"epoch": 5, "ndcg@10": 0.15}]
+    assert [plateau_drops(rows[:k], "ndcg@10") for k in range(6)] == [0, 0, 1, 1, 1, 2]
+    run = recforge.train("bpr", "synthetic", {"epochs": 8, "patience": 8, "lr_schedule": "plateau", "lr_gamma": 0.1,
+                                              "lr": 0.05}, out=tmp_path, verbose=False)
+    epochs = json.loads((run.path / "history.json").read_text())["epochs"]
+    for k, row in enumerate(epochs):
+        assert row["lr"] == pytest.approx(0.05 * 0.1 ** plateau_drops(epochs[:k], "ndcg@10"))
+    assert epochs[-1]["lr"] < 0.05  # some validation did not improve, and the rate went down

@@ -21,8 +21,10 @@ class TorchRecommender(Recommender):
 
     Where it runs: ``device`` (``auto``: CUDA when present; ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and
     ``precision`` (``fp32``, ``bf16``, ``fp16``: mixed precision of the loss computation). The learning
-    rate follows ``lr_schedule``: ``constant``, ``cosine`` (from ``lr`` to 0 over ``epochs``) or
-    ``step`` (times ``lr_gamma`` every ``lr_step`` epochs), after a linear warm-up of
+    rate follows ``lr_schedule``: ``constant``, ``cosine`` (from ``lr`` to 0 over ``epochs``),
+    ``step`` (times ``lr_gamma`` every ``lr_step`` epochs) or ``plateau`` (times ``lr_gamma`` after
+    every validation that does not improve on the best, as Keras's and FuxiCTR's reduce-on-plateau
+    with ``lr_gamma=0.1``; early stopping still counts such validations), after a linear warm-up of
     ``warmup_epochs`` (fractions allowed), updated at every batch. Models that hold tensors outside
     their network move them in :meth:`on_device`.
 

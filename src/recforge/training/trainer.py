@@ -37,7 +37,7 @@ from recforge.errors import RecForgeError, TrainingError
 from recforge.training import distributed
 from recforge.training.device import autocast, grad_scaler, to_device
 
-LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 CHECKPOINT_VERSION = 1
 
 log = logging.getLogger("recforge.train")
@@ -76,6 +76,20 @@ def lr_factor(model, t: float) -> float:
     elif model.lr_schedule == "step":
         f *= float(model.lr_gamma) ** int(max(t, 0.0) // max(int(model.lr_step), 1))
     return f
+
+
+def plateau_drops(epochs: list[dict], metric: str) -> int:
+    """The validations so far that did not improve on the best before them: ``lr_schedule=plateau``
+    multiplies the rate by ``lr_gamma`` after each (from the history, so a resumed run agrees)."""
+    best, drops = -math.inf, 0
+    for row in epochs:
+        if row.get(metric) is None:
+            continue
+        if row[metric] > best:
+            best = row[metric]
+        else:
+            drops += 1
+    return drops
 
 
 def rng_state(model, rng: np.random.Generator) -> dict:
@@ -213,9 +227,10 @@ class Trainer:
                 n_expected = max(1, m.n_train_batches(self.split))
                 bar = tqdm(m.train_batches(self.split, rng), total=n_expected, leave=False, unit="batch",
                            desc=f"epoch {epoch}", disable=not verbose, dynamic_ncols=True)
+                drop = float(m.lr_gamma) ** plateau_drops(hist.epochs, metric) if m.lr_schedule == "plateau" else 1.0
                 for batch in bar:
                     if m.lr_schedule != "constant" or m.warmup_epochs:
-                        f = lr_factor(m, epoch - 1 + min(n_batches / n_expected, 1.0))
+                        f = lr_factor(m, epoch - 1 + min(n_batches / n_expected, 1.0)) * drop
                         for group in opt.param_groups:
                             group["lr"] = m.lr * f
                     batch = to_device(batch, device)
