@@ -2,6 +2,7 @@
 
     python benchmarks/ctr_frappe.py [--data ../shared/data/frappe] [--models lr,fm,deepfm,dcnv2,finalmlp]
                                     [--seeds 0,1,2] [--out benchmarks/results/ctr_frappe.json] [--runs runs/ctr_frappe]
+                                    [--set key=value ...]   # e.g. --set lr_schedule=plateau --set lr_gamma=0.1
 
 Data: only the validation and test files of the standard Frappe split are available
 (``../shared/data/frappe``), so their 86,582 rows are pooled and re-split at random 7:2:1 with a
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="benchmarks/results/ctr_frappe.json")
     ap.add_argument("--runs", default="runs/ctr_frappe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every model and run (on top of the packaged defaults)")
     args = ap.parse_args(argv)
     if not Path(args.data).exists():
         raise SystemExit(f"{args.data}: Frappe is not there (the shared data folder sits beside the project)")
@@ -81,9 +84,10 @@ def main(argv=None) -> int:
     rows, t0 = [], time.perf_counter()
     for m in models:
         rows.append({"model": m, "bars_auc": BARS.get(m),
-                     **seed_runs(m, args.data, seeds, ["threads=1", "split.seed=0"], args.runs)})
+                     **seed_runs(m, args.data, seeds, ["threads=1", "split.seed=0", *args.set], args.runs)})
     protocol = json.loads((Path(rows[0]["runs"][0]["run"]) / "metrics.json").read_text())["protocol"]
     board = {"data": args.data, "split": protocol["split"], "source": protocol["data"], "seeds": seeds,
+             "overrides": args.set,
              "threads": 1, "rows": rows, "minutes": round((time.perf_counter() - t0) / 60, 1),
              "note": ("validation + test files of the standard split pooled and re-split 7:2:1 (split seed 0): "
                       "60,607 training rows instead of BARS Frappe_x1's 202,027, so figures are close to, not equal "
