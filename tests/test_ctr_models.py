@@ -197,3 +197,23 @@ def test_din_on_a_fuxictr_spec_and_on_rows_derived_from_a_log(tmp_path):
     p = run.metrics["protocol"]
     assert p["split"]["method"] == "temporal" and "2 negatives per positive" in p["data"]["derived"]
     assert run.metrics["dataset"]["train"]["positive_rate"][0] == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_xavier_initialisation_of_linear_layers(interaction_split):
+    import torch
+
+    from recforge.errors import ConfigError
+
+    model = registry.create("deepfm", **{**SMALL, **SIZES["deepfm"], "linear_init": "xavier", "epochs": 1})
+    model.prepare_fit(interaction_split)
+    net = model.build(0, 0)
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(float(m.bias.abs().max()) == 0.0 for m in layers)
+    big = max(layers, key=lambda m: m.weight.numel())
+    fan_out, fan_in = big.weight.shape
+    assert float(big.weight.std()) == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.1)
+    default = registry.create("deepfm", **{**SMALL, **SIZES["deepfm"], "epochs": 1})
+    default.prepare_fit(interaction_split)
+    assert any(float(m.bias.abs().max()) > 0 for m in default.build(0, 0).modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ConfigError, match="linear_init='he'"):
+        registry.create("deepfm", linear_init="he")
