@@ -93,12 +93,15 @@ def base_config(model: str, data: str | None = None) -> dict:
     return cfg
 
 
-def apply_overrides(cfg: dict, overrides: list[str] | dict | None) -> dict:
-    """Apply ``key=value`` overrides in order; unknown keys raise a ConfigError naming the valid ones."""
+def apply_overrides(cfg: dict, overrides: list[str] | dict | None, model_keys: set[str] | None = None,
+                    sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Apply ``key=value`` overrides in order; unknown keys raise a ConfigError naming the valid ones.
+    ``model_keys`` (default: the registered model's parameters) and ``sections`` (a bare key is
+    looked up in ``model`` then the others in turn) let another task's config use the same rules."""
     cfg = copy.deepcopy(cfg)
     items = overrides.items() if isinstance(overrides, dict) else [_split_kv(o) for o in (overrides or [])]
-    model_cls = registry.get_model_class(cfg["model"]["name"])
-    model_keys = model_cls.param_names()
+    if model_keys is None:
+        model_keys = registry.get_model_class(cfg["model"]["name"]).param_names()
     for key, value in items:
         if isinstance(value, str):
             value = parse_value(value)
@@ -110,10 +113,10 @@ def apply_overrides(cfg: dict, overrides: list[str] | dict | None) -> dict:
             continue
         if "." in key:
             section, sub = key.split(".", 1)
-            if section not in SECTIONS:
-                raise ConfigError(f"unknown config section {section!r} in {key!r}; use one of {', '.join(SECTIONS)}")
+            if section not in sections:
+                raise ConfigError(f"unknown config section {section!r} in {key!r}; use one of {', '.join(sections)}")
         else:
-            section, sub = _find_section(cfg, key, model_keys), key
+            section, sub = _find_section(cfg, key, model_keys, sections), key
         _check_key(cfg, section, sub, model_keys)
         cfg[section][sub] = value
     return cfg
@@ -126,23 +129,28 @@ def _split_kv(text: str) -> tuple[str, str]:
     return k.strip(), v.strip()
 
 
-def _find_section(cfg: dict, key: str, model_keys: set[str]) -> str:
+def _find_section(cfg: dict, key: str, model_keys: set[str], sections: tuple[str, ...] = SECTIONS) -> str:
     if key in model_keys:
         return "model"
-    for s in ("data", "split", "eval"):
-        if key in cfg[s] or (s == "split" and key in set().union(*SPLIT_OPTIONS.values())):
+    for s in sections[1:]:
+        if key in cfg[s] or (s == "split" and _ranking_split(cfg) and key in set().union(*SPLIT_OPTIONS.values())):
             return s
     raise ConfigError(
         f"unknown override key {key!r} for model {cfg['model']['name']!r}; model keys: {', '.join(sorted(model_keys))}; "
-        "other keys: data.*, split.*, eval.*, seed"
+        f"other keys: {', '.join(f'{s}.*' for s in sections[1:])}, seed"
     )
+
+
+def _ranking_split(cfg: dict) -> bool:
+    """Whether ``cfg``'s split is one of the ranking/CTR split methods (whose options are ``SPLIT_OPTIONS``)."""
+    return (cfg["split"].get("method") or "auto") in SPLIT_OPTIONS
 
 
 def _check_key(cfg: dict, section: str, key: str, model_keys: set[str]) -> None:
     if section == "model":
         if key not in model_keys:
             raise ConfigError(f"unknown parameter {key!r} for model {cfg['model']['name']!r}; valid: {', '.join(sorted(model_keys))}")
-    elif section == "split":
+    elif section == "split" and _ranking_split(cfg):
         allowed = {"method"} | set().union(*SPLIT_OPTIONS.values())
         if key not in allowed:
             raise ConfigError(f"unknown split option {key!r}; valid: {', '.join(sorted(allowed))}")

@@ -112,37 +112,10 @@ def base_config(model: str = "rella", data: str | None = None) -> dict:
 
 def apply_overrides(cfg: dict, overrides) -> dict:
     """``section.key=value`` (``llm.path=DIR``, ``model.k=5``) or a bare key looked up in ``model``,
-    ``llm``, ``data``, ``split``, ``eval`` in turn; ``data=PATH``, ``seed=N``. Unknown keys are errors."""
-    cfg = copy.deepcopy(cfg)
-    items = overrides.items() if isinstance(overrides, dict) else [C._split_kv(o) for o in (overrides or [])]
-    params = model_class(cfg["model"]["name"]).param_names()
-    for key, value in items:
-        if isinstance(value, str):
-            value = C.parse_value(value)
-        if key == "seed":
-            cfg["seed"] = int(value)
-            continue
-        if key == "data":
-            cfg["data"]["path"] = str(value)
-            continue
-        if "." in key:
-            section, sub = key.split(".", 1)
-            if section not in SECTIONS:
-                raise ConfigError(f"unknown config section {section!r} in {key!r}; use one of {', '.join(SECTIONS)}")
-        else:
-            sub = key
-            section = next((s for s in SECTIONS if (s == "model" and key in params) or
-                            (s != "model" and key in cfg[s])), None)
-            if section is None:
-                raise ConfigError(f"unknown override key {key!r}; model keys: {', '.join(sorted(params))}; other keys: "
-                                  + ", ".join(f"{s}.{k}" for s in SECTIONS[1:] for k in cfg[s]))
-        if section == "model" and sub not in params:
-            raise ConfigError(f"unknown parameter {sub!r} for model {cfg['model']['name']!r}; valid: "
-                              f"{', '.join(sorted(params))}")
-        if section != "model" and sub not in cfg[section]:
-            raise ConfigError(f"unknown {section} option {sub!r}; valid: {', '.join(sorted(cfg[section]))}")
-        cfg[section][sub] = value
-    return cfg
+    ``llm``, ``data``, ``split``, ``eval`` in turn; ``data=PATH``, ``seed=N``. Unknown keys are errors
+    (the rules of :func:`recforge.config.apply_overrides`, with the ``llm`` section)."""
+    return C.apply_overrides(cfg, overrides, model_keys=model_class(cfg["model"]["name"]).param_names(),
+                             sections=SECTIONS)
 
 
 def resolve(model: str = "rella", data: str | None = None, overrides=None) -> dict:
