@@ -25,7 +25,7 @@ from recforge.errors import ConfigError, RecForgeError
 from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate, parse_head_rule
 from recforge.models import registry
 from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset, target_min_rating
-from recforge.runs import Run, RunWriter, drop_superseded, run_name
+from recforge.runs import Run, RunWriter, finished_run, run_name
 from recforge.training.trainer import set_seed
 
 log = logging.getLogger("recforge")
@@ -205,10 +205,7 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
     except BaseException:
         writer.fail(scratch=rank > 0)
         raise
-    if path is None:  # another process of a data-parallel run: rank 0 wrote the folder
-        return Run(None, cfg, metrics)
-    drop_superseded(resume)
-    return Run(path, cfg, metrics)
+    return finished_run(path, cfg, metrics, resume)
 
 
 def _per_user(res: EvalResult, ds) -> pl.DataFrame:

@@ -143,7 +143,7 @@ def train(cfg: dict, out: str | Path = "runs", verbose: bool = True, resume_ckpt
 
     from recforge.models import registry
     from recforge.pipeline import dataset_label
-    from recforge.runs import Run, RunWriter, drop_superseded, run_name
+    from recforge.runs import RunWriter, finished_run, run_name
     from recforge.training import distributed
     from recforge.training.trainer import set_seed
 
@@ -209,10 +209,7 @@ def train(cfg: dict, out: str | Path = "runs", verbose: bool = True, resume_ckpt
     except BaseException:
         writer.fail(scratch=rank > 0)
         raise
-    if path is None:  # another process of a data-parallel run: rank 0 wrote the folder
-        return Run(None, cfg, metrics)
-    drop_superseded(resume)
-    return Run(path, cfg, metrics)
+    return finished_run(path, cfg, metrics, resume)
 
 
 def evaluate(run, device: str | None = None) -> dict:

@@ -183,6 +183,16 @@ def drop_superseded(resume) -> None:
         shutil.rmtree(resume, ignore_errors=True)
 
 
+def finished_run(path: Path | None, cfg: dict, metrics: dict, resume=None) -> "Run":
+    """The :class:`Run` of a finished training (``path`` from :meth:`RunWriter.finish`; None in the
+    processes of a data-parallel run other than rank 0, which wrote the folder); a killed run this
+    one resumed is removed."""
+    if path is None:
+        return Run(None, cfg, metrics)
+    drop_superseded(resume)
+    return Run(path, cfg, metrics)
+
+
 def publish_folder(tmp: Path, out: Path) -> Path:
     """Rename a completed temporary folder into place (replacing an empty ``out``); on any error
     the temporary folder is removed, so nothing half-written is left. Returns ``out``."""
