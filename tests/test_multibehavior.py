@@ -20,7 +20,7 @@ from recforge.data.readers import detect_format, load_raw
 from recforge.data.schema import RawData
 from recforge.data.split import leave_one_out, make_split, temporal
 from recforge.data.synthetic import make_synthetic
-from recforge.errors import DataError
+from recforge.errors import ConfigError, DataError
 from recforge.evaluation.evaluator import Protocol, evaluate
 from recforge.pipeline import eval_sets, load_dataset, split_dataset
 
@@ -173,6 +173,35 @@ def test_split_folder_end_to_end(mb_folder, tmp_path, capsys):
     assert p["label"] == "SAMPLED (2 uniform negatives)" and p["exclude"] == "target_behavior"
     assert p["target_behavior"] == "buy" and p["behaviors"] == {"view": 7, "buy": 3, "cart": 1}
     assert p["split"]["split"] == "presplit" and m["test"]["n_users"] == 3
+
+
+def test_given_split_without_validation_carves_the_last_training_target(tmp_path):
+    d = tmp_path / "two-buys"
+    d.mkdir()
+    (d / "train.csv").write_text(
+        "user_id,item_id,behavior,timestamp\n"
+        "1,10,view,100\n1,11,buy,130\n1,12,cart,140\n1,12,buy,150\n1,13,view,150\n1,14,view,160\n"
+        "2,10,view,200\n2,10,buy,210\n2,13,view,220\n")
+    (d / "test.csv").write_text("user_id,item_id\n1,15\n2,11\n")
+    data = dict(DATA_DEFAULTS, path=str(d), target_behavior="buy")
+    ds = load_dataset(data)
+    s = split_dataset(ds, {"data": data, "split": {"method": "auto"}})
+    raw = lambda f: sorted(zip(map(str, ds.decode_users(f["user_id"])), map(str, ds.decode_items(f["item_id"])), f["behavior"]))  # noqa: E731,E501
+    # user 1 has two training purchases: the last one validates; the view after it (160) is context,
+    # the view at the same time (150) still trains; user 2 has one purchase: nothing carved
+    assert raw(s.valid) == [("1", "12", "buy")]
+    assert raw(s.context) == [("1", "14", "view")]
+    assert ("1", "12", "buy") not in raw(s.train) and ("1", "13", "view") in raw(s.train)
+    assert s.train.height == 9 - 2 and s.test.height == 2
+    assert s.protocol["has_valid"] and s.protocol["valid_users"] == 1
+    # the test targets are the given ones, with the whole training part visible when ranking them
+    assert raw(s.test) == [("1", "15", "buy"), ("2", "11", "buy")]
+    assert s.history("test").height == 9
+    # split.valid=none keeps the given training part whole
+    kept = split_dataset(ds, {"data": data, "split": {"method": "auto", "valid": "none"}})
+    assert kept.train.height == 9 and kept.valid.height == 0 and not kept.protocol["has_valid"]
+    with pytest.raises(ConfigError, match="split.valid='sometimes'"):
+        split_dataset(ds, {"data": data, "split": {"method": "presplit", "valid": "sometimes"}})
 
 
 def test_retailrocket_counts():

@@ -37,7 +37,7 @@ SPLIT_OPTIONS = {
     "loo": {"min_length"},
     "temporal": {"test_quantile", "valid_quantile", "test_cutoff", "valid_cutoff"},
     "random": {"ratios", "seed"},
-    "presplit": set(),
+    "presplit": {"valid"},
 }
 EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclude": "auto", "ties": "pessimistic",
                  "head_items": "share:0.8", "hist_bins": [5, 10, 20, 50], "target_min_rating": None}

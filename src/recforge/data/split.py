@@ -25,7 +25,12 @@ training plus validation history (plus ``context``, below). A test interaction i
   split has no time order, so nothing is dropped).
 * ``presplit``: the given training part as it is; held-out rows without a behaviour (the
   multi-behaviour sets' ``test.csv``) are target rows; held-out rows of another behaviour are
-  ``context`` (validation part) or dropped (test part).
+  ``context`` (validation part) or dropped (test part). When the source gives no validation part
+  (``split.valid``: ``auto`` does this for a target behaviour, ``last`` always, ``none`` never), each
+  user's last training row of the target behaviour (of any row without one) becomes the
+  validation target, for users with at least two such rows; that user's training rows of other
+  behaviours after it become ``context``, as in ``loo``. The test targets stay the given ones, so
+  early stopping never looks at them.
 
 Counts (held-out users, users without a target row, dropped rows) go into ``Split.protocol``.
 """
@@ -44,6 +49,8 @@ from recforge.data.schema import BEHAVIOR, ITEM, SPLIT, TIME, USER
 from recforge.errors import ConfigError, DataError
 
 SPLITS = ("loo", "temporal", "random", "presplit")
+#: ``split.valid`` of a given split without a validation part
+PRESPLIT_VALID = ("auto", "last", "none")
 
 
 @dataclass
@@ -239,39 +246,69 @@ def _random_parts(df: pl.DataFrame, ratios: tuple[float, float, float], seed: in
     return train.drop(drop), valid.drop(drop), test.drop(drop)
 
 
-def presplit(ds: Dataset, target_behavior: str | None = None) -> Split:
+def presplit(ds: Dataset, target_behavior: str | None = None, valid: str = "auto") -> Split:
     """Use the ``split`` column the source came with (train / valid / test). ``target_behavior``:
     held-out rows without a behaviour are rows of that behaviour; held-out rows of another
-    behaviour are ``context`` (validation part) or dropped (test part)."""
+    behaviour are ``context`` (validation part) or dropped (test part). ``valid``: carve a
+    validation part out of the training part when the source has none (module docstring)."""
+    if valid not in PRESPLIT_VALID:
+        raise ConfigError(f"split.valid={valid!r}: choose one of {', '.join(PRESPLIT_VALID)}")
     df = sort_interactions(ds.interactions)
     if SPLIT not in df.columns:
         raise DataError(f"{ds.name}: split=presplit needs a pre-split source (train/test files); use split=loo")
     part = lambda name: df.filter(pl.col(SPLIT) == name).drop(SPLIT)  # noqa: E731
-    train, valid, test = part("train"), part("valid"), part("test")
+    train, valid_rows, test = part("train"), part("valid"), part("test")
     if train.height == 0 or test.height == 0:
         raise DataError(f"{ds.name}: pre-split source has no train or no test rows")
-    protocol = {"split": "presplit", "has_valid": valid.height > 0}
+    protocol = {"split": "presplit", "has_valid": valid_rows.height > 0}
+    carve = valid_rows.height == 0 and (valid == "last" or (valid == "auto" and target_behavior is not None))
     context = None
     if target_behavior is not None:
         _require_behavior_column(df, target_behavior, ds.name)
         label = pl.col(BEHAVIOR).fill_null(pl.lit(target_behavior))
-        valid, test = (f.with_columns(label) for f in (valid, test))
+        valid_rows, test = (f.with_columns(label) for f in (valid_rows, test))
         held = lambda f, keep: f.filter((pl.col(BEHAVIOR) == target_behavior) == keep)  # noqa: E731
-        context, valid, n_test = held(valid, False), held(valid, True), test.height
+        context, valid_rows, n_test = held(valid_rows, False), held(valid_rows, True), test.height
         test = held(test, True)
         if test.height == 0:
             raise DataError(f"{ds.name}: no held-out row of the target behaviour {target_behavior!r}; name the "
                             "behaviour of the test rows with data.target_behavior")
+    if carve:
+        train, valid_rows, carved_context = _last_training_target(train, target_behavior)
+        context = carved_context if context is None else pl.concat([context, carved_context])
+        protocol.update(has_valid=valid_rows.height > 0, valid="carved: each user's last training row"
+                        + (f" of {target_behavior!r}" if target_behavior is not None else "")
+                        + " (users with at least two)", valid_users=valid_rows.height)
+    if target_behavior is not None:
         train_users = train[USER].unique()
         protocol.update(
             target_behavior=target_behavior,
             history="the given training part (all behaviours) as it is; held-out rows without a behaviour are "
-                    "target rows",
+                    "target rows" + ("; the carved validation targets and the user's later rows of other behaviours "
+                                     "are visible at test time only" if carve else ""),
             users_evaluated=int(test[USER].n_unique()), rows_dropped=n_test - test.height,
             context_rows=context.height,
             test_users_without_training_rows=int((~test[USER].unique().is_in(train_users.implode())).sum()),
             test_items_not_in_training=int((~test[ITEM].is_in(train[ITEM].unique().implode())).sum()))
-    return Split(train, valid, test, ds.n_users, ds.n_items, protocol, context=context)
+    return Split(train, valid_rows, test, ds.n_users, ds.n_items, protocol, context=context)
+
+
+def _last_training_target(train: pl.DataFrame, target: str | None) -> tuple[pl.DataFrame, ...]:
+    """``(train, valid, context)``: each user's last training row of ``target`` (every row when
+    None) is the validation target when the user has at least two; the user's rows of other
+    behaviours after its time are context. ``train`` is sorted by (user, time)."""
+    rows = train.with_row_index("_row")
+    is_t = (pl.col(BEHAVIOR) == target).fill_null(True) if target is not None else pl.lit(True)
+    rows = rows.with_columns(is_t.alias("_t"))
+    per_user = (rows.filter("_t").group_by(USER).agg(pl.len().alias("_n"), pl.col("_row").last().alias("_v"),
+                                                      pl.col(TIME).last().alias("_tv"))
+                .filter(pl.col("_n") >= 2))
+    rows = rows.join(per_user, on=USER, how="left", maintain_order="left")
+    is_valid = pl.col("_row") == pl.col("_v")
+    later = pl.col("_v").is_not_null() & (pl.col(TIME) > pl.col("_tv")) & ~is_valid
+    keep = train.columns
+    return (rows.filter(~is_valid.fill_null(False) & ~later).select(keep),
+            rows.filter(is_valid.fill_null(False)).select(keep), rows.filter(later).select(keep))
 
 
 # ---- target behaviour ------------------------------------------------------------------------
@@ -338,5 +375,5 @@ def make_split(ds: Dataset, method: str = "loo", target_behavior: str | None = N
     if method == "random":
         return random_ratio(ds, **options, **t)
     if method == "presplit":
-        return presplit(ds, **t)
+        return presplit(ds, **options, **t)
     raise ConfigError(f"unknown split {method!r}; choose one of {', '.join(SPLITS)}")
