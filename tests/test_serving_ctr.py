@@ -66,6 +66,14 @@ def test_export_of_a_ctr_run(served):
     assert health["model"]["task"] == "ctr" and health["model"]["labels"] == ["click"]
 
 
+def test_export_command_writes_a_ctr_artifact(served, tmp_path, capsys):
+    from recforge.cli import main
+
+    assert main(["export", str(served["run"].path), "--out", str(tmp_path / "art")]) == 0
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["task"] == "ctr"
+    assert capsys.readouterr().out.strip().endswith("art")
+
+
 def test_scores_equal_batch_scoring(served, tmp_path):
     """The endpoint gives the probabilities that `recforge predict` gives for the same rows."""
     rows = _table(30, 7)

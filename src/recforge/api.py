@@ -113,7 +113,9 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         load_checkpoint(resume)  # checks that there is a usable one, with a clear message
         resume_ckpt = resume / "checkpoints" / "last.pt"
         config = yaml.safe_load((resume / "config.yaml").read_text())
-    if config is not None:
+    if config is not None and "llm" in config:
+        cfg = config
+    elif config is not None:
         cfg = C.apply_overrides(copy.deepcopy(config), overrides)
         if model and model.lower() != cfg["model"]["name"]:
             raise ConfigError(f"the config is for model {cfg['model']['name']!r}, not {model!r}; drop the model name "
@@ -123,7 +125,17 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
     else:
         if not model:
             raise ConfigError("no model given; name one (recforge models lists them) or pass --config FILE")
+        from recforge.llm import task as llm_task
+
+        if llm_task.is_llm(model):  # a language model reads histories as text (recforge/llm/task.py)
+            return llm_task.train(model, data, overrides, out=out, verbose=verbose)
         cfg = resolve(model, data, overrides)
+    if "llm" in cfg:  # a language-model task config (an LLM, or the ID baseline run beside one)
+        from recforge.llm import task as llm_task
+
+        if resume is not None:
+            raise ConfigError("--resume is for ranking and CTR runs; train a language-model run again instead")
+        return llm_task.train(None, data, overrides, out=out, verbose=verbose, config=config)
     from recforge import ctr
 
     if ctr.is_ctr(cfg["model"]["name"]):  # labelled feature rows: the CTR task (recforge/ctr.py)
@@ -225,6 +237,13 @@ def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=No
 
     if ctr.is_ctr_run(run):  # CTR runs are re-evaluated on their test rows with their saved encoders
         return ctr.evaluate(run, device=device)
+    if run.metrics.get("task") == "llm":  # language-model runs: their test sample, scored again
+        from recforge.llm import task as llm_task
+
+        if any(v is not None for v in (sampled, ks, exclude, ties, head_items)):
+            raise ConfigError(f"{run.path} is a language-model run, scored pointwise (AUC, log-loss) on its test "
+                              "sample; the ranking options (--sampled, --ks, --exclude, --ties) do not apply")
+        return llm_task.evaluate(run, device=device)
     base = run.config
     if "exclude" not in base["eval"]:  # a run folder from before eval.exclude: keep its meaning
         base = {**base, "eval": {**C.EVAL_DEFAULTS, **base["eval"], "exclude": C.resolve_exclude(base)}}
@@ -249,6 +268,9 @@ def recommend(run: str | Path | Run, user=None, history=None, k: int = 10, devic
     if run.metrics.get("task") == "ctr":
         raise RecForgeError(f"{run.path} is a CTR run: it scores feature rows, not a catalogue; use "
                             "recforge predict RUN --input ROWS --out scores.parquet")
+    if run.metrics.get("task") == "llm":
+        raise RecForgeError(f"{run.path} is a language-model run: it answers Yes/No for (user, item) prompts, "
+                            "it does not rank the catalogue; see its predictions_test.parquet")
     if user is None and not history:
         raise RecForgeError("give a user id (--user RAW_ID) or a history of item ids (--history ITEM ...)")
     return run.recommend(user=user, history=history, k=k, device=device)
@@ -283,9 +305,10 @@ def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:
     a, b = _runs(run_a), _runs(run_b)
     from recforge import ctr
 
-    if any(ctr.is_ctr_run(r) for r in a + b):  # CTR runs: paired bootstrap and per-user tests
-        if not all(ctr.is_ctr_run(r) for r in a + b):
-            raise RecForgeError("compare CTR runs with CTR runs, and ranking runs with ranking runs")
+    pointwise = [ctr.is_ctr_run(r) or r.metrics.get("task") == "llm" for r in a + b]
+    if any(pointwise):  # CTR and language-model runs: paired bootstrap and per-user tests
+        if not all(pointwise):
+            raise RecForgeError("compare CTR or language-model runs with each other, and ranking runs with ranking runs")
         return ctr.compare(a, b, metrics)
     pa = a[0].metrics.get("protocol", {})
     warnings = []

@@ -304,7 +304,11 @@ def _dispatch(args) -> int | None:
     elif args.cmd == "models":
         from recforge.models import registry
 
+        from recforge.llm.task import LLM_MODELS
+
         for name in registry.available():
+            print(name)
+        for name in LLM_MODELS:  # language models (the llm extra): recforge train rella --data movielens-100k
             print(name)
     elif args.cmd == "demo":
         return _demo(args)
@@ -312,9 +316,9 @@ def _dispatch(args) -> int | None:
         from recforge.runs import Run
         from recforge.serving.artifact import export_artifact
 
-        if Run.load(args.run).metrics.get("task") == "ctr":
-            raise RecForgeError(f"{args.run}: serving artifacts of CTR runs are not available yet; score feature rows "
-                                "with recforge predict RUN --input ROWS --out scores.parquet")
+        if Run.load(args.run).metrics.get("task") == "llm":
+            raise RecForgeError(f"{args.run}: a language-model run has no serving artifact yet; its test predictions "
+                                "are in predictions_test.parquet")
         print(export_artifact(args.run, args.out))
     elif args.cmd == "serve":
         from recforge.serving.app import run_server
@@ -430,6 +434,12 @@ def _data_cmd(args) -> None:
 
 
 def _metrics_table(m: dict, protocol: dict) -> str:
+    if protocol.get("task") == "llm":
+        from recforge.ctr import format_metrics
+
+        sample = protocol.get("test_sample", {}).get("prompts", "?")
+        return format_metrics(m, protocol).replace("test (CTR,", f"test (language model, pointwise on {sample} "
+                                                   "sampled prompts,", 1)
     if protocol.get("task") == "ctr":
         from recforge.ctr import format_metrics
 
