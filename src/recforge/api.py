@@ -25,7 +25,7 @@ from recforge.errors import ConfigError, RecForgeError
 from recforge.evaluation.evaluator import EvalResult, Protocol, evaluate as _evaluate, parse_head_rule
 from recforge.models import registry
 from recforge.pipeline import dataset_label, eval_sets, load_dataset, split_dataset, target_min_rating
-from recforge.runs import Run, RunWriter, finished_run, run_name
+from recforge.runs import Run, RunWriter, finished_run, history_columns, run_name
 from recforge.training.trainer import set_seed
 
 log = logging.getLogger("recforge")
@@ -210,7 +210,7 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         est.save(writer.tmp / "model")
         ds.user_map.write_parquet(writer.tmp / "user_map.parquet")
         ds.item_map.write_parquet(writer.tmp / "item_map.parquet")
-        ds.interactions.select("user_id", "item_id", "timestamp").write_parquet(writer.tmp / "interactions.parquet")
+        ds.interactions.select(history_columns(ds.interactions)).write_parquet(writer.tmp / "interactions.parquet")
         if ds.items is not None:
             ds.items.write_parquet(writer.tmp / "items.parquet")
         path = writer.finish(keep=rank == 0)

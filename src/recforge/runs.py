@@ -26,7 +26,7 @@ import polars as pl
 import yaml
 
 from recforge.data.dataset import Dataset
-from recforge.data.schema import ITEM, TIME, USER
+from recforge.data.schema import BEHAVIOR, ITEM, TIME, USER
 from recforge.errors import RecForgeError
 from recforge.evaluation.batch import Histories
 
@@ -81,8 +81,12 @@ class Run:
         return pl.read_parquet(self.path / f"per_user_{part}.parquet")
 
     def history_of(self, user_idx: int) -> list[int]:
+        return self._history(user_idx)[0]
+
+    def _history(self, user_idx: int) -> tuple[list[int], list | None]:
+        """The user's items in time order and their behaviours (None without a behaviour column)."""
         df = self.dataset.interactions.filter(pl.col(USER) == user_idx).sort(TIME, maintain_order=True)
-        return df[ITEM].to_list()
+        return df[ITEM].to_list(), df[BEHAVIOR].to_list() if BEHAVIOR in df.columns else None
 
     def recommend(self, user=None, history: list | None = None, k: int = 10, exclude_seen: bool = True,
                   device: str | None = None) -> list[dict]:
@@ -95,15 +99,22 @@ class Run:
             idx = int(ds.encode_users([user])[0])
             if idx < 0:
                 raise RecForgeError(f"user {user!r} is not in this run's data; pass a history instead (--history ITEM ...)")
-            items = self.history_of(idx)
+            items, behaviors = self._history(idx)
         else:
             enc = ds.encode_items(list(history or []))
-            items = [int(i) for i in enc if i > 0]
+            items, behaviors = [int(i) for i in enc if i > 0], None
             idx = -1
-        hist = Histories.from_lists([idx], [items], ds.n_items)
+        hist = Histories.from_lists([idx], [items], ds.n_items, None if behaviors is None else [behaviors])
         top, scores = self.load_model(device).recommend(hist, k=k, exclude_seen=exclude_seen)
-        raw = ds.decode_items(top[0])
-        return [{"item_id": r, "score": float(s)} for r, s in zip(raw, scores[0]) if np.isfinite(s)]
+        finite = np.isfinite(scores[0])  # fewer candidates than k: the excluded ones come last, at -inf
+        raw = ds.decode_items(top[0][finite])
+        return [{"item_id": r, "score": float(s)} for r, s in zip(raw, scores[0][finite])]
+
+
+def history_columns(interactions: pl.DataFrame) -> list[str]:
+    """The columns of a run's (and an artifact's) ``interactions.parquet``: user, item, time, and the
+    behaviour where the data has one (multi-behaviour models score and exclude by it)."""
+    return [USER, ITEM, TIME] + ([BEHAVIOR] if BEHAVIOR in interactions.columns else [])
 
 
 class RunWriter:

@@ -36,12 +36,20 @@ class Histories:
         return len(self.users)
 
     @classmethod
-    def from_lists(cls, users, histories: list[list[int]], n_items: int) -> "Histories":
+    def from_lists(cls, users, histories: list[list[int]], n_items: int,
+                   behaviors: list[list] | None = None) -> "Histories":
+        """Rows from per-user item lists; ``behaviors``: per user the behaviour of each item (None:
+        no behaviours; a row's list may hold None where a behaviour is unknown)."""
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
         indptr = np.zeros(len(histories) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(lengths.sum()))
-        return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items)
+        beh = None
+        if behaviors is not None:
+            if [len(b) for b in behaviors] != lengths.tolist():
+                raise ValueError("behaviors: one behaviour per history item")
+            beh = np.array([b for row in behaviors for b in row], dtype=object)
+        return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items, beh)
 
     def slice(self, start: int, stop: int) -> "Histories":
         ip = self.indptr[start : stop + 1]

@@ -59,8 +59,11 @@ class Recommender:
         dev = s.device
         s[:, 0] = -torch.inf
         if exclude_seen and len(hist.items):
-            rows = torch.from_numpy(np.repeat(np.arange(len(hist)), hist.lengths)).to(dev)
-            s[rows, torch.from_numpy(np.asarray(hist.items, dtype=np.int64)).to(dev)] = -torch.inf
+            rows, items = np.repeat(np.arange(len(hist)), hist.lengths), np.asarray(hist.items, dtype=np.int64)
+            keep = self.seen_mask(hist)
+            if keep is not None:
+                rows, items = rows[keep], items[keep]
+            s[torch.from_numpy(rows).to(dev), torch.from_numpy(items).to(dev)] = -torch.inf
         if exclude:
             for r, items in enumerate(exclude):
                 if items:
@@ -68,6 +71,12 @@ class Recommender:
         k = min(k, s.shape[1] - 1)
         top = torch.topk(s, k, dim=1)
         return top.indices.cpu().numpy(), top.values.cpu().numpy()
+
+    def seen_mask(self, hist: Histories) -> np.ndarray | None:
+        """Which history rows ``exclude_seen`` removes from the ranking (a bool per row of
+        ``hist.items``); None: every row. Multi-behaviour models remove only their target
+        behaviour's rows, so a viewed item stays a candidate for purchase."""
+        return None
 
     # ---- persistence --------------------------------------------------------------------------
     def _fitted_state(self) -> dict:

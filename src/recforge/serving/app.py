@@ -308,19 +308,28 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
                        categories: Annotated[list[str] | None, Query(max_length=S.MAX_CATEGORIES)] = None):
         eng = ranking()
         uidx = eng.user_idx(user_id)
-        history = eng.history_of(uidx)
-        fresh, unknown = eng.encode_items(state.events.items_of(user_id))
+        history, behaviors = eng.history_of(uidx), eng.behaviors_of(uidx)
+        fresh, fresh_behaviors, unknown = eng.encode_events(state.events.events_of(user_id))
         ex, _ = eng.encode_items(exclude or [])
-        r = await eng.recommend_async(uidx, history + fresh, k, ex, categories)
+        if behaviors is not None or any(b is not None for b in fresh_behaviors):
+            behaviors = (behaviors if behaviors is not None else [None] * len(history)) + fresh_behaviors
+        else:
+            behaviors = None
+        r = await eng.recommend_async(uidx, history + fresh, k, ex, categories, behaviors=behaviors)
         return _recs(eng, r, user_id, unknown)
 
     @app.post("/v1/recommendations", response_model=S.RecommendationResponse, tags=["recommendations"],
               dependencies=[Depends(public_key)])
     async def recommend_history(body: S.RecommendationRequest):
         eng = ranking()
-        hist, unknown = eng.encode_items(body.history)
+        if body.behaviors is not None and len(body.behaviors) != len(body.history):
+            raise BadRequestError(f"behaviors has {len(body.behaviors)} entries for {len(body.history)} history "
+                                  "items; give one behaviour per history item (null where unknown), or leave it out")
+        beh = body.behaviors if body.behaviors is not None else [None] * len(body.history)
+        hist, behaviors, unknown = eng.encode_events(list(zip(body.history, beh)))
         ex, _ = eng.encode_items(body.exclude)
-        r = await eng.recommend_async(-1, hist, body.k, ex, body.categories, exclude_seen=body.exclude_seen)
+        r = await eng.recommend_async(-1, hist, body.k, ex, body.categories, exclude_seen=body.exclude_seen,
+                                      behaviors=behaviors if body.behaviors is not None else None)
         return _recs(eng, r, None, unknown)
 
     @app.get("/v1/items/{item_id}/similar", response_model=S.SimilarItemsResponse, tags=["recommendations"],

@@ -11,7 +11,7 @@
       user_map.parquet      raw <-> encoded user ids
       item_map.parquet      raw <-> encoded item ids
       items.parquet         item side table keyed by encoded item id (when the data has one)
-      interactions.parquet  encoded history (user_id, item_id, timestamp), sorted by user then time
+      interactions.parquet  encoded history (user_id, item_id, timestamp[, behavior]), sorted by user then time
       popularity.npy        int64 counts per encoded item over the training part (index 0: padding)
       item_vectors.npy      float32 (n_items + 1, d) item vectors, when the model has them
 
@@ -45,9 +45,9 @@ import numpy as np
 import polars as pl
 import yaml
 
-from recforge.data.schema import ITEM, TIME, USER
+from recforge.data.schema import TIME, USER
 from recforge.errors import RecForgeError
-from recforge.runs import publish_folder
+from recforge.runs import history_columns, publish_folder
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -160,7 +160,7 @@ def _export_ranking(run, tmp: Path) -> dict:
     ds.item_map.write_parquet(tmp / "item_map.parquet")
     if ds.items is not None:
         ds.items.write_parquet(tmp / "items.parquet")
-    inter = ds.interactions.select(USER, ITEM, TIME).sort([USER, TIME], maintain_order=True)
+    inter = ds.interactions.select(history_columns(ds.interactions)).sort([USER, TIME], maintain_order=True)
     inter.write_parquet(tmp / "interactions.parquet")
     pop, pop_source = _training_popularity(ds, run.config)
     np.save(tmp / "popularity.npy", pop)

@@ -8,7 +8,11 @@ Recommendations work for any :class:`~recforge.models.base.Recommender`: the use
 artifact's interactions, then the fresh events in time order) becomes a
 :class:`~recforge.evaluation.batch.Histories` row with the user's encoded id (-1 for a user
 unknown at training time), and the model's ``score`` does the rest: sequential models read the
-sequence, item-based models the history matrix, user-embedding models the user id.
+sequence, item-based models the history matrix, user-embedding models the user id. Where the data
+has behaviours (views, carts, purchases), each history row carries its behaviour (the artifact's
+``behavior`` column, an event's ``behavior``), so a multi-behaviour model reads them, and
+``exclude_seen`` removes the rows the model's :meth:`~recforge.models.base.Recommender.seen_mask`
+names (for a multi-behaviour model its target behaviour only: a viewed item stays a candidate).
 
 Similar items are the cosine neighbours of an item's vector when the artifact has item vectors,
 else the cosine of binary item co-occurrence in the artifact's interactions (the share of users
@@ -29,7 +33,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from recforge.data.schema import ITEM, USER
+from recforge.data.schema import BEHAVIOR, ITEM, USER
 from recforge.errors import RecForgeError
 from recforge.evaluation.batch import Histories
 from recforge.serving.ann import ANNIndex, query_vectors
@@ -78,18 +82,20 @@ class ScoreBatcher:
         self._thread = threading.Thread(target=self._loop, name="recforge-scorer", daemon=True)
         self._thread.start()
 
-    def submit(self, user_idx: int, history: list[int]) -> cf.Future | None:
+    def submit(self, user_idx: int, history: list[int], behaviors: list | None = None) -> cf.Future | None:
         """Queue one user; the future's result is its scores ``(n_items + 1,)`` (a private copy).
         None once the batcher is closed."""
         if self._closed:
             return None
         fut: cf.Future = cf.Future()
-        self._queue.put((user_idx, history, fut))
+        self._queue.put((user_idx, history, behaviors, fut))
         return fut
 
-    def score(self, user_idx: int, history: list[int]) -> np.ndarray:
-        fut = self.submit(user_idx, history)
-        return _score_rows(self.model, [user_idx], [history], self.n_items)[0] if fut is None else fut.result()
+    def score(self, user_idx: int, history: list[int], behaviors: list | None = None) -> np.ndarray:
+        fut = self.submit(user_idx, history, behaviors)
+        if fut is None:
+            return _score_rows(self.model, [user_idx], [history], self.n_items, [behaviors])[0]
+        return fut.result()
 
     def _loop(self) -> None:
         while True:
@@ -98,13 +104,14 @@ class ScoreBatcher:
                 return
             batch, stop = drain(self._queue, first, self.max_batch)
             try:
-                rows = _score_rows(self.model, [b[0] for b in batch], [b[1] for b in batch], self.n_items)
+                rows = _score_rows(self.model, [b[0] for b in batch], [b[1] for b in batch], self.n_items,
+                                   [b[2] for b in batch])
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
                 for b in batch:
-                    b[2].set_exception(exc)
+                    b[3].set_exception(exc)
             else:
                 for b, row in zip(batch, rows):
-                    b[2].set_result(row)
+                    b[3].set_result(row)
             if stop:
                 return
 
@@ -115,10 +122,20 @@ class ScoreBatcher:
             self._queue.put(None)
 
 
-def _score_rows(model, users: list[int], histories: list[list[int]], n_items: int) -> np.ndarray:
+def _histories(users: list[int], histories: list[list[int]], n_items: int,
+               behaviors: list[list | None] | None = None) -> Histories:
+    """Rows for the model; behaviours when any row has them (the others' rows: None, unknown)."""
+    if behaviors is None or all(b is None for b in behaviors):
+        return Histories.from_lists(users, histories, n_items)
+    beh = [b if b is not None else [None] * len(h) for h, b in zip(histories, behaviors)]
+    return Histories.from_lists(users, histories, n_items, beh)
+
+
+def _score_rows(model, users: list[int], histories: list[list[int]], n_items: int,
+                behaviors: list[list | None] | None = None) -> np.ndarray:
     import torch
 
-    hist = Histories.from_lists(users, histories, n_items)
+    hist = _histories(users, histories, n_items, behaviors)
     with torch.inference_mode():
         s = model.score(hist)
     arr = s.detach().cpu().numpy() if hasattr(s, "detach") else np.asarray(s)
@@ -145,6 +162,8 @@ class Engine:
         inter = artifact.interactions
         users = inter[USER].to_numpy().astype(np.int64)
         self.hist_items = inter[ITEM].to_numpy().astype(np.int64)
+        #: the behaviour of each history row (None: the data has no behaviour column)
+        self.hist_behaviors = inter[BEHAVIOR].to_numpy() if BEHAVIOR in inter.columns else None
         self.hist_indptr = np.searchsorted(users, np.arange(self.n_users + 1), side="left").astype(np.int64)
 
         pop = np.asarray(artifact.popularity, dtype=np.float32).copy()
@@ -225,6 +244,28 @@ class Engine:
         a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
         return self.hist_items[max(a, b - MAX_HISTORY):b].tolist()
 
+    def behaviors_of(self, user_idx: int) -> list | None:
+        """The behaviours of :meth:`history_of`'s rows (None when the data has none)."""
+        if self.hist_behaviors is None:
+            return None
+        if user_idx < 0:
+            return []
+        a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
+        return self.hist_behaviors[max(a, b - MAX_HISTORY):b].tolist()
+
+    def encode_events(self, events: list[tuple]) -> tuple[list[int], list, list]:
+        """``(items, behaviours, unknown ids)`` of ``(raw item, behaviour)`` events: the known items
+        in order with their behaviours, and the raw ids that are not in the catalogue."""
+        items, behaviors, unknown = [], [], []
+        for raw, behavior in events:
+            i = self.item_index.get(id_key(raw))
+            if i is None:
+                unknown.append(raw)
+            else:
+                items.append(i)
+                behaviors.append(behavior)
+        return items, behaviors, unknown
+
     def category_mask(self, categories: list[str] | None) -> np.ndarray | None:
         if not categories:
             return None
@@ -240,41 +281,47 @@ class Engine:
 
     # ---- ranking ----------------------------------------------------------------------------
     def recommend(self, user_idx: int, history: list[int], k: int, exclude: list[int] = (),
-                  categories: list[str] | None = None, exclude_seen: bool = True) -> Ranked:
-        """Top-``k`` for an encoded user (-1: unknown) and encoded history; popularity when the
-        user is unknown and the history is empty."""
-        allowed, banned = self._filters(history, exclude, categories, exclude_seen)
+                  categories: list[str] | None = None, exclude_seen: bool = True,
+                  behaviors: list | None = None) -> Ranked:
+        """Top-``k`` for an encoded user (-1: unknown) and encoded history (``behaviors``: one per
+        history row, or None); popularity when the user is unknown and the history is empty."""
+        allowed, banned = self._filters(history, exclude, categories, exclude_seen, behaviors)
         if user_idx < 0 and not history:
             return self.popular(k, exclude, allowed)
         if self.ann is not None and allowed is None:
-            ranked = self._recommend_ann(Histories.from_lists([user_idx], [history], self.n_items), k, banned)
+            ranked = self._recommend_ann(_histories([user_idx], [history], self.n_items, [behaviors]), k, banned)
             if ranked is not None:
                 return ranked
         if self.batcher is not None:
-            scores = self.batcher.score(user_idx, history)
+            scores = self.batcher.score(user_idx, history, behaviors)
         else:
-            scores = _score_rows(self.model, [user_idx], [history], self.n_items)[0]
+            scores = _score_rows(self.model, [user_idx], [history], self.n_items, [behaviors])[0]
         return self._top(scores, k, banned, allowed)
 
     async def recommend_async(self, user_idx: int, history: list[int], k: int, exclude: list[int] = (),
-                              categories: list[str] | None = None, exclude_seen: bool = True) -> Ranked:
+                              categories: list[str] | None = None, exclude_seen: bool = True,
+                              behaviors: list | None = None) -> Ranked:
         """:meth:`recommend` for an event loop: the loop never runs the model; it awaits the
         scoring thread (or a worker thread for the ANN path)."""
-        args = (user_idx, history, k, exclude, categories, exclude_seen)
-        allowed, banned = self._filters(history, exclude, categories, exclude_seen)
+        args = (user_idx, history, k, exclude, categories, exclude_seen, behaviors)
+        allowed, banned = self._filters(history, exclude, categories, exclude_seen, behaviors)
         if user_idx < 0 and not history:
             return self.popular(k, exclude, allowed)
         fut = None
         if self.batcher is not None and not (self.ann is not None and allowed is None):
-            fut = self.batcher.submit(user_idx, history)
+            fut = self.batcher.submit(user_idx, history, behaviors)
         if fut is None:
             return await asyncio.to_thread(self.recommend, *args)
         scores = await asyncio.wrap_future(fut)
         return self._top(scores, k, banned, allowed)
 
-    def _filters(self, history, exclude, categories, exclude_seen) -> tuple[np.ndarray | None, np.ndarray]:
+    def _filters(self, history, exclude, categories, exclude_seen, behaviors=None) -> tuple[np.ndarray | None, np.ndarray]:
         allowed = self.category_mask(categories)
-        banned = set(exclude) | set(history) if exclude_seen else set(exclude)
+        banned = set(exclude)
+        if exclude_seen and history:
+            mask = getattr(self.model, "seen_mask", None)
+            seen = None if mask is None else mask(_histories([-1], [history], self.n_items, [behaviors]))
+            banned |= set(history) if seen is None else {i for i, s in zip(history, seen) if s}
         return allowed, np.fromiter(banned, dtype=np.int64, count=len(banned))
 
     def popular(self, k: int, exclude=(), allowed: np.ndarray | None = None) -> Ranked:
@@ -355,7 +402,8 @@ class Engine:
     def _warm_up(self) -> None:
         try:
             u = 0 if self.n_users else -1
-            self.recommend(u, self.history_of(u) or [1], 10)
+            h = self.history_of(u)
+            self.recommend(u, h or [1], 10, behaviors=self.behaviors_of(u) if h else None)
             self.recommend(-1, [1], 10)
         except Exception:  # noqa: BLE001 - a model that cannot score must fail loudly on load
             log.exception("scoring a sample user failed")

@@ -70,7 +70,11 @@ class RecommendationRequest(_Body):
         default_factory=list, description="raw item ids never to return")
     categories: Annotated[list[Category], Field(max_length=MAX_CATEGORIES)] | None = Field(
         default=None, description="allow-list of categories (the item table's category/genres column)")
-    exclude_seen: bool = Field(default=True, description="leave out the items of the history")
+    behaviors: Annotated[list[Text(32) | None], Field(max_length=MAX_HISTORY_ITEMS)] | None = Field(
+        default=None, description="the behaviour of each history item (view, cart, buy...; null where unknown), "
+                                  "read by multi-behaviour models")
+    exclude_seen: bool = Field(default=True, description="leave out the items of the history (for a multi-behaviour "
+                                                         "model: those of its target behaviour only)")
 
 
 class RecommendationResponse(BaseModel):

@@ -76,6 +76,13 @@ class BehaviorAware:
     target-behaviour items, so a viewed item stays a candidate while choosing the best epoch, as in
     the final evaluation)."""
 
+    def seen_mask(self, hist) -> np.ndarray:
+        """``recommend(exclude_seen=True)`` removes the history rows of the target behaviour only
+        (rows without a behaviour count as ``default_behavior_``, as in scoring), the rule of
+        ``eval.exclude=target_behavior``: a viewed or carted item stays a candidate."""
+        codes = history_codes(hist, self.behaviors_, self.default_behavior_)
+        return codes == self.behaviors_.index(self.target_behavior_) + 1
+
     def validate(self, valid) -> dict:
         from recforge.evaluation.evaluator import Protocol, evaluate
 
