@@ -347,3 +347,22 @@ def test_trainer_validates_under_the_runs_exclusion(tmp_path, monkeypatch):
                    out=tmp_path, verbose=False)
     # the two validations of training (then the final valid/test evaluations of the run)
     assert len(seen) >= 2 and all(p is not None and p.exclude == "target_behavior" and has for p, has in seen[:2])
+
+
+def test_compare_pairs_users_by_raw_id_across_encodings(mb_folder, tmp_path):
+    """Purchases only (data.behaviors=buy) re-encodes users and items; the paired test must still
+    pair each person with themselves."""
+    import recforge
+    from recforge.evaluation.significance import seed_mean
+
+    out = tmp_path / "runs"
+    common = {"data.target_behavior": "buy", "data.cache": False}
+    everything = recforge.train("pop", str(mb_folder), common, out=out, verbose=False)
+    only = recforge.train("pop", str(mb_folder), {**common, "data.behaviors": "buy"}, out=out, verbose=False)
+    a, b = seed_mean([everything.per_user()]), seed_mean([only.per_user()])
+    assert sorted(a["user"]) == sorted(b["user"]) == ["1", "2", "3"]
+    res = recforge.compare(everything, only, ["hr@10"])
+    assert res["rows"][0]["n_users"] == 3
+    # two seeds of one run: the mean per person, keyed by raw id
+    twice = seed_mean([everything.per_user(), everything.per_user()])
+    assert twice.sort("user")["hr@10"].to_list() == a.sort("user")["hr@10"].to_list()

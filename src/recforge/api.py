@@ -226,12 +226,14 @@ def _per_user(res: EvalResult, ds) -> pl.DataFrame:
 
 
 def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=None, head_items=None,
-             device: str | None = None) -> dict:
+             device: str | None = None, per_user: bool = False) -> dict:
     """Re-evaluate a run's model on its test split, optionally under another protocol: other
     ``ks``, ``sampled`` negatives, ``exclude`` (history | none | target_behavior | auto), ``ties``
     (pessimistic | expected | optimistic | index) or ``head_items`` (share:S | top:F | count:N).
     ``device`` (auto | cpu | cuda | cuda:N | mps) is where a PyTorch model scores and ranks; None:
-    the device it was trained with (``device="cpu"`` evaluates a GPU-trained run without a GPU)."""
+    the device it was trained with (``device="cpu"`` evaluates a GPU-trained run without a GPU).
+    ``per_user``: also return the per-user metrics (a Polars table under ``"per_user"``, the format of
+    the run's ``per_user_test.parquet``) for paired tests under this protocol."""
     run = run if isinstance(run, Run) else Run.load(run)
     from recforge import ctr
 
@@ -257,8 +259,11 @@ def evaluate(run: str | Path | Run, sampled=None, ks=None, exclude=None, ties=No
     _, test_set = _eval_sets(cfg, split)
     model = run.load_model(device)
     res = _eval(model, test_set, cfg, split.item_popularity)
-    return {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, model),
-            "device": str(getattr(model, "device_", "cpu"))}
+    out = {"test": res.metrics, "groups": res.groups, "protocol": _protocol_record(cfg, split, model),
+           "device": str(getattr(model, "device_", "cpu"))}
+    if per_user:
+        out["per_user"] = _per_user(res, ds)
+    return out
 
 
 def recommend(run: str | Path | Run, user=None, history=None, k: int = 10, device: str | None = None) -> list[dict]:
@@ -284,14 +289,9 @@ def _runs(spec) -> list[Run]:
 
 def _mean_per_user(runs: list[Run]) -> pl.DataFrame:
     """Per-user test metrics averaged over runs (seeds) of one model; users evaluated in every run."""
-    tables = [r.per_user() for r in runs]
-    if len(tables) == 1:
-        return tables[0]
-    metrics = [c for c in tables[0].columns if c not in ("user", "user_raw", "history_length")
-               and tables[0].schema[c].is_numeric()]
-    stacked = pl.concat([t.select(["user", *metrics]) for t in tables])
-    return (stacked.group_by("user").agg([pl.len().alias("_n"), *[pl.col(m).mean() for m in metrics]])
-            .filter(pl.col("_n") == len(tables)).drop("_n").sort("user"))
+    from recforge.evaluation.significance import seed_mean
+
+    return seed_mean([r.per_user() for r in runs])
 
 
 def compare(run_a, run_b, metrics: list[str] | None = None) -> dict:

@@ -9,6 +9,21 @@ from scipy import stats
 from recforge.errors import RecForgeError
 
 
+def seed_mean(tables: list[pl.DataFrame]) -> pl.DataFrame:
+    """Per-user metric tables of several runs (seeds) of one model, averaged per user over the
+    users evaluated in every run. Users are keyed by their raw id (``user_raw``) where the tables
+    have it, so runs whose data was encoded differently (``data.behaviors=buy`` against every
+    behaviour) still pair the same people."""
+    keyed = [t.with_columns(pl.col("user_raw").alias("user")).drop("user_raw") if "user_raw" in t.columns else t
+             for t in tables]
+    if len(keyed) == 1:
+        return keyed[0]
+    metrics = [c for c in keyed[0].columns if c not in ("user", "history_length") and keyed[0].schema[c].is_numeric()]
+    stacked = pl.concat([t.select(["user", *metrics]) for t in keyed])
+    return (stacked.group_by("user").agg([pl.len().alias("_n"), *[pl.col(m).mean() for m in metrics]])
+            .filter(pl.col("_n") == len(keyed)).drop("_n").sort("user"))
+
+
 def paired_tests(a: pl.DataFrame, b: pl.DataFrame, metrics: list[str] | None = None) -> list[dict]:
     """Join two per-user tables on ``user`` and test each metric: paired t-test and Wilcoxon
     signed-rank test (two-sided). Users missing from either run are left out (and counted)."""

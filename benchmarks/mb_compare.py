@@ -1,0 +1,226 @@
+"""Multi-behaviour models against LightGCN on purchases only and on merged behaviours, 3 seeds,
+full ranking and the labelled sampled-99 protocol, with paired tests.
+
+    python benchmarks/mb_compare.py [--data retailrocket|tmall|taobao|PATH] [--seeds 0,1,2]
+                                    [--models NAME,...] [--budget SECONDS] [--fresh]
+
+Data (``../shared/data``): ``retailrocket`` (``retailrocket-mb``: views, carts, purchases; the given
+``train.csv``/``test.csv`` split), ``tmall`` (``tmall-mb``: favourites, carts, purchases, page views
+missing; given split), ``taobao`` (``taobao-userbehavior-sample``: pv, cart, fav, buy; no given split,
+so leave-one-out on purchases). Target ``buy`` (``data.target_behavior=buy``) everywhere.
+
+Models (``MODELS``): each with its YAML defaults, ``threads=1``, and an upper bound on the epochs
+(``CAPS``) so that one run stays within minutes on a shared 2-core machine; early stopping on the
+validation part ends runs sooner (given splits: each user's last training purchase, for users with
+at least two, ``split.valid=auto``; leave-one-out: the second-to-last purchase). Knowledge-aware models
+get ``data.knowledge=co-interaction`` (item pairs co-occurring for more than 3 users within a
+behaviour, built from the training part only), and ``category`` as well where the data has item
+categories (Taobao).
+
+Protocol: full ranking over every item, excluding only the user's own training purchases
+(``eval.exclude=target_behavior``: viewed and carted items stay candidates), pessimistic ties; and
+the SAMPLED protocol of MB-GMN / CIGF / CKML / MB-STR, the held-out item against 99 uniform negatives
+among the items the user has not purchased (``recforge.evaluate(run, sampled=99)``), not comparable
+to full ranking. Paired tests (t-test and Wilcoxon on per-user metrics averaged over seeds) of every
+model against ``lightgcn-buy`` and ``lightgcn-all``, under both protocols.
+
+Each (model, seed) runs in its own process (its peak resident memory is its own) and keeps its run
+folder under ``benchmarks/results/runs/mb/<data>/`` (ignored by git), so a later call with other
+``--models`` adds to the same table; ``--fresh`` starts over. Seconds per epoch are training only.
+
+Writes ``benchmarks/results/mb_<data>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {"retailrocket": SHARED / "retailrocket-mb", "tmall": SHARED / "tmall-mb",
+            "taobao": SHARED / "taobao-userbehavior-sample"}
+KG = {"retailrocket": "co-interaction", "tmall": "co-interaction", "taobao": "co-interaction,category"}
+
+#: name -> (registry model, overrides)
+MODELS = {
+    "pop": ("pop", {}),
+    "lightgcn-buy": ("lightgcn", {"data.behaviors": "buy"}),
+    "lightgcn-all": ("lightgcn", {}),
+    "mbgcn": ("mbgcn", {}),
+    "mbsasrec": ("mbsasrec", {"batch_size": 64}),  # more optimiser steps in the few affordable epochs
+    "cigf": ("cigf", {}),
+    "ckml": ("ckml", {"knowledge": True}),
+    "kamcl": ("kamcl", {"knowledge": True}),
+    "pdb4rec": ("pdb4rec", {}),
+    "dpcpl": ("dpcpl", {}),
+}
+#: upper bounds on the epochs (early stopping usually ends a run sooner); None: the model's default
+CAPS = {"lightgcn-buy": 300, "lightgcn-all": 150, "mbgcn": 150, "mbsasrec": 12, "cigf": 100, "ckml": 100,
+        "kamcl": 100, "pdb4rec": 12, "dpcpl": 12}
+BASELINES = ("lightgcn-buy", "lightgcn-all")
+KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
+
+
+def run_dir(data: str) -> Path:
+    return ROOT / "benchmarks" / "results" / "runs" / "mb" / data
+
+
+def overrides_of(name: str, data: str, seed: int) -> dict:
+    model, extra = MODELS[name]
+    o = {"data.target_behavior": "buy", "seed": seed, "data.cache": False}
+    if model != "pop":
+        o.update(threads=1, device="cpu")
+    if CAPS.get(name):
+        o["epochs"] = CAPS[name]
+    for k, v in extra.items():
+        if k == "knowledge":
+            o["data.knowledge"] = KG[data]
+        else:
+            o[k] = v
+    return o
+
+
+def worker(name: str, seed: int, data: str) -> dict:
+    """Train and evaluate one (model, seed) in this process; its row, and per-user tables on disk."""
+    import recforge
+
+    model, _ = MODELS[name]
+    overrides = overrides_of(name, data, seed)
+    out = run_dir(data) / f"{name}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
+    wall = time.perf_counter() - t0
+    hist_path = Path(run.path) / "history.json"
+    epochs = json.loads(hist_path.read_text()).get("epochs", []) if hist_path.exists() else []
+    train_s = sum(e.get("train_seconds", 0.0) for e in epochs)
+    full = run.metrics["test"]
+    sampled = recforge.evaluate(run, sampled=99, per_user=True)
+    sampled["per_user"].write_parquet(Path(run.path) / "per_user_test_sampled99.parquet")
+    protocol = run.metrics.get("protocol", {})
+    pick = lambda m: {k: round(float(m[k]), 4) for k in KEYS if k in m}  # noqa: E731
+    notes = {k: protocol[k] for k in ("knowledge", "behaviors_used", "tuning", "parameters") if k in protocol}
+    return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"},
+            "epochs_run": len(epochs), "best_epoch": run.metrics.get("training", {}).get("best_epoch"),
+            "s_per_epoch": round(train_s / max(len(epochs), 1), 3), "wall_s": round(wall, 1),
+            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "full": pick(full), "n_users": int(full.get("n_users", 0)), "sampled99": pick(sampled["test"]),
+            "protocol": {k: protocol.get(k) for k in ("exclude", "target_behavior", "ties", "behaviors")},
+            "split": protocol.get("split", {}).get("valid"), "notes": notes}
+
+
+def mean_sd(vals: list[float]) -> list[float]:
+    mean = sum(vals) / len(vals)
+    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return [round(mean, 4), round(sd, 4)]
+
+
+def paired(rows: list[dict], name: str, base: str) -> dict:
+    """Paired tests of ``name`` against ``base`` on the seeds both have, under both protocols."""
+    import polars as pl
+
+    from recforge.evaluation.significance import paired_tests, seed_mean
+
+    seeds = sorted({r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == base})
+    if not seeds:
+        return {}
+    runs = {n: [ROOT / r["run"] for s in seeds for r in rows if r["name"] == n and r["seed"] == s]
+            for n in (name, base)}
+    out = {"seeds": seeds}
+    for part, file in (("full", "per_user_test.parquet"), ("sampled99", "per_user_test_sampled99.parquet")):
+        a, b = (seed_mean([pl.read_parquet(p / file) for p in runs[n]]) for n in (name, base))
+        out[part] = {t["metric"]: {"diff": round(t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
+                                   "wilcoxon_p": float(f"{t['wilcoxon_p']:.3g}")}
+                     for t in paired_tests(a, b, ["hr@10", "ndcg@10"])}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="retailrocket")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.data)))
+        return 0
+    path = DATASETS.get(args.data, Path(args.data))
+    if not Path(path).exists():
+        print(f"{path}: data folder not found (the shared datasets live in ../shared/data); nothing run",
+              file=sys.stderr)
+        return 2
+    label = args.data if args.data in DATASETS else Path(args.data).name
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mb_{label}.json")
+    old = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
+    rows = old.get("runs", [])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    for seed in seeds:  # seed by seed: an interrupted budget still has every model at the first seeds
+        for name in names:
+            if args.budget is not None and time.perf_counter() - t0 > args.budget:
+                print(f"budget reached: {name} seed {seed} not run", file=sys.stderr)
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--worker", name, str(seed), "--data", args.data],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode:
+                print(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows = [r for r in rows if (r["name"], r["seed"]) != (name, seed)] + [row]
+            print(f"{name:13s} seed {seed}  HR@10 {row['full']['hr@10']:.4f}  NDCG@10 {row['full']['ndcg@10']:.4f}  "
+                  f"sampled-99 HR@10 {row['sampled99']['hr@10']:.4f}  {row['epochs_run']} epochs "
+                  f"{row['s_per_epoch']:.2f} s/epoch  {row['peak_mb']:.0f} MB", flush=True)
+            write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+    write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+    print(f"wrote {os.path.relpath(out, ROOT)}")
+    return 0
+
+
+def write(out: Path, data: str, rows: list[dict], wall: float) -> None:
+    summary = {}
+    for name in MODELS:
+        got = sorted((r for r in rows if r["name"] == name), key=lambda r: r["seed"])
+        if not got:
+            continue
+        s = summary[name] = {"seeds": [r["seed"] for r in got], "epochs_run": [r["epochs_run"] for r in got],
+                             "s_per_epoch": round(sum(r["s_per_epoch"] for r in got) / len(got), 3),
+                             "peak_mb": max(r["peak_mb"] for r in got)}
+        for part in ("full", "sampled99"):
+            for k in got[0][part]:
+                s[f"{part} {k}"] = mean_sd([r[part][k] for r in got])
+        if name not in BASELINES and name != "pop":
+            s["vs"] = {b: paired(rows, name, b) for b in BASELINES}
+    result = {"data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT), "target_behavior": "buy",
+              "split": "given train/test files, validation carved from training (each user's last training "
+                       "purchase, users with at least two)" if data != "taobao" else
+                       "leave-one-out on purchases (last test, second-to-last validation)",
+              "protocol": {"full": "every item ranked, the user's training purchases excluded (viewed/carted items "
+                                   "stay candidates), pessimistic ties",
+                           "sampled99": "SAMPLED: the held-out item against 99 uniform negatives not purchased"},
+              "caps": {n: CAPS.get(n) for n in MODELS}, "early_stopping": "on the validation part (model defaults)",
+              "wall_s": round(wall, 1), "runs": rows, "summary": summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
