@@ -476,6 +476,17 @@ def test_describe_counts_and_text(tmp_path):
     assert len({line.index(line.split("  ", 2)[-1].strip()) for line in lines[:4]}) == 1  # aligned values
 
 
+def test_describe_an_item_table_without_text(tmp_path):
+    """Ids-only item tables (Gowalla's item_list.txt) are described, with the reason for no text."""
+    f = write(tmp_path / "d.csv", "user_id,item_id,timestamp\n1,a,1\n1,b,2\n2,a,3\n")
+    ds = prepare(read_table(f, items=write(tmp_path / "items.csv", "item_id,org_id\na,10\nb,11\n")))
+    d = describe(ds)
+    assert d["item_text"]["items_with_text"] == 0 and "org_id" in d["item_text"]["note"]
+    assert "item text      - (none:" in format_description(d)
+    with pytest.raises(DataError, match="text template"):
+        describe(ds, template="{title}")  # a template the user names must fit the table
+
+
 # ---------------------------------------------------------------------------------------------
 # The real datasets beside the project (skipped when absent)
 # ---------------------------------------------------------------------------------------------

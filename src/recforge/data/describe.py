@@ -113,9 +113,17 @@ def describe(ds: Dataset, template: str | None = None) -> dict:
     d["item_columns"] = _side_columns(ds.items, ITEM)
     d["user_columns"] = _side_columns(ds.users, USER)
     if ds.items is not None:
+        from recforge.errors import DataError
         from recforge.semantic.text import text_preview
 
-        d["item_text"] = text_preview(ds, template=template)
+        try:
+            d["item_text"] = text_preview(ds, template=template)
+        except DataError as exc:
+            if template is not None:  # a template the user gave must fit the table
+                raise
+            # an item table without text columns (ids only, e.g. Gowalla's item_list.txt): describe the
+            # data anyway and say why there is no text
+            d["item_text"] = {"template": None, "items_with_text": 0, "samples": [], "note": str(exc)}
     return d
 
 

@@ -152,7 +152,7 @@ def text_preview(ds, n: int = 3, template: str | None = None) -> dict:
 def format_preview(preview: dict) -> str:
     """A short text block of :func:`text_preview` (to append to ``format_description``)."""
     if not preview.get("template"):
-        return "  item text      - (no item table)"
+        return "  item text      - " + (f"(none: {preview['note']})" if preview.get("note") else "(no item table)")
     lines = [f"  item text      {preview['items_with_text']:,} items; template: {preview['template']}"]
     lines += [f"    {s['item_id']}: {s['text']}" for s in preview["samples"]]
     return "\n".join(lines)
