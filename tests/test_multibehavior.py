@@ -188,15 +188,23 @@ def test_given_split_without_validation_carves_the_last_training_target(tmp_path
     s = split_dataset(ds, {"data": data, "split": {"method": "auto"}})
     raw = lambda f: sorted(zip(map(str, ds.decode_users(f["user_id"])), map(str, ds.decode_items(f["item_id"])), f["behavior"]))  # noqa: E731,E501
     # user 1 has two training purchases: the last one validates; the view after it (160) is context,
-    # the view at the same time (150) still trains; user 2 has one purchase: nothing carved
+    # the view at the same time (150) still trains; user 2 has one purchase: nothing carved. No given
+    # test pair occurs in training, so the validation pair's cart (140) is hidden as well
     assert raw(s.valid) == [("1", "12", "buy")]
-    assert raw(s.context) == [("1", "14", "view")]
+    assert raw(s.context) == [("1", "12", "cart"), ("1", "14", "view")]
     assert ("1", "12", "buy") not in raw(s.train) and ("1", "13", "view") in raw(s.train)
-    assert s.train.height == 9 - 2 and s.test.height == 2
+    assert s.train.height == 9 - 3 and s.test.height == 2
     assert s.protocol["has_valid"] and s.protocol["valid_users"] == 1
+    assert s.protocol["test_pairs_in_training"] == 0 and s.protocol["valid_pair_rows"].startswith("context")
     # the test targets are the given ones, with the whole training part visible when ranking them
     assert raw(s.test) == [("1", "15", "buy"), ("2", "11", "buy")]
     assert s.history("test").height == 9
+    # where the given test pairs do occur in training, the validation pair's other rows train
+    (d / "test.csv").write_text("user_id,item_id\n1,10\n2,13\n")
+    shown = split_dataset(load_dataset(data), {"data": data, "split": {"method": "auto"}})
+    assert shown.protocol["test_pairs_in_training"] == 1 and shown.protocol["valid_pair_rows"] == "training"
+    assert shown.train.height == 9 - 2
+    (d / "test.csv").write_text("user_id,item_id\n1,15\n2,11\n")
     # split.valid=none keeps the given training part whole
     kept = split_dataset(ds, {"data": data, "split": {"method": "auto", "valid": "none"}})
     assert kept.train.height == 9 and kept.valid.height == 0 and not kept.protocol["has_valid"]

@@ -29,7 +29,10 @@ training plus validation history (plus ``context``, below). A test interaction i
   (``split.valid``: ``auto`` does this for a target behaviour, ``last`` always, ``none`` never), each
   user's last training row of the target behaviour (of any row without one) becomes the
   validation target, for users with at least two such rows; that user's training rows of other
-  behaviours after it become ``context``, as in ``loo``. The test targets stay the given ones, so
+  behaviours after it become ``context``, as in ``loo``. When (almost) none of the given test pairs
+  occurs in the training part (the multi-behaviour sets removed each test pair from every
+  behaviour), the validation pair's other rows (a view or cart of the validation item) become
+  ``context`` too, so validation asks what the test asks. The test targets stay the given ones, so
   early stopping never looks at them.
 
 Counts (held-out users, users without a target row, dropped rows) go into ``Split.protocol``.
@@ -51,6 +54,8 @@ from recforge.errors import ConfigError, DataError
 SPLITS = ("loo", "temporal", "random", "presplit")
 #: ``split.valid`` of a given split without a validation part
 PRESPLIT_VALID = ("auto", "last", "none")
+#: below this share of the given test pairs found in training, a carved validation pair is hidden too
+PAIR_SHARE = 0.01
 
 
 @dataclass
@@ -274,11 +279,17 @@ def presplit(ds: Dataset, target_behavior: str | None = None, valid: str = "auto
             raise DataError(f"{ds.name}: no held-out row of the target behaviour {target_behavior!r}; name the "
                             "behaviour of the test rows with data.target_behavior")
     if carve:
-        train, valid_rows, carved_context = _last_training_target(train, target_behavior)
+        pairs_in_train = test.select(USER, ITEM).join(train.select(USER, ITEM).unique(), on=[USER, ITEM], how="semi")
+        pair_share = pairs_in_train.height / max(test.height, 1)
+        hide_pair = pair_share < PAIR_SHARE
+        train, valid_rows, carved_context = _last_training_target(train, target_behavior, hide_pair)
         context = carved_context if context is None else pl.concat([context, carved_context])
         protocol.update(has_valid=valid_rows.height > 0, valid="carved: each user's last training row"
                         + (f" of {target_behavior!r}" if target_behavior is not None else "")
-                        + " (users with at least two)", valid_users=valid_rows.height)
+                        + " (users with at least two)", valid_users=valid_rows.height,
+                        test_pairs_in_training=round(pair_share, 4),
+                        valid_pair_rows="context (the given test pairs do not occur in training, so the "
+                                        "validation pair does not either)" if hide_pair else "training")
     if target_behavior is not None:
         train_users = train[USER].unique()
         protocol.update(
@@ -293,19 +304,24 @@ def presplit(ds: Dataset, target_behavior: str | None = None, valid: str = "auto
     return Split(train, valid_rows, test, ds.n_users, ds.n_items, protocol, context=context)
 
 
-def _last_training_target(train: pl.DataFrame, target: str | None) -> tuple[pl.DataFrame, ...]:
+def _last_training_target(train: pl.DataFrame, target: str | None,
+                          hide_pair: bool = False) -> tuple[pl.DataFrame, ...]:
     """``(train, valid, context)``: each user's last training row of ``target`` (every row when
     None) is the validation target when the user has at least two; the user's rows of other
-    behaviours after its time are context. ``train`` is sorted by (user, time)."""
+    behaviours after its time, and with ``hide_pair`` the user's other rows of the validation item,
+    are context. ``train`` is sorted by (user, time)."""
     rows = train.with_row_index("_row")
     is_t = (pl.col(BEHAVIOR) == target).fill_null(True) if target is not None else pl.lit(True)
     rows = rows.with_columns(is_t.alias("_t"))
     per_user = (rows.filter("_t").group_by(USER).agg(pl.len().alias("_n"), pl.col("_row").last().alias("_v"),
-                                                      pl.col(TIME).last().alias("_tv"))
+                                                      pl.col(TIME).last().alias("_tv"),
+                                                      pl.col(ITEM).last().alias("_iv"))
                 .filter(pl.col("_n") >= 2))
     rows = rows.join(per_user, on=USER, how="left", maintain_order="left")
     is_valid = pl.col("_row") == pl.col("_v")
     later = pl.col("_v").is_not_null() & (pl.col(TIME) > pl.col("_tv")) & ~is_valid
+    if hide_pair:
+        later = later | (pl.col("_v").is_not_null() & (pl.col(ITEM) == pl.col("_iv")) & ~is_valid)
     keep = train.columns
     return (rows.filter(~is_valid.fill_null(False) & ~later).select(keep),
             rows.filter(is_valid.fill_null(False)).select(keep), rows.filter(later).select(keep))
