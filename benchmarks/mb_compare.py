@@ -24,7 +24,8 @@ among the items the user has not purchased (``recforge.evaluate(run, sampled=99)
 to full ranking. Paired tests (t-test and Wilcoxon on per-user metrics averaged over seeds) of every
 model against ``lightgcn-buy`` and ``lightgcn-all``, under both protocols.
 
-Each (model, seed) runs in its own process (its peak resident memory is its own) and keeps its run
+Each (model, seed) runs in its own process (its peak resident memory is its own; ``--jobs 2`` runs two
+at once, one thread each, so seconds per epoch are two-process figures) and keeps its run
 folder under ``benchmarks/results/runs/mb/<data>/`` (ignored by git), so a later call with other
 ``--models`` adds to the same table; ``--fresh`` starts over. Seconds per epoch are training only.
 
@@ -40,6 +41,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,12 +61,13 @@ MODELS = {
     "cigf": ("cigf", {}),
     "ckml": ("ckml", {"knowledge": True}),
     "kamcl": ("kamcl", {"knowledge": True}),
-    "pdb4rec": ("pdb4rec", {}),
-    "dpcpl": ("dpcpl", {}),
+    # a window before every training purchase: a sub-sequence split, named in the run's protocol
+    "pdb4rec": ("pdb4rec", {"subseq": "target"}),
+    "dpcpl": ("dpcpl", {"pretrain_epochs": 4}),  # stage (a) capped; stage (b) by CAPS
 }
 #: upper bounds on the epochs (early stopping usually ends a run sooner); None: the model's default
-CAPS = {"lightgcn-buy": 300, "lightgcn-all": 150, "mbgcn": 150, "mbsasrec": 12, "cigf": 100, "ckml": 100,
-        "kamcl": 100, "pdb4rec": 12, "dpcpl": 12}
+CAPS = {"lightgcn-buy": 300, "lightgcn-all": 150, "mbgcn": 100, "mbsasrec": 10, "cigf": 30, "ckml": 12,
+        "kamcl": 30, "pdb4rec": 8, "dpcpl": 8}
 BASELINES = ("lightgcn-buy", "lightgcn-all")
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
@@ -107,7 +110,8 @@ def worker(name: str, seed: int, data: str) -> dict:
     sampled["per_user"].write_parquet(Path(run.path) / "per_user_test_sampled99.parquet")
     protocol = run.metrics.get("protocol", {})
     pick = lambda m: {k: round(float(m[k]), 4) for k in KEYS if k in m}  # noqa: E731
-    notes = {k: protocol[k] for k in ("knowledge", "behaviors_used", "tuning", "parameters") if k in protocol}
+    notes = {k: protocol[k] for k in ("knowledge", "subsequence_split", "params_tuned", "params_total",
+                                      "tuned_share", "pretrain_seconds", "tune_train_seconds") if k in protocol}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
             "overrides": {k: v for k, v in overrides.items() if k != "seed"},
             "epochs_run": len(epochs), "best_epoch": run.metrics.get("training", {}).get("best_epoch"),
@@ -152,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
     ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
+    ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -174,22 +179,35 @@ def main(argv=None) -> int:
         return 2
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    for seed in seeds:  # seed by seed: an interrupted budget still has every model at the first seeds
-        for name in names:
+    # seed by seed: an interrupted budget still has every model at the first seeds
+    queue = [(name, seed) for seed in seeds for name in names]
+    running: list[tuple] = []
+    while queue or running:
+        while queue and len(running) < max(1, args.jobs):
+            name, seed = queue.pop(0)
             if args.budget is not None and time.perf_counter() - t0 > args.budget:
                 print(f"budget reached: {name} seed {seed} not run", file=sys.stderr)
                 continue
-            proc = subprocess.run([sys.executable, __file__, "--worker", name, str(seed), "--data", args.data],
-                                  capture_output=True, text=True, env=env)
-            if proc.returncode:
-                print(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows = [r for r in rows if (r["name"], r["seed"]) != (name, seed)] + [row]
-            print(f"{name:13s} seed {seed}  HR@10 {row['full']['hr@10']:.4f}  NDCG@10 {row['full']['ndcg@10']:.4f}  "
-                  f"sampled-99 HR@10 {row['sampled99']['hr@10']:.4f}  {row['epochs_run']} epochs "
-                  f"{row['s_per_epoch']:.2f} s/epoch  {row['peak_mb']:.0f} MB", flush=True)
-            write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+            cmd = [sys.executable, __file__, "--worker", name, str(seed), "--data", args.data]
+            logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+            running.append((name, seed, subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True, env=env),
+                            logs))
+        done = next((r for r in running if r[2].poll() is not None), None)
+        if done is None:
+            time.sleep(1.0)
+            continue
+        running.remove(done)
+        name, seed, proc, logs = done
+        stdout, stderr = (f.seek(0) or f.read() for f in logs)
+        if proc.returncode:
+            print(f"{name} seed {seed} failed:\n{stderr[-3000:]}", file=sys.stderr)
+            continue
+        row = json.loads(stdout.strip().splitlines()[-1])
+        rows = [r for r in rows if (r["name"], r["seed"]) != (name, seed)] + [row]
+        print(f"{name:13s} seed {seed}  HR@10 {row['full']['hr@10']:.4f}  NDCG@10 {row['full']['ndcg@10']:.4f}  "
+              f"sampled-99 HR@10 {row['sampled99']['hr@10']:.4f}  {row['epochs_run']} epochs "
+              f"{row['s_per_epoch']:.2f} s/epoch  {row['peak_mb']:.0f} MB", flush=True)
+        write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
     write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
     print(f"wrote {os.path.relpath(out, ROOT)}")
     return 0

@@ -200,8 +200,18 @@ def test_an_artifact_of_a_gpu_run_serves_on_the_cpu(no_gpu, tmp_path, monkeypatc
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------
-def _torch_models() -> list[str]:
-    return [n for n in registry.available() if issubclass(registry.get_model_class(n), TorchRecommender)]
+def _torch_models(multibehavior: bool = False) -> list[str]:
+    """PyTorch ranking models: the single-behaviour ones, or the multi-behaviour ones (which need
+    behaviours and a target)."""
+    out = []
+    for n in registry.available():
+        cls = registry.get_model_class(n)
+        if issubclass(cls, TorchRecommender) and cls.__module__.startswith(MB_PACKAGE) == multibehavior:
+            out.append(n)
+    return out
+
+
+MB_PACKAGE = "recforge.models.multibehavior."
 
 
 @needs_cuda
@@ -322,3 +332,24 @@ def test_mixed_precision_on_cuda(synthetic_loo, precision):
         model = registry.create(name, **params, device="cuda", precision=precision).fit(split, valid)
         assert all(np.isfinite(e["loss"]) for e in model.history_["epochs"])
         assert np.isfinite(_ndcg(model, test))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", _torch_models(multibehavior=True))
+def test_every_multibehaviour_model_fits_and_scores_on_cuda(name):
+    from recforge.data.knowledge import build_knowledge
+    from recforge.data.prepare import prepare
+    from recforge.data.split import leave_one_out
+    from recforge.data.synthetic import make_synthetic
+    from recforge.pipeline import eval_sets
+
+    ds = prepare(make_synthetic(n_users=120, n_items=60, seed=0, behaviors=True))
+    split = leave_one_out(ds, target_behavior="buy")
+    split.knowledge = build_knowledge("co-interaction:1", ds, split.train)
+    valid, test = eval_sets(split, None, "buy")
+    cls = registry.get_model_class(name)
+    model = registry.create(name, **{k: v for k, v in SMALL.items() if k in cls.param_names()}, device="cuda")
+    model.fit(split, valid)
+    assert all(p.device.type == "cuda" for p in model.net_.parameters())
+    scores = model.score(test.histories.slice(0, 30))
+    assert scores.device.type == "cuda" and torch.isfinite(scores[:, 1:]).all()

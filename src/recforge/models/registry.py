@@ -36,6 +36,11 @@ _MODELS: dict[str, str] = {
     # multi-behaviour models (data.target_behavior names the behaviour they rank for)
     "mbgcn": "recforge.models.multibehavior.mbgcn:MBGCN",
     "mbsasrec": "recforge.models.multibehavior.mbsasrec:MBSASRec",
+    "cigf": "recforge.models.multibehavior.cigf:CIGF",
+    "ckml": "recforge.models.multibehavior.ckml:CKML",
+    "kamcl": "recforge.models.multibehavior.kamcl:KAMCL",
+    "pdb4rec": "recforge.models.multibehavior.pdb4rec:PDB4Rec",
+    "dpcpl": "recforge.models.multibehavior.dpcpl:DPCPL",
     # click-through-rate models (task "ctr": labelled feature rows)
     "lr": "recforge.models.ctr.lr:LR",
     "fm": "recforge.models.ctr.fm:FM",
