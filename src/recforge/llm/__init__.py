@@ -8,6 +8,12 @@ whether the user will like a target item (Yes/No), scored by the probabilities o
 * :mod:`recforge.llm.base` — :class:`LLMRecommender`: Yes/No scoring, LoRA adapters trained by the
   shared trainer, persistence;
 * :mod:`recforge.llm.rella` — ReLLa (retrieval-enhanced LLMs, WWW 2024);
+* :mod:`recforge.llm.cora` — CoRA (a collaborative model's embeddings turned into per-example LoRA
+  weights by a query generator; the backbone and the prompt untouched);
+* :mod:`recforge.llm.reclora` — RecLoRA (LoRA experts mixed per user by a gate on a conventional
+  model's user representation, long-short history);
+* :mod:`recforge.llm.e2urec` — E2URec (unlearning users with extra LoRA weights distilled from a
+  forgetting and a remembering teacher; ``data.forget_users``);
 * :mod:`recforge.llm.task` — config → prompts → model → pointwise metrics → run folder, the ID
   baseline on the same test sample, ``evaluate`` and ``compare``.
 

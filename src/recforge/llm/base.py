@@ -25,6 +25,13 @@ answer token alone); ``objective="binary"``: the cross-entropy of the two-way Ye
 scored. The trainer keeps and checkpoints only the adapter weights (:class:`AdapterNet`), so a
 checkpoint or saved model holds a few hundred kilobytes, not the backbone.
 
+**Per-example conditioning** (for models whose weights depend on the example, e.g. collaborative
+or personalised adapters): scoring and training may carry ``keys``, one row per prompt (user and
+item indices, or a float vector): :meth:`LLMRecommender.predict_proba`'s ``keys`` and
+:meth:`LLMRecommender.train_keys` for the training prompts. Each batch's forward pass runs inside
+:meth:`LLMRecommender.conditioning` with that batch's keys, a context manager that does nothing
+here and that such a model overrides.
+
 **Persistence.** ``save``/``load`` (the framework's ``model.pt``: parameters and adapter
 weights; the backbone is re-read from its path or the cache, and its fingerprint must match);
 :meth:`save_adapter` / :meth:`load_adapter` (the ``peft`` folder format); :meth:`export_merged`
@@ -33,6 +40,7 @@ weights; the backbone is re-read from its path or the cache, and its fingerprint
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -101,6 +109,31 @@ def output_logits(lm: nn.Module, h: torch.Tensor, token_ids: torch.Tensor | None
     if bias is not None:
         out = out + (bias if token_ids is None else bias[token_ids])
     return out.float()
+
+
+def target_linears(lm: nn.Module, targets) -> list[tuple[str, int, nn.Module]]:
+    """``(target, layer, module)`` of every module of ``lm`` whose own name is one of ``targets``
+    (``q_proj``, ``v_proj``, ...), in model order; ``layer`` counts the modules of one target from 0.
+    Under ``peft`` this is the LoRA wrapper of the linear layer (its output includes the adapter).
+    Per-example adapters hook these modules."""
+    out, seen = [], {}
+    for name, module in lm.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets:
+            out.append((leaf, seen.get(leaf, 0), module))
+            seen[leaf] = seen.get(leaf, 0) + 1
+    missing = [t for t in targets if t not in seen]
+    if missing:
+        names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
+        raise ConfigError(f"lora_targets {missing} are not modules of this backbone; its linear layers include: "
+                          + ", ".join(sorted(n for n in names if "proj" in n or "fc" in n or "dense" in n)[:12]))
+    return out
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer or of its ``peft`` wrapper."""
+    base = getattr(module, "base_layer", module)
+    return int(base.in_features), int(base.out_features)
 
 
 class LLMRecommender(TorchRecommender):
@@ -226,8 +259,20 @@ class LLMRecommender(TorchRecommender):
         return {"input_ids": x, "attention_mask": mask, "last": mask.sum(1) - 1}
 
     # ---- scoring ------------------------------------------------------------------------------
-    def predict_proba(self, prompts: list[str], progress: bool | None = None) -> np.ndarray:
-        """P(first answer) of each prompt, normalised over the two answers (float64)."""
+    def conditioning(self, keys: torch.Tensor | None):
+        """A context manager around one batch's forward pass, given the batch's ``keys`` (a
+        ``(batch, m)`` tensor: int64 or float32, or None): nothing here; models with per-example
+        weights override it."""
+        return contextlib.nullcontext()
+
+    def train_keys(self, data) -> np.ndarray | None:
+        """Keys of the training prompts (one row each: integers such as user and item indices, or a
+        float vector), passed to :meth:`conditioning` with every training batch; None here."""
+        return None
+
+    def predict_proba(self, prompts: list[str], progress: bool | None = None, keys=None) -> np.ndarray:
+        """P(first answer) of each prompt, normalised over the two answers (float64). ``keys``: one
+        row of integers (or floats) per prompt, handed batch by batch to :meth:`conditioning`."""
         from tqdm.auto import tqdm
 
         if getattr(self, "net_", None) is None:
@@ -237,6 +282,7 @@ class LLMRecommender(TorchRecommender):
             return np.zeros(0)
         ids = self._encode(prompts)
         self._check_context(ids)
+        keys = self._check_keys(keys, len(ids))
         answer = torch.as_tensor(self.answer_ids(), device=self.device_)
         order = np.argsort([-len(i) for i in ids], kind="stable")
         out = np.empty(len(ids))
@@ -254,7 +300,9 @@ class LLMRecommender(TorchRecommender):
                 for s in bar:
                     idx = order[s : s + bs]
                     b = {k: v.to(self.device_) for k, v in self._pad([ids[i] for i in idx]).items()}
-                    h = last_hidden(lm, b["input_ids"], b["attention_mask"], b["last"])
+                    kb = None if keys is None else torch.as_tensor(keys[idx], device=self.device_)
+                    with self.conditioning(kb):
+                        h = last_hidden(lm, b["input_ids"], b["attention_mask"], b["last"])
                     logits = output_logits(lm, h, answer)
                     out[idx] = torch.softmax(logits, -1)[:, 0].double().cpu().numpy()
         finally:
@@ -265,6 +313,23 @@ class LLMRecommender(TorchRecommender):
                               "tokens_per_second": round(n_tok / seconds, 1) if seconds > 0 else None,
                               "prompts_per_second": round(len(ids) / seconds, 2) if seconds > 0 else None}
         return out
+
+    @staticmethod
+    def _check_keys(keys, n: int) -> np.ndarray | None:
+        if keys is None:
+            return None
+        keys = np.asarray(keys)
+        if keys.dtype.kind in "iub":
+            keys = keys.astype(np.int64)
+        elif keys.dtype.kind == "f":
+            keys = keys.astype(np.float32)
+        else:
+            raise RecForgeError(f"keys of dtype {keys.dtype}: give integers (indices) or floats (vectors)")
+        if keys.ndim == 1:
+            keys = keys[:, None]
+        if keys.ndim != 2 or keys.shape[0] != n:
+            raise RecForgeError(f"keys of shape {keys.shape} for {n} prompts: give one row of integers per prompt")
+        return keys
 
     # ---- training (the shared trainer's contract) --------------------------------------------------
     def build(self, n_users: int = 0, n_items: int = 0) -> nn.Module:
@@ -311,6 +376,7 @@ class LLMRecommender(TorchRecommender):
             raise RecForgeError(f"{len(data.train_prompts)} training prompts but {len(labels)} labels")
         ids = self._encode(list(data.train_prompts))
         self._train_ids, self._train_labels = ids, labels
+        self._train_keys = self._check_keys(self.train_keys(data), len(ids))
         self._train_tokens = 0
         self._train_seconds = 0.0
 
@@ -332,13 +398,16 @@ class LLMRecommender(TorchRecommender):
         for idx, _ in self.epoch_batches(order, rng):
             b = self._pad([self._train_ids[i] for i in idx])
             b["label"] = torch.as_tensor(self._train_labels[idx], dtype=torch.long)
+            if getattr(self, "_train_keys", None) is not None:
+                b["keys"] = torch.as_tensor(self._train_keys[idx])
             self._train_tokens += int(b["attention_mask"].sum())
             yield b
 
     def loss(self, batch) -> torch.Tensor:
         lm = self.net_.lm
         t0 = time.perf_counter()
-        h = last_hidden(lm, batch["input_ids"], batch["attention_mask"], batch["last"])
+        with self.conditioning(batch.get("keys")):
+            h = last_hidden(lm, batch["input_ids"], batch["attention_mask"], batch["last"])
         if self.objective == "binary":
             out = F.cross_entropy(output_logits(lm, h, self._answer), 1 - batch["label"])  # class 0 = first answer
         else:
@@ -356,7 +425,7 @@ class LLMRecommender(TorchRecommender):
             "seconds": round(float(seconds), 2),
             "tokens_per_second": round(self._train_tokens / seconds, 1) if seconds else None,
             "adapter_parameters": self.adapter_parameters_}
-        self._train_ids = None
+        self._train_ids = self._train_keys = None
         return out
 
     # ---- persistence ----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ same path and is scored on the same test sample, so every run of a comparison sh
     llm:   {path: null, dtype: float32, max_tokens: 512, template: ..., item_line: ..., target_line: ...,
             chat: true, system: null, answer_prefix: '', answers: [Yes, No], batch_size: 8, encoder: null}
     data:  {path: .../movielens-100k, like_threshold: 4, test_prompts: 1000, test_seed: 0,
-            train_prompts: 0, train_seed: null, max_train_share: 0.1, min_history: 1, ...reader keys}
+            train_prompts: 0, train_seed: null, max_train_share: 0.1, min_history: 1,
+            forget_users: 0, forget_seed: null, ...reader keys}
     split: {method: temporal_user, test_ratio: 0.1}
     eval:  {bins: 10}
     seed: 0
@@ -23,12 +24,25 @@ the eligible training targets. ``model.name`` may also name a CTR model (``lr``,
 number of epochs is chosen by early stopping on each user's last training rows (the same
 ``test_ratio``), then the model is refitted on every training row for that many epochs.
 
+**Unlearning** (``data.forget_users``, for a model that can unlearn: ``e2urec``): a count (an integer
+>= 1) or a share (between 0 and 1, at least one user) of the users who have training prompts, drawn
+with ``forget_seed`` (null: the run seed). After tuning, the run scores the test sample with the
+tuned model (*original*), makes the model forget those users' training prompts (``unlearn``), scores
+again (*unlearned*: the run's predictions and metrics), and retrains a fresh model of the same
+configuration on the other users' training prompts only (*retrained*, the exact baseline). It records
+the forgotten users (indices and raw ids), the AUC and log-loss of the three models on the retained
+users' test rows and on the forgotten users' ones, the forgetting measures on the forgotten training
+prompts (:func:`recforge.llm.e2urec.forgetting_measures`: Jensen-Shannon divergence from the retrained
+model, AUC, log-loss) and the seconds of unlearning and of retraining (``metrics.json``:
+``protocol.unlearning``, ``timing.unlearning``; per row: ``unlearning_test.parquet``).
+
 **Run folder**: ``config.yaml``, ``metrics.json`` (``task: llm``; ``test``: AUC, log-loss, group
 AUC, calibration; ``protocol``: split, sample budgets and seeds, retrieval, template, token budget,
 backbone; ``timing``: scoring and training tokens per second, peak memory), ``per_user_test.parquet``
 and ``predictions_test.parquet`` (for :func:`compare`: a paired bootstrap and per-user tests),
-``prompts_test.parquet`` (the prompts scored), ``model/`` (``model.pt``: parameters and adapter
-weights; the backbone is re-read from disk), ``history.json``, ``train.log``.
+``prompts_test.parquet`` (the prompts scored), ``unlearning_test.parquet`` (with ``data.forget_users``),
+``model/`` (``model.pt``: parameters and adapter weights; the backbone is re-read from disk),
+``history.json``, ``train.log``.
 """
 
 from __future__ import annotations
@@ -49,14 +63,15 @@ from recforge.llm import prompts as P
 
 log = logging.getLogger("recforge")
 
-LLM_MODELS = {"rella": "recforge.llm.rella:ReLLa"}
+LLM_MODELS = {"rella": "recforge.llm.rella:ReLLa", "cora": "recforge.llm.cora:CoRA",
+              "e2urec": "recforge.llm.e2urec:E2URec", "reclora": "recforge.llm.reclora:RecLoRA"}
 LLM_DEFAULTS = {
     "path": None, "dtype": "float32", "max_tokens": 512, "template": P.DEFAULT_TEMPLATE,
     "item_line": P.DEFAULT_ITEM_LINE, "target_line": P.DEFAULT_TARGET_LINE, "chat": True, "system": None,
     "answer_prefix": "", "answers": ["Yes", "No"], "batch_size": 8, "encoder": None,
 }
 DATA_DEFAULTS = {"like_threshold": 4.0, "test_prompts": 1000, "test_seed": 0, "train_prompts": 0, "train_seed": None,
-                 "max_train_share": 0.1, "min_history": 1}
+                 "max_train_share": 0.1, "min_history": 1, "forget_users": 0, "forget_seed": None}
 SPLIT_DEFAULTS = {"method": "temporal_user", "test_ratio": 0.1}
 EVAL_DEFAULTS = {"bins": 10}
 SECTIONS = ("model", "llm", "data", "split", "eval")
@@ -201,9 +216,11 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
             cfg["data"]["path"] = str(data)
     else:
         if not model:
-            raise ConfigError("no model given: rella, or a CTR model (lr, deepfm, ...) for the ID baseline")
+            raise ConfigError(f"no model given: {', '.join(LLM_MODELS)}, or a CTR model (lr, deepfm, ...) for the ID "
+                              "baseline")
         cfg = resolve(model, data, overrides)
     name = cfg["model"]["name"]
+    check_forget(cfg)
     if is_llm(name):
         from recforge.llm.backbone import require_llm
 
@@ -241,7 +258,11 @@ def _fit_llm(cfg, ds, split, test, fmt, writer, verbose):
     tf = time.perf_counter()
     est.fit(data)
     fit_seconds = time.perf_counter() - tf
-    frame, p = est.predict(data, test)
+    unlearning = None
+    if forget_requested(cfg):
+        frame, p, unlearning = _unlearn(cfg, est, data, targets, test, ds, writer, verbose)
+    else:
+        frame, p = est.predict(data, test)
     scoring = dict(est.last_scoring_)
     frame.select("row", "user_id", "item_id", "timestamp", "label", "retrieval", "shown", "n_tokens", "hist_items",
                  "prompt").write_parquet(writer.tmp / "prompts_test.parquet")
@@ -265,7 +286,103 @@ def _fit_llm(cfg, ds, split, test, fmt, writer, verbose):
     timing = {"fit_seconds": round(fit_seconds, 2), "scoring": scoring}
     if training:
         timing["training"] = {k: training[k] for k in ("tokens", "seconds", "tokens_per_second")}
+    if unlearning is not None:
+        timing["unlearning"] = unlearning.pop("timing")
+        protocol["unlearning"] = unlearning
     return p, protocol, timing, {k: v for k, v in est.history_.items() if k != "epochs"}
+
+
+# ---- unlearning -------------------------------------------------------------------------------------
+def forget_requested(cfg: dict) -> bool:
+    return cfg["data"].get("forget_users") not in (None, False, 0, 0.0, "")
+
+
+def check_forget(cfg: dict) -> None:
+    """``data.forget_users`` is a count or a share, for a model that can unlearn, tuned on training prompts."""
+    if not forget_requested(cfg):
+        return
+    v = cfg["data"]["forget_users"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v >= 1 and not float(v).is_integer()):
+        raise ConfigError(f"data.forget_users={v!r}: give a number of users (an integer >= 1) or a share of the tuned "
+                          "users (between 0 and 1)")
+    name = cfg["model"]["name"]
+    unlearns = is_llm(name) and callable(getattr(model_class(name), "unlearn", None))
+    if not unlearns:
+        able = [m for m in LLM_MODELS if callable(getattr(model_class(m), "unlearn", None))]
+        raise ConfigError(f"data.forget_users: model {name!r} cannot unlearn; use {', '.join(able)}")
+    if int(cfg["data"].get("train_prompts") or 0) <= 0:
+        raise ConfigError("data.forget_users needs a tuned model: set data.train_prompts (unlearning forgets the "
+                          "forgotten users' training prompts)")
+
+
+def forget_sample(cfg: dict, targets: pl.DataFrame) -> tuple[np.ndarray, int]:
+    """The users to forget (sorted user indices) among those with training targets, and the seed."""
+    d = cfg["data"]
+    users = np.unique(targets["user_id"].to_numpy())
+    v = d["forget_users"]
+    n = max(1, int(round(float(v) * len(users)))) if float(v) < 1 else int(v)
+    if n > len(users):
+        raise ConfigError(f"data.forget_users={v}: only {len(users)} users have training prompts; forget at most that "
+                          "many (or a share)")
+    seed = int(cfg["seed"] if d.get("forget_seed") is None else d["forget_seed"])
+    return np.sort(np.random.default_rng(seed).choice(users, size=n, replace=False)), seed
+
+
+def _unlearn(cfg, est, data, targets, test, ds, writer, verbose):
+    """Original → unlearned → retrained on the test sample, and the forgetting measures (see the
+    module docstring). Returns the test prompts, the unlearned model's predictions and the record."""
+    from recforge.evaluation.pointwise import auc, logloss
+    from recforge.llm.e2urec import forgetting_measures
+    from recforge.llm.rella import PromptData
+
+    forget, seed = forget_sample(cfg, targets)
+    frame, p_orig = est.predict(data, test)
+    tu = time.perf_counter()
+    est.unlearn(data, forget)
+    unlearn_seconds = time.perf_counter() - tu
+    frame, p_unl = est.predict(data, test)
+    scoring = dict(est.last_scoring_)
+    retained_targets = targets.filter(~pl.col("user_id").is_in(forget.tolist()))
+    again = model_class(cfg["model"]["name"])(**llm_params(cfg, verbose))
+    tr = time.perf_counter()
+    again.fit(PromptData(data.split, data.fmt, data.vectors, retained_targets))
+    retrain_seconds = time.perf_counter() - tr
+    _, p_re = again.predict(data, test)
+    tf = est.training_frame(data)
+    forgotten_prompts = tf.filter(pl.col("user_id").is_in(forget.tolist()))
+    measures = forgetting_measures(est, again, forgotten_prompts["prompt"].to_list(),
+                                   forgotten_prompts["label"].to_numpy())
+    est.last_scoring_ = scoring
+    y = test["label"].to_numpy().astype(np.float64)
+    gone = test["user_id"].is_in(forget.tolist()).to_numpy()
+    preds = {"original": p_orig, "unlearned": p_unl, "retrained": p_re}
+
+    def quality(mask):
+        if not mask.any():
+            return {"rows": 0}
+        out = {"rows": int(mask.sum()), "like_rate": round(float(y[mask].mean()), 4)}
+        for k, p in preds.items():
+            a = auc(y[mask], p[mask])
+            out[k] = {"auc": None if np.isnan(a) else a, "logloss": logloss(y[mask], p[mask])}
+        return out
+
+    pl.DataFrame({"row": test["row"], "user_id": test["user_id"], "item_id": test["item_id"],
+                  "label": test["label"], "forgotten": gone, "p_original": p_orig, "p_unlearned": p_unl,
+                  "p_retrained": p_re}).write_parquet(writer.tmp / "unlearning_test.parquet")
+    u = est.unlearned_
+    record = {
+        "method": f"{cfg['model']['name']}.unlearn, against retraining without the forgotten users",
+        "forget_users": cfg["data"]["forget_users"], "forget_seed": seed,
+        "forgotten_users": [int(x) for x in forget], "forgotten_users_raw": [str(x) for x in ds.decode_users(forget)],
+        "tuned_users": int(targets["user_id"].n_unique()),
+        "forgotten_prompts": u["forgotten_prompts"], "retained_prompts": u["retained_prompts"],
+        "retained_test": quality(~gone), "forgotten_test": quality(gone),
+        "forgetting": measures,
+        "unlearning": {k: v for k, v in u.items() if k not in ("users", "seconds")},
+        "timing": {"unlearn_seconds": round(unlearn_seconds, 2), "retrain_seconds": round(retrain_seconds, 2),
+                   "speedup": round(retrain_seconds / unlearn_seconds, 3) if unlearn_seconds > 0 else None},
+    }
+    return frame, p_unl, record
 
 
 def _id_table(frame: pl.DataFrame) -> pl.DataFrame:
