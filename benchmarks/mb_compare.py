@@ -142,7 +142,8 @@ def paired(rows: list[dict], name: str, base: str) -> dict:
     out = {"seeds": seeds}
     for part, file in (("full", "per_user_test.parquet"), ("sampled99", "per_user_test_sampled99.parquet")):
         a, b = (seed_mean([pl.read_parquet(p / file) for p in runs[n]]) for n in (name, base))
-        out[part] = {t["metric"]: {"diff": round(t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
+        # paired_tests' diff is b - a: stored as model minus baseline
+        out[part] = {t["metric"]: {"model_minus_baseline": round(-t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
                                    "wilcoxon_p": float(f"{t['wilcoxon_p']:.3g}")}
                      for t in paired_tests(a, b, ["hr@10", "ndcg@10"])}
     return out
