@@ -15,8 +15,12 @@ server) counts every row as the most frequent training behaviour (``default_beha
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
+import torch
 
 from recforge.data.dataset import sort_interactions
 from recforge.data.schema import BEHAVIOR
@@ -68,6 +72,67 @@ def training_rows(split, behaviors: list[str], target: str) -> tuple[np.ndarray,
     df = sort_interactions(split.train)
     return (df["user_id"].to_numpy().astype(np.int64), df["item_id"].to_numpy().astype(np.int64),
             encode_behaviors(df[BEHAVIOR].to_numpy(), behaviors, target))
+
+
+def binary_rows(users: np.ndarray, items: np.ndarray, n_rows: int, n_cols: int) -> sp.csr_matrix:
+    """Binary CSR (n_rows, n_cols) with a one at every (user, item)."""
+    m = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)), shape=(n_rows, n_cols))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def row_mean(m: sp.csr_matrix) -> sp.csr_matrix:
+    """Rows divided by their number of entries (empty rows stay empty)."""
+    deg = np.asarray(m.sum(1)).ravel()
+    inv = np.where(deg > 0, 1.0 / np.maximum(deg, 1e-12), 0.0).astype(np.float32)
+    return sp.csr_matrix(sp.diags(inv) @ m, dtype=np.float32)
+
+
+def behavior_graphs(split, behaviors: list[str], target: str, model: str):
+    """``(users, items, codes, graphs)``: the training rows (:func:`training_rows`) and, per behaviour,
+    the binary users x (items + 1) matrix of the training part; a ConfigError when the target
+    behaviour has no training row."""
+    users, items, codes = training_rows(split, behaviors, target)
+    n_u, n_i = split.n_users, split.n_items + 1
+    graphs = [binary_rows(users[codes == k + 1], items[codes == k + 1], n_u, n_i) for k in range(len(behaviors))]
+    if graphs[behaviors.index(target)].nnz == 0:
+        raise ConfigError(f"{model}: the training part has no {target!r} row to learn from")
+    return users, items, codes, graphs
+
+
+def params_version(net) -> tuple:
+    """Changes whenever a parameter of ``net`` is updated in place (a key for cached item tables)."""
+    return tuple((id(p), p._version) for p in net.parameters())
+
+
+class PairBatches:
+    """Batches of target-behaviour pairs ``self._pairs`` (each once an epoch, shuffled), one negative
+    each drawn uniformly among the items the user has no target row with (``self._seen``)."""
+
+    def n_train_batches(self, split):
+        return -(-len(self._pairs) // self.batch_size)
+
+    def train_batches(self, split, rng):
+        from recforge.training.samplers import sample_negatives
+
+        for idx, r in self.epoch_batches(rng.permutation(len(self._pairs)), rng):
+            p = self._pairs[idx]
+            neg = sample_negatives(self._seen, p[:, 0], 1, self.n_items_, r)[:, 0]
+            yield {"u": torch.from_numpy(p[:, 0]), "i": torch.from_numpy(p[:, 1]), "j": torch.from_numpy(neg)}
+
+
+class WindowBatches:
+    """Batches of prepared training windows: items ``self._inp``, behaviour codes ``self._beh`` and
+    next targets ``self._tgt`` (each once an epoch, shuffled)."""
+
+    def n_train_batches(self, split) -> int:
+        return math.ceil(len(self._inp) / self.batch_size)
+
+    def train_batches(self, split, rng):
+        for rows, _ in self.epoch_batches(rng.permutation(len(self._inp)), rng):
+            yield {"inp": torch.from_numpy(self._inp[rows]), "beh": torch.from_numpy(self._beh[rows]),
+                   "tgt": torch.from_numpy(self._tgt[rows])}
 
 
 class BehaviorAware:

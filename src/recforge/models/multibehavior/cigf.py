@@ -79,8 +79,8 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import to_torch
-from recforge.models.multibehavior.base import BehaviorAware, history_codes, require_behaviors, training_rows
-from recforge.models.multibehavior.mbgcn import binary_rows, row_mean
+from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, history_codes,
+                                                params_version, require_behaviors, row_mean)
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs, sample_negatives
 
@@ -174,11 +174,6 @@ def history_graphs(model, hist) -> list[sp.csr_matrix]:
     return mats
 
 
-def params_version(net: nn.Module) -> tuple:
-    """Changes whenever a parameter of ``net`` changes (for caches of the item side)."""
-    return tuple((id(p), p._version) for p in net.parameters())
-
-
 # ---- the model ----------------------------------------------------------------------------------
 class CIGF(BehaviorAware, TorchRecommender):
     name = "cigf"
@@ -199,13 +194,8 @@ class CIGF(BehaviorAware, TorchRecommender):
         target, behaviors, default = require_behaviors(split, self.name)
         self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
         self.loss_weights_ = parse_loss_weights(self.loss_weights, behaviors, 1.0, self.name)
-        users, items, codes = training_rows(split, behaviors, target)
-        n_u, n_i = split.n_users, split.n_items + 1
         #: per behaviour: binary users x items of the training part
-        self.user_graphs_ = [binary_rows(users[codes == k + 1], items[codes == k + 1], n_u, n_i)
-                             for k in range(len(behaviors))]
-        if self.user_graphs_[behaviors.index(target)].nnz == 0:
-            raise ConfigError(f"{self.name}: the training part has no {target!r} row to learn from")
+        users, _, _, self.user_graphs_ = behavior_graphs(split, behaviors, target, self.name)
         self._active = np.unique(users)
         self._seen = [SeenPairs(r) for r in self.user_graphs_]
         self._graphs = self._cache = None

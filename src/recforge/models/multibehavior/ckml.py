@@ -93,10 +93,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import BehaviorAware, require_behaviors, training_rows
-from recforge.models.multibehavior.cigf import (LEAKY, SCORE_CHUNK, history_graphs, params_version,
+from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, params_version,
+                                                require_behaviors, row_mean)
+from recforge.models.multibehavior.cigf import (LEAKY, SCORE_CHUNK, history_graphs,
                                                 parse_loss_weights, sparse_mm, torch_pair, user_pairs)
-from recforge.models.multibehavior.mbgcn import binary_rows, row_mean
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs
 
@@ -181,12 +181,7 @@ class CKML(BehaviorAware, TorchRecommender):
             raise ConfigError(f"{self.name} reads item knowledge (its coarse-grained interests come from item "
                               f"relations) and the split has none: {KNOWLEDGE_FIX}")
         self.relations_, self.relation_graphs_ = self._relations(knowledge, split.n_items)
-        users, items, codes = training_rows(split, behaviors, target)
-        n_u, n_i = split.n_users, split.n_items + 1
-        self.user_graphs_ = [binary_rows(users[codes == k + 1], items[codes == k + 1], n_u, n_i)
-                             for k in range(len(behaviors))]
-        if self.user_graphs_[behaviors.index(target)].nnz == 0:
-            raise ConfigError(f"{self.name}: the training part has no {target!r} row to learn from")
+        users, _, _, self.user_graphs_ = behavior_graphs(split, behaviors, target, self.name)
         self._active = np.unique(users)
         self._seen = [SeenPairs(r) for r in self.user_graphs_]
         self._kg_heads = [np.flatnonzero(np.diff(g.indptr) > 0) for g in self.relation_graphs_]

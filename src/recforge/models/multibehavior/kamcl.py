@@ -86,12 +86,13 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import to_torch
-from recforge.models.multibehavior.base import BehaviorAware, require_behaviors, training_rows
-from recforge.models.multibehavior.mbgcn import MBGCN, binary_rows, row_mean
+from recforge.models.multibehavior.base import (BehaviorAware, PairBatches, behavior_graphs, params_version,
+                                                require_behaviors, row_mean)
+from recforge.models.multibehavior.mbgcn import MBGCN
 from recforge.models.sequential.modules import Dropout
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.graph_losses import bpr_loss, info_nce
-from recforge.training.samplers import SeenPairs, sample_negatives
+from recforge.training.samplers import SeenPairs
 
 NO_KNOWLEDGE = ("kamcl builds its intents from item relations and the split has none: set data.knowledge="
                 "co-interaction (item pairs shared by more than 3 users within a behaviour), and/or category, or a "
@@ -117,7 +118,7 @@ def intent_contrast(anchor: torch.Tensor, other: torch.Tensor, temperature: floa
     return (torch.logsumexp(logits, -1) - logits.diagonal(dim1=1, dim2=2)).mean()
 
 
-class KAMCL(BehaviorAware, TorchRecommender):
+class KAMCL(PairBatches, BehaviorAware, TorchRecommender):
     name = "kamcl"
     uses_knowledge = True
 
@@ -153,14 +154,10 @@ class KAMCL(BehaviorAware, TorchRecommender):
         self.n_nodes_ = kn.n_nodes
         #: per relation: the undirected, row-mean normalised node graph
         self.kg_graphs_ = [relation_graph(kn, r) for r in self.relations_]
-        users, items, codes = training_rows(split, behaviors, target)
-        n_u, n_i = split.n_users, split.n_items + 1
         #: per behaviour: binary users x items of the training part
-        self.user_graphs_ = [binary_rows(users[codes == k + 1], items[codes == k + 1], n_u, n_i)
-                             for k in range(len(behaviors))]
+        users, items, codes, self.user_graphs_ = behavior_graphs(split, behaviors, target, self.name)
+        n_u = split.n_users
         tgt = self.user_graphs_[behaviors.index(target)]
-        if tgt.nnz == 0:
-            raise ConfigError(f"{self.name}: the training part has no {target!r} row to learn from")
         rows = np.repeat(np.arange(n_u), np.diff(tgt.indptr))
         self._pairs = np.stack([rows, tgt.indices], 1).astype(np.int64)
         self._seen = SeenPairs(tgt)
@@ -278,23 +275,11 @@ class KAMCL(BehaviorAware, TorchRecommender):
         return total
 
     # ---- batches -------------------------------------------------------------------------------
-    def n_train_batches(self, split):
-        return -(-len(self._pairs) // self.batch_size)
-
-    def train_batches(self, split, rng):
-        for idx, r in self.epoch_batches(rng.permutation(len(self._pairs)), rng):
-            p = self._pairs[idx]
-            neg = sample_negatives(self._seen, p[:, 0], 1, self.n_items_, r)[:, 0]
-            yield {"u": torch.from_numpy(p[:, 0]), "i": torch.from_numpy(p[:, 1]), "j": torch.from_numpy(neg)}
-
     # ---- scoring -------------------------------------------------------------------------------
-    def _version(self) -> tuple:
-        return tuple((id(p), p._version) for p in self.net_.parameters())
-
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``x_i`` and ``[e_i, h_i^1, .., h_i^R]`` of the current weights, cached until a parameter
         changes."""
-        key = self._version()
+        key = params_version(self.net_)
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():

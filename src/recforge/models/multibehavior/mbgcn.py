@@ -63,26 +63,12 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import to_torch
-from recforge.models.multibehavior.base import BehaviorAware, history_codes, require_behaviors, training_rows
+from recforge.models.multibehavior.base import (BehaviorAware, PairBatches, behavior_graphs, binary_rows,
+                                                history_codes, params_version, require_behaviors, row_mean)
 from recforge.models.sequential.modules import Dropout
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.graph_losses import bpr_loss
-from recforge.training.samplers import SeenPairs, sample_negatives
-
-
-def binary_rows(users: np.ndarray, items: np.ndarray, n_rows: int, n_cols: int) -> sp.csr_matrix:
-    """Binary CSR (n_rows, n_cols) with a one at every (user, item)."""
-    m = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)), shape=(n_rows, n_cols))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
-
-
-def row_mean(m: sp.csr_matrix) -> sp.csr_matrix:
-    """Rows divided by their number of entries (empty rows stay empty)."""
-    deg = np.asarray(m.sum(1)).ravel()
-    inv = np.where(deg > 0, 1.0 / np.maximum(deg, 1e-12), 0.0).astype(np.float32)
-    return sp.csr_matrix(sp.diags(inv) @ m, dtype=np.float32)
+from recforge.training.samplers import SeenPairs
 
 
 def item_relations(r: sp.csr_matrix, topk: int | None, chunk: int = 4096) -> sp.csr_matrix:
@@ -109,7 +95,7 @@ def item_relations(r: sp.csr_matrix, topk: int | None, chunk: int = 4096) -> sp.
     return row_mean(sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n), dtype=np.float32))
 
 
-class MBGCN(BehaviorAware, TorchRecommender):
+class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
     name = "mbgcn"
 
     def __init__(self, dim: int = 64, lamb: float = 1.0, reg: float = 1e-4, dropout: float = 0.2,
@@ -126,18 +112,14 @@ class MBGCN(BehaviorAware, TorchRecommender):
     def prepare_fit(self, split) -> None:
         target, behaviors, default = require_behaviors(split, self.name)
         self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
-        users, items, codes = training_rows(split, behaviors, target)
-        n_u, n_i = split.n_users, split.n_items + 1
         #: per behaviour: binary users x items of the training part
-        self.user_graphs_ = [binary_rows(users[codes == k + 1], items[codes == k + 1], n_u, n_i)
-                             for k in range(len(behaviors))]
+        users, items, codes, self.user_graphs_ = behavior_graphs(split, behaviors, target, self.name)
+        n_u, n_i = split.n_users, split.n_items + 1
         #: items x users, mean over the item's users of every behaviour
         self.item_users_ = row_mean(binary_rows(users, items, n_u, n_i).T.tocsr())
         #: per behaviour: items x items, mean over the related items
         self.item_graphs_ = [item_relations(r, self.item_topk) for r in self.user_graphs_]
         tgt = self.user_graphs_[behaviors.index(target)]
-        if tgt.nnz == 0:
-            raise ConfigError(f"{self.name}: the training part has no {target!r} row to learn from")
         rows = np.repeat(np.arange(n_u), np.diff(tgt.indptr))
         self._pairs = np.stack([rows, tgt.indices], 1).astype(np.int64)
         self._seen = SeenPairs(tgt)
@@ -229,23 +211,10 @@ class MBGCN(BehaviorAware, TorchRecommender):
         l2 = w_u[u].pow(2).sum() + e_i[i].pow(2).sum() + e_i[j].pow(2).sum()
         return bpr_loss(pos, neg) + self.reg * 0.5 * l2 / len(u)
 
-    # ---- batches -------------------------------------------------------------------------------
-    def n_train_batches(self, split):
-        return -(-len(self._pairs) // self.batch_size)
-
-    def train_batches(self, split, rng):
-        for idx, r in self.epoch_batches(rng.permutation(len(self._pairs)), rng):
-            p = self._pairs[idx]
-            neg = sample_negatives(self._seen, p[:, 0], 1, self.n_items_, r)[:, 0]
-            yield {"u": torch.from_numpy(p[:, 0]), "i": torch.from_numpy(p[:, 1]), "j": torch.from_numpy(neg)}
-
     # ---- scoring -------------------------------------------------------------------------------
-    def _version(self) -> tuple:
-        return tuple((id(p), p._version) for p in self.net_.parameters())
-
     def item_table(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The item side of the current weights, cached until a parameter changes."""
-        key = self._version()
+        key = params_version(self.net_)
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():

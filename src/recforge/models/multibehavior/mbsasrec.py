@@ -35,14 +35,14 @@ the loss is the full softmax. Weights are initialised from N(0, 0.02).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import BehaviorAware, history_codes, require_behaviors, training_rows
+from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_codes, require_behaviors,
+                                                training_rows)
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import (Block, Dropout, Layout, init_weights, set_transformer_params)
 from recforge.models.torch_base import TorchRecommender
@@ -92,7 +92,7 @@ def next_target_items(users: np.ndarray, items: np.ndarray, is_target: np.ndarra
     return out
 
 
-class MBSASRec(BehaviorAware, TorchRecommender):
+class MBSASRec(WindowBatches, BehaviorAware, TorchRecommender):
     name = "mbsasrec"
 
     def __init__(self, max_len: int = 50, hidden: int = 64, n_layers: int = 2, n_heads: int = 1, inner: int = 256,
@@ -131,14 +131,6 @@ class MBSASRec(BehaviorAware, TorchRecommender):
         self._inp = pad_windows(items, starts, ends, self.max_len)
         self._beh = pad_windows(codes, starts, ends, self.max_len)
         self._tgt = pad_windows(nxt, starts, ends, self.max_len)
-
-    def n_train_batches(self, split) -> int:
-        return math.ceil(len(self._inp) / self.batch_size)
-
-    def train_batches(self, split, rng):
-        for rows, _ in self.epoch_batches(rng.permutation(len(self._inp)), rng):
-            yield {"inp": torch.from_numpy(self._inp[rows]), "beh": torch.from_numpy(self._beh[rows]),
-                   "tgt": torch.from_numpy(self._tgt[rows])}
 
     # ---- the model ----------------------------------------------------------------------------
     def build(self, n_users, n_items):

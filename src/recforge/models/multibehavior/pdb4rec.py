@@ -68,7 +68,6 @@ not every formula):
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -76,7 +75,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import BehaviorAware, history_codes, require_behaviors, training_rows
+from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_codes, require_behaviors,
+                                                training_rows)
 from recforge.models.multibehavior.mbsasrec import next_target_items
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import ACTIVATIONS, Dropout, init_weights
@@ -166,7 +166,7 @@ class PurityDiversityNet(nn.Module):
         return hp, hd, self.balancer(torch.cat([hp, hd, hp * hd], -1)).squeeze(-1)
 
 
-class PDB4Rec(BehaviorAware, TorchRecommender):
+class PDB4Rec(WindowBatches, BehaviorAware, TorchRecommender):
     name = "pdb4rec"
 
     def __init__(self, max_len: int = 50, hidden: int = 64, n_layers: int = 2, inner: int = 256,
@@ -214,14 +214,6 @@ class PDB4Rec(BehaviorAware, TorchRecommender):
         self._inp = pad_windows(items, starts, ends, self.max_len)
         self._beh = pad_windows(codes, starts, ends, self.max_len)
         self._tgt = nxt[rows]
-
-    def n_train_batches(self, split) -> int:
-        return math.ceil(len(self._inp) / self.batch_size)
-
-    def train_batches(self, split, rng):
-        for rows, _ in self.epoch_batches(rng.permutation(len(self._inp)), rng):
-            yield {"inp": torch.from_numpy(self._inp[rows]), "beh": torch.from_numpy(self._beh[rows]),
-                   "tgt": torch.from_numpy(self._tgt[rows])}
 
     # ---- the model ----------------------------------------------------------------------------
     def build(self, n_users, n_items):
