@@ -10,21 +10,18 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from mb_contract import assert_beats_popularity, assert_raw_histories_score, assert_round_trip, ndcg
 from recforge.cli import main
 from recforge.data.prepare import prepare
 from recforge.data.split import leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
-from recforge.evaluation.evaluator import Protocol, evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
 from recforge.models.multibehavior.mbgcn import item_relations
 from recforge.models.multibehavior.mbsasrec import next_target_items
 from recforge.models.registry import create
 from recforge.pipeline import eval_sets
 
-PROTOCOL = Protocol(exclude="target_behavior", target_behavior="buy")
 FAST = {"mbgcn": dict(dim=32, lr=0.01, epochs=150, batch_size=1024, eval_every=5, patience=5),
         "mbsasrec": dict(hidden=32, lr=0.003, epochs=16, batch_size=64, eval_every=2, patience=4, max_len=30)}
 
@@ -38,8 +35,7 @@ def mb():
     return split, valid, test
 
 
-def _ndcg(model, evalset) -> float:
-    return evaluate(model, evalset, ks=[10], protocol=PROTOCOL, groups=False).metrics["ndcg@10"]
+_ndcg = ndcg
 
 
 @pytest.fixture(scope="module")
@@ -89,34 +85,20 @@ def test_item_relations_by_hand():
 @pytest.mark.parametrize("name", ["mbgcn", "mbsasrec"])
 def test_beats_popularity_on_the_funnel(mb, fitted, name):
     split, _, test = mb
-    pop = _ndcg(Pop().fit(split), test)
-    assert _ndcg(fitted[name], test) > pop * 1.1
+    assert_beats_popularity(fitted[name], split, test)
 
 
 @pytest.mark.parametrize("name", ["mbgcn", "mbsasrec"])
 def test_save_load_round_trip(mb, fitted, name, tmp_path):
     _, _, test = mb
-    model = fitted[name]
-    hist = test.histories.slice(0, 50)
-    before = model.score(hist)
-    loaded = Recommender.load(model.save(tmp_path / name))
-    assert type(loaded) is type(model) and loaded.behaviors_ == ["buy", "cart", "view"]
-    torch.testing.assert_close(loaded.score(hist), before)
+    loaded = assert_round_trip(fitted[name], test, tmp_path / name)
     assert loaded.protocol_notes()["target_behavior"] == "buy"
 
 
 @pytest.mark.parametrize("name", ["mbgcn", "mbsasrec"])
 def test_raw_histories_without_behaviours(mb, fitted, name):
     """recommend / serving pass raw histories (no behaviours; an unknown user is -1)."""
-    _, _, test = mb
-    model = fitted[name]
-    h = test.histories.slice(0, 2)
-    items = [h.items[h.indptr[0] : h.indptr[1]].tolist(), h.items[h.indptr[1] : h.indptr[2]].tolist()]
-    raw = Histories.from_lists([int(h.users[0]), -1], items, h.n_items)
-    s = model.score(raw)
-    assert s.shape == (2, h.n_items + 1) and torch.isfinite(s).all()
-    top, _ = model.recommend(raw, k=5)
-    assert top.shape == (2, 5)
+    assert_raw_histories_score(fitted[name], mb[2])
 
 
 def test_behaviours_change_the_sequence_scores(mb, fitted):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import recforge.models.multibehavior.cigf as cigf_module
+from mb_contract import assert_beats_popularity, assert_round_trip, ndcg
 from recforge.cli import main
 from recforge.data.knowledge import build_knowledge
 from recforge.data.prepare import prepare
@@ -20,15 +21,11 @@ from recforge.data.split import leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
-from recforge.evaluation.evaluator import Protocol, evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
 from recforge.models.multibehavior.ckml import BehaviorAttention, route
 from recforge.models.multibehavior.mbgcn import row_mean
 from recforge.models.registry import create
 from recforge.pipeline import eval_sets
 
-PROTOCOL = Protocol(exclude="target_behavior", target_behavior="buy")
 FAST = {"cigf": dict(dim=32, lr=0.01, epochs=60, batch_size=64, eval_every=5, patience=4),
         "ckml": dict(dim=32, epochs=20, eval_every=4, patience=3)}
 NAMES = list(FAST)
@@ -68,8 +65,7 @@ def tiny():
     return split, {k: m.fit(split) for k, m in models.items()}
 
 
-def _ndcg(model, evalset) -> float:
-    return evaluate(model, evalset, ks=[10], protocol=PROTOCOL, groups=False).metrics["ndcg@10"]
+_ndcg = ndcg
 
 
 def _training_histories(split, users):
@@ -229,19 +225,13 @@ def test_a_fresh_view_changes_the_scores(mb, fitted, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_beats_popularity_on_the_funnel(mb, fitted, name):
     split, _, test = mb
-    pop = _ndcg(Pop().fit(split), test)
-    assert _ndcg(fitted[name], test) > pop * 1.1
+    assert_beats_popularity(fitted[name], split, test)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_save_load_round_trip(mb, fitted, name, tmp_path):
     _, _, test = mb
-    model = fitted[name]
-    hist = test.histories.slice(0, 50)
-    before = model.score(hist)
-    loaded = Recommender.load(model.save(tmp_path / name))
-    assert type(loaded) is type(model) and loaded.behaviors_ == ["buy", "cart", "view"]
-    torch.testing.assert_close(loaded.score(hist), before)
+    loaded = assert_round_trip(fitted[name], test, tmp_path / name)
     notes = loaded.protocol_notes()
     assert notes["target_behavior"] == "buy" and notes["loss_weights"] == {"buy": 1.0, "cart": 1.0, "view": 1.0}
     if name == "ckml":

@@ -12,20 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from mb_contract import ndcg
 from recforge.cli import main
 from recforge.data.prepare import prepare
 from recforge.data.split import leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
-from recforge.evaluation.evaluator import Protocol, evaluate
 from recforge.models.base import Recommender
 from recforge.models.general.pop import Pop
 from recforge.models.multibehavior.dpcpl import BehaviorMiner, sample_windows
 from recforge.models.registry import create
 from recforge.pipeline import eval_sets
 
-PROTOCOL = Protocol(exclude="target_behavior", target_behavior="buy")
 FAST = dict(hidden=32, inner=64, n_layers=2, scales=[1, 4], max_len=20, pretrain_epochs=2, pretrain_lr=0.003,
             epochs=6, lr=0.01, batch_size=128, eval_every=2, patience=3, threads=1)
 
@@ -60,8 +59,7 @@ def fitted(mb):
     return {mode: _fit_with_snapshot(split, valid, mode) for mode in ("prompt", "full")}
 
 
-def _ndcg(model, evalset) -> float:
-    return evaluate(model, evalset, ks=[10], protocol=PROTOCOL, groups=False).metrics["ndcg@10"]
+_ndcg = ndcg
 
 
 # ---- pieces by hand ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import torch
 
+from mb_contract import assert_beats_popularity, assert_raw_histories_score, assert_round_trip, ndcg
 from recforge.cli import main
 from recforge.data.knowledge import Knowledge, build_knowledge
 from recforge.data.prepare import prepare
@@ -20,16 +21,12 @@ from recforge.data.split import Split, leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
-from recforge.evaluation.evaluator import Protocol, evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
 from recforge.models.multibehavior.kamcl import intent_contrast, relation_graph
 from recforge.models.multibehavior.pdb4rec import PDB4Rec, band_split, low_bins
 from recforge.models.registry import create
 from recforge.pipeline import eval_sets
 from recforge.tuning import load_space
 
-PROTOCOL = Protocol(exclude="target_behavior", target_behavior="buy")
 FAST = {"kamcl": dict(dim=32, lr=0.01, epochs=150, batch_size=1024, eval_every=5, patience=5),
         "pdb4rec": dict(hidden=32, lr=0.003, epochs=8, batch_size=64, eval_every=2, patience=3, max_len=30, subseq="target")}
 
@@ -45,8 +42,7 @@ def mb():
     return split, valid, test
 
 
-def _ndcg(model, evalset) -> float:
-    return evaluate(model, evalset, ks=[10], protocol=PROTOCOL, groups=False).metrics["ndcg@10"]
+_ndcg = ndcg
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +132,13 @@ def test_pdb4rec_training_windows_by_hand():
 @pytest.mark.parametrize("name", ["kamcl", "pdb4rec"])
 def test_beats_popularity_on_the_funnel(mb, fitted, name):
     split, _, test = mb
-    pop = _ndcg(Pop().fit(split), test)
-    assert _ndcg(fitted[name], test) > pop * 1.1
+    assert_beats_popularity(fitted[name], split, test)
 
 
 @pytest.mark.parametrize("name", ["kamcl", "pdb4rec"])
 def test_save_load_round_trip(mb, fitted, name, tmp_path):
     _, _, test = mb
-    model = fitted[name]
-    hist = test.histories.slice(0, 50)
-    before = model.score(hist)
-    loaded = Recommender.load(model.save(tmp_path / name))
-    assert type(loaded) is type(model) and loaded.behaviors_ == ["buy", "cart", "view"]
-    torch.testing.assert_close(loaded.score(hist), before)
+    loaded = assert_round_trip(fitted[name], test, tmp_path / name)
     assert loaded.protocol_notes()["target_behavior"] == "buy"
 
 
@@ -164,15 +154,7 @@ def test_kamcl_uses_every_relation(fitted):
 @pytest.mark.parametrize("name", ["kamcl", "pdb4rec"])
 def test_raw_histories_without_behaviours(mb, fitted, name):
     """recommend / serving pass raw histories (no behaviours; an unknown user is -1)."""
-    _, _, test = mb
-    model = fitted[name]
-    h = test.histories.slice(0, 2)
-    items = [h.items[h.indptr[0] : h.indptr[1]].tolist(), h.items[h.indptr[1] : h.indptr[2]].tolist()]
-    raw = Histories.from_lists([int(h.users[0]), -1], items, h.n_items)
-    s = model.score(raw)
-    assert s.shape == (2, h.n_items + 1) and torch.isfinite(s).all()
-    top, _ = model.recommend(raw, k=5)
-    assert top.shape == (2, 5)
+    assert_raw_histories_score(fitted[name], mb[2])
 
 
 @pytest.mark.parametrize("name", ["kamcl", "pdb4rec"])
