@@ -46,9 +46,10 @@ def test_train_evaluate_compare_through_the_command(tiny, ml, tmp_path, capsys):
     common = [f"llm.path={tiny}", "llm.encoder=hashing:32", "data.test_prompts=20", "data.cache=false",
               "split.test_ratio=0.25"]
     assert main(["train", "rella", "--data", str(ml), *common, "model.k=4", "retrieval=recent",
-                 "--out", str(out), "--quiet"]) == 0
+                 "eval.listwise=10", "eval.listwise_targets=4", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "test (language model, pointwise on 20 sampled prompts" in printed and "auc" in printed
+    assert "test (SAMPLED LISTWISE (10 candidates)" in printed and "ndcg@10" in printed
     (run,) = out.iterdir()
     m = json.loads((run / "metrics.json").read_text())
     assert m["task"] == "llm" and m["model"] == "rella" and m["test"]["n_rows"] == 20

