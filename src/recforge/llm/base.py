@@ -261,9 +261,12 @@ class LLMRecommender(TorchRecommender):
     # ---- scoring ------------------------------------------------------------------------------
     def conditioning(self, keys: torch.Tensor | None):
         """A context manager around one batch's forward pass, given the batch's ``keys`` (a
-        ``(batch, m)`` tensor: int64 or float32, or None): nothing here; models with per-example
-        weights override it."""
-        return contextlib.nullcontext()
+        ``(batch, m)`` tensor: int64 or float32, or None): the network's ``conditioned(keys)`` when it
+        has per-example weights (CoRA, RecLoRA), else nothing."""
+        conditioned = getattr(getattr(self, "net_", None), "conditioned", None)
+        if keys is None or conditioned is None:
+            return contextlib.nullcontext()
+        return conditioned(keys)
 
     def train_keys(self, data) -> np.ndarray | None:
         """Keys of the training prompts (one row each: integers such as user and item indices, or a

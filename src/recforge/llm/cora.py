@@ -292,11 +292,6 @@ class CoRA(ReLLa):
         return CoRANet(model, gen, self.cf_user_, self.cf_item_, self.lora_targets, self.lora_alpha / self.lora_r,
                        self.lora_dropout)
 
-    def conditioning(self, keys):
-        if keys is None:
-            return contextlib.nullcontext()
-        return self.net_.conditioned(keys)
-
     # ---- scoring ------------------------------------------------------------------------------------
     def predict(self, data: PromptData, targets: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
         """The prompts of ``targets`` and P(like) of each, with each row's generated weights."""

@@ -233,6 +233,16 @@ class E2URec(ReLLa):
         return F.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True,
                         reduction="batchmean")
 
+    def _step(self, opt, loss: torch.Tensor, where: str = "") -> float:
+        """One optimiser step on ``loss`` (stops on a non-finite loss); the loss as a float."""
+        if not torch.isfinite(loss):
+            raise RecForgeError(f"unlearning stopped: the loss is {float(loss)}{where}; lower unlearn_lr "
+                                f"(now {self.unlearn_lr:g})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
     def _batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         order = rng.permutation(n)
         return [order[s : s + self.unlearn_batch_size] for s in range(0, n, self.unlearn_batch_size)]
@@ -331,14 +341,7 @@ class E2URec(ReLLa):
         for epoch in range(epochs):
             total, count = 0.0, 0
             for idx in self._batches(n, rng):
-                loss = step_loss(idx)
-                if not torch.isfinite(loss):
-                    raise RecForgeError(f"unlearning stopped: the loss is {float(loss)}; lower unlearn_lr "
-                                        f"(now {self.unlearn_lr:g})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
+                total += self._step(opt, step_loss(idx))
                 count += 1
             out.append(round(total / max(1, count), 6))
         return out
@@ -369,13 +372,7 @@ class E2URec(ReLLa):
                     loss = self.weight * retain + (1 - self.weight) * forget_loss(f_batches[s % len(f_batches)])
                 else:
                     loss = forget_loss(batch)
-                if not torch.isfinite(loss):
-                    raise RecForgeError(f"unlearning stopped: the loss is {float(loss)} at epoch {epoch}; lower "
-                                        f"unlearn_lr (now {self.unlearn_lr:g})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
+                total += self._step(opt, loss, f" at epoch {epoch}")
                 count += 1
             history.append({"epoch": epoch, "steps": "forget + retain" if mixed else "forget", "batches": count,
                             "loss": round(total / max(1, count), 6)})

@@ -274,11 +274,6 @@ class RecLoRA(ReLLa):
         return ExpertNet(model, self.lora_targets, self.n_experts, self.lora_r, self.lora_alpha, self.lora_dropout,
                          self.crm_dim, self.gate_temperature, self.seed)
 
-    def conditioning(self, keys):
-        if keys is None:
-            return contextlib.nullcontext()
-        return self.net_.conditioned(keys)
-
     # ---- scoring --------------------------------------------------------------------------------------
     def predict(self, data: PromptData, targets: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
         """The prompts of ``targets`` and P(like) of each, each with its user's expert mixture."""
