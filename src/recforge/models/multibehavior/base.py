@@ -106,6 +106,17 @@ def params_version(net) -> tuple:
     return tuple((id(p), p._version) for p in net.parameters())
 
 
+def history_windows(hist, behaviors: list[str], default: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``max_len`` rows of each history as left-padded item and behaviour-code windows
+    ``(batch, max_len)`` (the input of the sequence models at ranking time)."""
+    from recforge.models.sequential.base import pad_windows
+
+    codes = history_codes(hist, behaviors, default)
+    lengths = np.minimum(hist.lengths, max_len)
+    ends = np.asarray(hist.indptr[1:], dtype=np.int64)
+    return hist.sequences(max_len), torch.from_numpy(pad_windows(codes, ends - lengths, ends, max_len))
+
+
 class PairBatches:
     """Batches of target-behaviour pairs ``self._pairs`` (each once an epoch, shuffled), one negative
     each drawn uniformly among the items the user has no target row with (``self._seen``)."""

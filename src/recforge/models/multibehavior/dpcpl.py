@@ -104,7 +104,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import BehaviorAware, history_codes, require_behaviors, training_rows
+from recforge.models.multibehavior.base import BehaviorAware, history_windows, require_behaviors, training_rows
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import ACTIVATIONS, Dropout, init_weights
 from recforge.models.torch_base import TorchRecommender
@@ -400,11 +400,7 @@ class DPCPL(BehaviorAware, TorchRecommender):
     def score(self, hist) -> torch.Tensor:
         """Scores (batch, n_items + 1) on the model's device."""
         dev = self.device_
-        seqs = hist.sequences(self.max_len)
-        codes = history_codes(hist, self.behaviors_, self.default_behavior_)
-        lengths = np.minimum(hist.lengths, self.max_len)
-        ends = np.asarray(hist.indptr[1:], dtype=np.int64)
-        behs = torch.from_numpy(pad_windows(codes, ends - lengths, ends, self.max_len))
+        seqs, behs = history_windows(hist, self.behaviors_, self.default_behavior_, self.max_len)
         with torch.no_grad():
             h = self.net_(seqs.to(dev), behs.to(dev), True)
             return h @ self.net_.item.weight.T

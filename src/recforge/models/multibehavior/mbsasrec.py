@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_codes, require_behaviors,
+from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_windows, require_behaviors,
                                                 training_rows)
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import (Block, Dropout, Layout, init_weights, set_transformer_params)
@@ -151,11 +151,7 @@ class MBSASRec(WindowBatches, BehaviorAware, TorchRecommender):
     def score(self, hist) -> torch.Tensor:
         """Scores (batch, n_items + 1) on the model's device."""
         dev = self.device_
-        seqs = hist.sequences(self.max_len)
-        codes = history_codes(hist, self.behaviors_, self.default_behavior_)
-        lengths = np.minimum(hist.lengths, self.max_len)
-        ends = np.asarray(hist.indptr[1:], dtype=np.int64)
-        behs = torch.from_numpy(pad_windows(codes, ends - lengths, ends, self.max_len))
+        seqs, behs = history_windows(hist, self.behaviors_, self.default_behavior_, self.max_len)
         with torch.no_grad():
             h = self.net_(seqs.to(dev), behs.to(dev))[:, -1]
             return h @ self.net_.item.weight.T

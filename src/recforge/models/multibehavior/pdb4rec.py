@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_codes, require_behaviors,
+from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_windows, require_behaviors,
                                                 training_rows)
 from recforge.models.multibehavior.mbsasrec import next_target_items
 from recforge.models.sequential.base import pad_windows
@@ -243,11 +243,7 @@ class PDB4Rec(WindowBatches, BehaviorAware, TorchRecommender):
     def encode_history(self, hist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(h_P, h_D, gate logit)`` of a :class:`Histories` batch (no gradient)."""
         dev = self.device_
-        seqs = hist.sequences(self.max_len)
-        codes = history_codes(hist, self.behaviors_, self.default_behavior_)
-        lengths = np.minimum(hist.lengths, self.max_len)
-        ends = np.asarray(hist.indptr[1:], dtype=np.int64)
-        behs = torch.from_numpy(pad_windows(codes, ends - lengths, ends, self.max_len))
+        seqs, behs = history_windows(hist, self.behaviors_, self.default_behavior_, self.max_len)
         with torch.no_grad():
             return self.net_(seqs.to(dev), behs.to(dev))
 
