@@ -183,7 +183,7 @@ def test_given_split_without_validation_carves_the_last_training_target(tmp_path
         "1,10,view,100\n1,11,buy,130\n1,12,cart,140\n1,12,buy,150\n1,13,view,150\n1,14,view,160\n"
         "2,10,view,200\n2,10,buy,210\n2,13,view,220\n")
     (d / "test.csv").write_text("user_id,item_id\n1,15\n2,11\n")
-    data = dict(DATA_DEFAULTS, path=str(d), target_behavior="buy", cache=False)  # test.csv is rewritten below
+    data = dict(DATA_DEFAULTS, path=str(d), target_behavior="buy")  # test.csv is rewritten below: the cache must see it
     ds = load_dataset(data)
     s = split_dataset(ds, {"data": data, "split": {"method": "auto"}})
     raw = lambda f: sorted(zip(map(str, ds.decode_users(f["user_id"])), map(str, ds.decode_items(f["item_id"])), f["behavior"]))  # noqa: E731,E501

@@ -366,7 +366,7 @@ def _source_fingerprint(source: str) -> str:
     for f in files:
         if f.is_file():
             st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts)
 
 

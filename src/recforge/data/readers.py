@@ -1265,7 +1265,7 @@ def load_raw(path, lazy: bool = False, **options) -> RawData:
 def _stat(p: Path) -> str:
     try:
         st = p.stat()
-        return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
+        return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         return f"{p.name}:missing"
 
