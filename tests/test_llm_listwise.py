@@ -13,12 +13,8 @@ import pytest
 
 from recforge.errors import ConfigError
 
-from test_llm import HAVE_LLM, needs_llm, tiny_backbone, write_ml100k
-
-
-@pytest.fixture(scope="module")
-def ml(tmp_path_factory):
-    return write_ml100k(tmp_path_factory.mktemp("data") / "ml-tiny")
+from test_llm import needs_llm
+from test_llm import ml, split, tiny  # noqa: F401 - pytest fixtures shared with test_llm
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +25,6 @@ def prepared(ml):
                                        "eval.listwise": 8, "eval.listwise_targets": 6})
     ds, split, test, _ = task.prepare(cfg)
     return cfg, ds, split, test
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, ml):
-    if not HAVE_LLM:
-        pytest.skip("the llm extra is not installed")
-    from recforge import config as C
-    from recforge.llm import prompts as P
-    from recforge.pipeline import load_dataset
-
-    cfg = C.base_config("pop", str(ml))
-    cfg["data"]["cache"] = False
-    ds = load_dataset(cfg["data"])
-    return tiny_backbone(tmp_path_factory.mktemp("tiny") / "llama", (ds, P.temporal_user_split(ds, 0.25, 4)))
 
 
 # ---- the ranking metrics by hand --------------------------------------------------------------------

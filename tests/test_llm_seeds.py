@@ -11,34 +11,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from test_llm import HAVE_LLM, needs_llm, tiny_backbone, write_ml100k
+from test_llm import needs_llm
+from test_llm import ml, split, tiny  # noqa: F401 - pytest fixtures shared with test_llm
 
 SMALL = dict(retrieval="recent", k=4, verbose=False, score_batch_size=4, epochs=2, batch_size=4, lr=5e-2,
              lora_r=4, lora_alpha=8, lora_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def ml(tmp_path_factory):
-    return write_ml100k(tmp_path_factory.mktemp("data") / "ml-tiny")
-
-
-@pytest.fixture(scope="module")
-def split(ml):
-    from recforge import config as C
-    from recforge.llm import prompts as P
-    from recforge.pipeline import load_dataset
-
-    cfg = C.base_config("pop", str(ml))
-    cfg["data"]["cache"] = False
-    ds = load_dataset(cfg["data"])
-    return ds, P.temporal_user_split(ds, test_ratio=0.25, like_threshold=4)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, split):
-    if not HAVE_LLM:
-        pytest.skip("the llm extra is not installed")
-    return tiny_backbone(tmp_path_factory.mktemp("tiny") / "llama", split)
 
 
 def data_for(sp, targets=None):
