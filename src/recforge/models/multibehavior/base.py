@@ -101,6 +101,27 @@ def behavior_graphs(split, behaviors: list[str], target: str, model: str):
     return users, items, codes, graphs
 
 
+def history_graphs(model, hist) -> list[sp.csr_matrix]:
+    """Per behaviour, the binary (batch, n_items + 1) matrix of each row's history (a history
+    without behaviours: a known user's training rows; an unknown user's rows as the default
+    behaviour). ``model`` has ``behaviors_``, ``default_behavior_``, ``user_graphs_``, ``n_users_``."""
+    b, n_i = len(hist), model.n_items_ + 1
+    rows = np.repeat(np.arange(b), hist.lengths)
+    items = np.asarray(hist.items, dtype=np.int64)
+    ok = (items >= 0) & (items <= model.n_items_)
+    codes = history_codes(hist, model.behaviors_, model.default_behavior_)
+    rows, items, codes = rows[ok], items[ok], codes[ok]
+    mats = [binary_rows(rows[codes == k + 1], items[codes == k + 1], b, n_i) for k in range(len(model.behaviors_))]
+    users = np.asarray(hist.users, dtype=np.int64)
+    known = (users >= 0) & (users < model.n_users_)
+    if getattr(hist, "behaviors", None) is None and known.any():
+        k_diag = sp.diags(known.astype(np.float32))
+        u_diag = sp.diags((~known).astype(np.float32))
+        uc = np.clip(users, 0, model.n_users_ - 1)
+        mats = [sp.csr_matrix(k_diag @ r[uc] + u_diag @ m) for r, m in zip(model.user_graphs_, mats)]
+    return mats
+
+
 def params_version(net) -> tuple:
     """Changes whenever a parameter of ``net`` is updated in place (a key for cached item tables)."""
     return tuple((id(p), p._version) for p in net.parameters())
@@ -151,6 +172,13 @@ class BehaviorAware:
     evaluation set (an evaluation set built with a target behaviour removes only the user's past
     target-behaviour items, so a viewed item stays a candidate while choosing the best epoch, as in
     the final evaluation)."""
+
+    def adopt_behaviors(self, split) -> tuple[str, list[str], str]:
+        """Check the split's behaviours (:func:`require_behaviors`) and keep them as fitted state
+        (``target_behavior_``, ``behaviors_``, ``default_behavior_``); returns them."""
+        target, behaviors, default = require_behaviors(split, self.name)
+        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        return target, behaviors, default
 
     def seen_mask(self, hist) -> np.ndarray:
         """``recommend(exclude_seen=True)`` removes the history rows of the target behaviour only

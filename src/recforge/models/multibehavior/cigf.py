@@ -79,8 +79,7 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import to_torch
-from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, history_codes,
-                                                params_version, require_behaviors, row_mean)
+from recforge.models.multibehavior.base import BehaviorAware, behavior_graphs, history_graphs, params_version, row_mean
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs, sample_negatives
 
@@ -153,27 +152,6 @@ def user_pairs(r: sp.csr_matrix, seen: SeenPairs, users: np.ndarray, n: int, n_i
     return np.stack([uu, pos.astype(np.int64), neg]).astype(np.int64)
 
 
-def history_graphs(model, hist) -> list[sp.csr_matrix]:
-    """Per behaviour, the binary (batch, n_items + 1) matrix of each row's history (a history
-    without behaviours: a known user's training rows; an unknown user's rows as the default
-    behaviour). ``model`` has ``behaviors_``, ``default_behavior_``, ``user_graphs_``, ``n_users_``."""
-    b, n_i = len(hist), model.n_items_ + 1
-    rows = np.repeat(np.arange(b), hist.lengths)
-    items = np.asarray(hist.items, dtype=np.int64)
-    ok = (items >= 0) & (items <= model.n_items_)
-    codes = history_codes(hist, model.behaviors_, model.default_behavior_)
-    rows, items, codes = rows[ok], items[ok], codes[ok]
-    mats = [binary_rows(rows[codes == k + 1], items[codes == k + 1], b, n_i) for k in range(len(model.behaviors_))]
-    users = np.asarray(hist.users, dtype=np.int64)
-    known = (users >= 0) & (users < model.n_users_)
-    if getattr(hist, "behaviors", None) is None and known.any():
-        k_diag = sp.diags(known.astype(np.float32))
-        u_diag = sp.diags((~known).astype(np.float32))
-        uc = np.clip(users, 0, model.n_users_ - 1)
-        mats = [sp.csr_matrix(k_diag @ r[uc] + u_diag @ m) for r, m in zip(model.user_graphs_, mats)]
-    return mats
-
-
 # ---- the model ----------------------------------------------------------------------------------
 class CIGF(BehaviorAware, TorchRecommender):
     name = "cigf"
@@ -191,8 +169,7 @@ class CIGF(BehaviorAware, TorchRecommender):
 
     # ---- graphs -------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         self.loss_weights_ = parse_loss_weights(self.loss_weights, behaviors, 1.0, self.name)
         #: per behaviour: binary users x items of the training part
         users, _, _, self.user_graphs_ = behavior_graphs(split, behaviors, target, self.name)

@@ -93,9 +93,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, params_version,
-                                                require_behaviors, row_mean)
-from recforge.models.multibehavior.cigf import (LEAKY, SCORE_CHUNK, history_graphs,
+from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, history_graphs,
+                                                params_version, row_mean)
+from recforge.models.multibehavior.cigf import (LEAKY, SCORE_CHUNK,
                                                 parse_loss_weights, sparse_mm, torch_pair, user_pairs)
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs
@@ -173,8 +173,7 @@ class CKML(BehaviorAware, TorchRecommender):
 
     # ---- data ---------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         self.loss_weights_ = parse_loss_weights(self.loss_weights, behaviors, 1.0, self.name)
         knowledge = getattr(split, "knowledge", None)
         if knowledge is None:

@@ -104,7 +104,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import BehaviorAware, history_windows, require_behaviors, training_rows
+from recforge.models.multibehavior.base import BehaviorAware, history_windows, training_rows
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import ACTIVATIONS, Dropout, init_weights
 from recforge.models.torch_base import TorchRecommender
@@ -303,8 +303,7 @@ class DPCPL(BehaviorAware, TorchRecommender):
 
     # ---- samples ------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         users, self._items, self._codes = training_rows(split, behaviors, target)
         is_t = self._codes == behaviors.index(target) + 1
         self._windows = {"pretrain": sample_windows(users, self.max_len),

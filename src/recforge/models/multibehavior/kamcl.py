@@ -86,9 +86,8 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import to_torch
-from recforge.models.multibehavior.base import (BehaviorAware, PairBatches, behavior_graphs, params_version,
-                                                require_behaviors, row_mean)
-from recforge.models.multibehavior.mbgcn import MBGCN
+from recforge.models.multibehavior.base import (BehaviorAware, PairBatches, behavior_graphs, history_graphs,
+                                                params_version, row_mean)
 from recforge.models.sequential.modules import Dropout
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.graph_losses import bpr_loss, info_nce
@@ -137,8 +136,7 @@ class KAMCL(PairBatches, BehaviorAware, TorchRecommender):
 
     # ---- graphs -------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         kn = getattr(split, "knowledge", None)
         if kn is None:
             raise ConfigError(NO_KNOWLEDGE)
@@ -291,7 +289,7 @@ class KAMCL(PairBatches, BehaviorAware, TorchRecommender):
     def history_matrices(self, hist) -> list[sp.csr_matrix]:
         """Per behaviour, the binary (batch, n_items + 1) matrix of each row's history (a raw
         history of a known user: their training rows), as MBGCN."""
-        return MBGCN.history_matrices(self, hist)
+        return history_graphs(self, hist)
 
     def score(self, hist):
         """Scores (batch, n_items + 1) on the model's device."""

@@ -64,7 +64,7 @@ from torch import nn
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import to_torch
 from recforge.models.multibehavior.base import (BehaviorAware, PairBatches, behavior_graphs, binary_rows,
-                                                history_codes, params_version, require_behaviors, row_mean)
+                                                history_graphs, params_version, row_mean)
 from recforge.models.sequential.modules import Dropout
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.graph_losses import bpr_loss
@@ -110,8 +110,7 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
 
     # ---- graphs -------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         #: per behaviour: binary users x items of the training part
         users, items, codes, self.user_graphs_ = behavior_graphs(split, behaviors, target, self.name)
         n_u, n_i = split.n_users, split.n_items + 1
@@ -224,19 +223,7 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
 
     def history_matrices(self, hist) -> list[sp.csr_matrix]:
         """Per behaviour, the binary (batch, n_items + 1) matrix of each row's history."""
-        b, n_i = len(hist), self.n_items_ + 1
-        rows = np.repeat(np.arange(b), hist.lengths)
-        items = np.asarray(hist.items, dtype=np.int64)
-        codes = history_codes(hist, self.behaviors_, self.default_behavior_)
-        mats = [binary_rows(rows[codes == k + 1], items[codes == k + 1], b, n_i) for k in range(len(self.behaviors_))]
-        users = np.asarray(hist.users, dtype=np.int64)
-        known = (users >= 0) & (users < self.n_users_)
-        if getattr(hist, "behaviors", None) is None and known.any():  # a known user's training rows instead
-            k_diag = sp.diags(known.astype(np.float32))
-            u_diag = sp.diags((~known).astype(np.float32))
-            uc = np.clip(users, 0, self.n_users_ - 1)
-            mats = [sp.csr_matrix(k_diag @ r[uc] + u_diag @ m) for r, m in zip(self.user_graphs_, mats)]
-        return mats
+        return history_graphs(self, hist)
 
     def score(self, hist):
         """Scores (batch, n_items + 1) on the model's device."""

@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_windows, require_behaviors,
-                                                training_rows)
+from recforge.models.multibehavior.base import BehaviorAware, WindowBatches, history_windows, training_rows
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import (Block, Dropout, Layout, init_weights, set_transformer_params)
 from recforge.models.torch_base import TorchRecommender
@@ -108,8 +107,7 @@ class MBSASRec(WindowBatches, BehaviorAware, TorchRecommender):
 
     # ---- samples ------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         users, items, codes = training_rows(split, behaviors, target)
         nxt = next_target_items(users, items, codes == behaviors.index(target) + 1)
         # each user's trainable rows: from their first row up to their last row with a target

@@ -75,8 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.multibehavior.base import (BehaviorAware, WindowBatches, history_windows, require_behaviors,
-                                                training_rows)
+from recforge.models.multibehavior.base import BehaviorAware, WindowBatches, history_windows, training_rows
 from recforge.models.multibehavior.mbsasrec import next_target_items
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import ACTIVATIONS, Dropout, init_weights
@@ -191,8 +190,7 @@ class PDB4Rec(WindowBatches, BehaviorAware, TorchRecommender):
 
     # ---- samples ------------------------------------------------------------------------------
     def prepare_fit(self, split) -> None:
-        target, behaviors, default = require_behaviors(split, self.name)
-        self.target_behavior_, self.behaviors_, self.default_behavior_ = target, behaviors, default
+        target, behaviors, default = self.adopt_behaviors(split)
         users, items, codes = training_rows(split, behaviors, target)
         nxt = next_target_items(users, items, codes == behaviors.index(target) + 1)
         n = len(users)
