@@ -37,6 +37,7 @@ from pathlib import Path
 
 from recforge.data.prepare import cache_dir
 from recforge.errors import ConfigError
+from recforge.semantic.encoder import folder_fingerprint
 
 log = logging.getLogger("recforge")
 
@@ -102,18 +103,6 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Hash of a model folder's small JSON files and of every file's name and size (no read of the
-    weights): changes when the model changes."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = f.relative_to(folder).as_posix()
-        h.update(f"{rel}:{f.stat().st_size}\n".encode())
-        if f.suffix == ".json" and f.stat().st_size < 1 << 20:
-            h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
 @dataclass
 class BackboneSource:
     """Where a backbone comes from: ``kind`` (``packaged``, ``gguf`` or ``folder``), the ``path``
@@ -148,7 +137,7 @@ def resolve(path: str | Path | None = None, cache: Path | None = None) -> Backbo
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ConfigError(f"llm.path={str(path)!r}: not a Hugging Face model folder (no config.json) nor a .gguf "
                           "file; save a model with save_pretrained(FOLDER) and give that folder")
-    return BackboneSource("folder", str(path), p.resolve(), p.resolve().name, folder_fingerprint(p))
+    return BackboneSource("folder", str(path), p.resolve(), p.resolve().name, folder_fingerprint(p, json_limit=1 << 20))
 
 
 def ensure_converted(gguf: Path, cache: Path | None = None) -> Path:

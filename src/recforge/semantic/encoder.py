@@ -52,14 +52,15 @@ def packaged_model_path() -> Path:
     return path
 
 
-def _fingerprint(folder: Path) -> str:
-    """Hash of a model folder's small config files and of every file's name and size: changes
-    when the model changes, costs no read of the weights."""
+def folder_fingerprint(folder: Path, json_limit: int = 1 << 16) -> str:
+    """Hash of a model folder's small JSON files (under ``json_limit`` bytes) and of every file's
+    name and size: changes when the model changes, costs no read of the weights. Used for the text
+    encoder and for language-model backbones."""
     h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         rel = f.relative_to(folder).as_posix()
         h.update(f"{rel}:{f.stat().st_size}\n".encode())
-        if f.suffix == ".json" and f.stat().st_size < 1 << 16:
+        if f.suffix == ".json" and f.stat().st_size < json_limit:
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
@@ -116,7 +117,7 @@ class TextEncoder:
         self._model = None
         self._onnx = None
         label = self.model_path.name if self.model_path.name != "model" else self.model_path.parent.name
-        self.model_id = f"{label}@{_fingerprint(self.model_path)}"  # the model, whatever runs it
+        self.model_id = f"{label}@{folder_fingerprint(self.model_path)}"  # the model, whatever runs it
         suffix = {("torch", False): "", ("torch", True): "+int8", ("onnx", False): "+onnx",
                   ("onnx", True): "+onnx-int8"}[backend, self.quantize]
         self._name = self.model_id + suffix
