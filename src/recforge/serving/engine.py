@@ -201,6 +201,12 @@ class Engine:
             self.ann = ANNIndex(self.item_vectors, threads=threads, **(ann_options or {}))
             self.ann_status = f"on: HNSW over {self.n_items} items"
         self.batcher = ScoreBatcher(self.model, self.n_items, max_batch) if max_batch > 1 else None
+        # the model's rule for exclude_seen, when it has its own (multi-behaviour models); None: every
+        # history item, without building a Histories row per request
+        from recforge.models.base import Recommender
+
+        rule = getattr(type(self.model), "seen_mask", None)
+        self._seen_mask = self.model.seen_mask if rule not in (None, Recommender.seen_mask) else None
         self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready: model %s, %d users, %d items, ann %s (%.1f s)", self.model_name, self.n_users,
@@ -319,7 +325,7 @@ class Engine:
         allowed = self.category_mask(categories)
         banned = set(exclude)
         if exclude_seen and history:
-            mask = getattr(self.model, "seen_mask", None)
+            mask = self._seen_mask
             seen = None if mask is None else mask(_histories([-1], [history], self.n_items, [behaviors]))
             banned |= set(history) if seen is None else {i for i, s in zip(history, seen) if s}
         return allowed, np.fromiter(banned, dtype=np.int64, count=len(banned))
