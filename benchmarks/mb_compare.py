@@ -37,13 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_jobs import fit_figures, paired, run_jobs, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -70,6 +70,7 @@ CAPS = {"lightgcn-buy": 300, "lightgcn-all": 150, "mbgcn": 100, "mbsasrec": 10, 
         "kamcl": 30, "pdb4rec": 8, "dpcpl": 8}
 BASELINES = ("lightgcn-buy", "lightgcn-all")
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
+PARTS = {"full": "per_user_test.parquet", "sampled99": "per_user_test_sampled99.parquet"}
 
 
 def run_dir(data: str) -> Path:
@@ -102,9 +103,6 @@ def worker(name: str, seed: int, data: str) -> dict:
     t0 = time.perf_counter()
     run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
     wall = time.perf_counter() - t0
-    hist_path = Path(run.path) / "history.json"
-    epochs = json.loads(hist_path.read_text()).get("epochs", []) if hist_path.exists() else []
-    train_s = sum(e.get("train_seconds", 0.0) for e in epochs)
     full = run.metrics["test"]
     sampled = recforge.evaluate(run, sampled=99, per_user=True)
     sampled["per_user"].write_parquet(Path(run.path) / "per_user_test_sampled99.parquet")
@@ -113,40 +111,10 @@ def worker(name: str, seed: int, data: str) -> dict:
     notes = {k: protocol[k] for k in ("knowledge", "subsequence_split", "params_tuned", "params_total",
                                       "tuned_share", "pretrain_seconds", "tune_train_seconds") if k in protocol}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
-            "overrides": {k: v for k, v in overrides.items() if k != "seed"},
-            "epochs_run": len(epochs), "best_epoch": run.metrics.get("training", {}).get("best_epoch"),
-            "s_per_epoch": round(train_s / max(len(epochs), 1), 3), "wall_s": round(wall, 1),
-            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
             "full": pick(full), "n_users": int(full.get("n_users", 0)), "sampled99": pick(sampled["test"]),
             "protocol": {k: protocol.get(k) for k in ("exclude", "target_behavior", "ties", "behaviors")},
             "split": protocol.get("split", {}).get("valid"), "notes": notes}
-
-
-def mean_sd(vals: list[float]) -> list[float]:
-    mean = sum(vals) / len(vals)
-    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-    return [round(mean, 4), round(sd, 4)]
-
-
-def paired(rows: list[dict], name: str, base: str) -> dict:
-    """Paired tests of ``name`` against ``base`` on the seeds both have, under both protocols."""
-    import polars as pl
-
-    from recforge.evaluation.significance import paired_tests, seed_mean
-
-    seeds = sorted({r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == base})
-    if not seeds:
-        return {}
-    runs = {n: [ROOT / r["run"] for s in seeds for r in rows if r["name"] == n and r["seed"] == s]
-            for n in (name, base)}
-    out = {"seeds": seeds}
-    for part, file in (("full", "per_user_test.parquet"), ("sampled99", "per_user_test_sampled99.parquet")):
-        a, b = (seed_mean([pl.read_parquet(p / file) for p in runs[n]]) for n in (name, base))
-        # paired_tests' diff is b - a: stored as model minus baseline
-        out[part] = {t["metric"]: {"model_minus_baseline": round(-t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
-                                   "wilcoxon_p": float(f"{t['wilcoxon_p']:.3g}")}
-                     for t in paired_tests(a, b, ["hr@10", "ndcg@10"])}
-    return out
 
 
 def main(argv=None) -> int:
@@ -178,56 +146,29 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    # seed by seed: an interrupted budget still has every model at the first seeds
-    queue = [(name, seed) for seed in seeds for name in names]
-    running: list[tuple] = []
-    while queue or running:
-        while queue and len(running) < max(1, args.jobs):
-            name, seed = queue.pop(0)
-            if args.budget is not None and time.perf_counter() - t0 > args.budget:
-                print(f"budget reached: {name} seed {seed} not run", file=sys.stderr)
-                continue
-            cmd = [sys.executable, __file__, "--worker", name, str(seed), "--data", args.data]
-            logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
-            running.append((name, seed, subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True, env=env),
-                            logs))
-        done = next((r for r in running if r[2].poll() is not None), None)
-        if done is None:
-            time.sleep(1.0)
-            continue
-        running.remove(done)
-        name, seed, proc, logs = done
-        stdout, stderr = (f.seek(0) or f.read() for f in logs)
-        if proc.returncode:
-            print(f"{name} seed {seed} failed:\n{stderr[-3000:]}", file=sys.stderr)
-            continue
-        row = json.loads(stdout.strip().splitlines()[-1])
-        rows = [r for r in rows if (r["name"], r["seed"]) != (name, seed)] + [row]
-        print(f"{name:13s} seed {seed}  HR@10 {row['full']['hr@10']:.4f}  NDCG@10 {row['full']['ndcg@10']:.4f}  "
-              f"sampled-99 HR@10 {row['sampled99']['hr@10']:.4f}  {row['epochs_run']} epochs "
-              f"{row['s_per_epoch']:.2f} s/epoch  {row['peak_mb']:.0f} MB", flush=True)
+
+    def on_row(row: dict) -> None:
+        nonlocal rows
+        rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
+        print(f"{row['name']:13s} seed {row['seed']}  HR@10 {row['full']['hr@10']:.4f}  "
+              f"NDCG@10 {row['full']['ndcg@10']:.4f}  sampled-99 HR@10 {row['sampled99']['hr@10']:.4f}  "
+              f"{row['epochs_run']} epochs {row['s_per_epoch']:.2f} s/epoch  {row['peak_mb']:.0f} MB", flush=True)
         write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+
+    # seed by seed: an interrupted budget still has every model at the first seeds
+    run_jobs(__file__, [(name, seed) for seed in seeds for name in names], ["--data", args.data], args.jobs,
+             args.budget, on_row)
     write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
     print(f"wrote {os.path.relpath(out, ROOT)}")
     return 0
 
 
 def write(out: Path, data: str, rows: list[dict], wall: float) -> None:
-    summary = {}
-    for name in MODELS:
-        got = sorted((r for r in rows if r["name"] == name), key=lambda r: r["seed"])
-        if not got:
-            continue
-        s = summary[name] = {"seeds": [r["seed"] for r in got], "epochs_run": [r["epochs_run"] for r in got],
-                             "s_per_epoch": round(sum(r["s_per_epoch"] for r in got) / len(got), 3),
-                             "peak_mb": max(r["peak_mb"] for r in got)}
-        for part in ("full", "sampled99"):
-            for k in got[0][part]:
-                s[f"{part} {k}"] = mean_sd([r[part][k] for r in got])
+    summary = summarise(rows, MODELS, ["full", "sampled99"])
+    for name, s in summary.items():
         if name not in BASELINES and name != "pop":
-            s["vs"] = {b: paired(rows, name, b) for b in BASELINES}
+            s["vs"] = {b: paired(rows, ROOT, name, b, PARTS) for b in BASELINES}
     result = {"data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT), "target_behavior": "buy",
               "split": "given train/test files, validation carved from training (each user's last training "
                        "purchase, users with at least two)" if data != "taobao" else

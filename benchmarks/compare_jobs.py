@@ -1,0 +1,109 @@
+"""Shared machinery of the model-comparison benchmarks (``mb_compare.py``, ``seq_compare.py``).
+
+Each (model, seed) trains in its own process, so that its peak resident memory is its own and a
+crash loses one row only; ``jobs`` of them run at once (one thread each). The worker prints one JSON
+row as the last line of its standard output; :func:`run_jobs` hands every row to a callback, which
+merges it into the results file at once (an interrupted comparison keeps what finished). The queue
+goes seed by seed, so that a budget that runs out still leaves every model at the first seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_jobs(script: str, pairs: list[tuple[str, int]], extra_args: list[str], jobs: int, budget: float | None,
+             on_row) -> None:
+    """Run ``python script --worker NAME SEED *extra_args`` for every (name, seed) of ``pairs``,
+    ``jobs`` at once, with ``OMP_NUM_THREADS=1``; ``on_row(row)`` for each that succeeds. No new
+    run starts after ``budget`` seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    queue = list(pairs)
+    running: list[tuple] = []
+    while queue or running:
+        while queue and len(running) < max(1, jobs):
+            name, seed = queue.pop(0)
+            if budget is not None and time.perf_counter() - t0 > budget:
+                print(f"budget reached: {name} seed {seed} not run", file=sys.stderr)
+                continue
+            cmd = [sys.executable, script, "--worker", name, str(seed), *extra_args]
+            logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+            running.append((name, seed, subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True, env=env),
+                            logs))
+        done = next((r for r in running if r[2].poll() is not None), None)
+        if done is None:
+            time.sleep(1.0)
+            continue
+        running.remove(done)
+        name, seed, proc, logs = done
+        stdout, stderr = (f.seek(0) or f.read() for f in logs)
+        if proc.returncode:
+            print(f"{name} seed {seed} failed:\n{stderr[-3000:]}", file=sys.stderr)
+            continue
+        on_row(json.loads(stdout.strip().splitlines()[-1]))
+
+
+def fit_figures(run, wall: float) -> dict:
+    """Epochs, best epoch, training seconds per epoch (training only), wall seconds and this
+    process's peak resident memory (MB) of a finished :class:`recforge.Run`."""
+    hist_path = Path(run.path) / "history.json"
+    epochs = json.loads(hist_path.read_text()).get("epochs", []) if hist_path.exists() else []
+    train_s = sum(e.get("train_seconds", 0.0) for e in epochs)
+    return {"epochs_run": len(epochs), "best_epoch": run.metrics.get("training", {}).get("best_epoch"),
+            "s_per_epoch": round(train_s / max(len(epochs), 1), 3), "wall_s": round(wall, 1),
+            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def mean_sd(vals: list[float]) -> list[float]:
+    """[mean, sample standard deviation] rounded to 4 places (sd 0 for one value)."""
+    mean = sum(vals) / len(vals)
+    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return [round(mean, 4), round(sd, 4)]
+
+
+def paired(rows: list[dict], root: Path, name: str, base: str, parts: dict[str, str],
+           metrics=("hr@10", "ndcg@10")) -> dict:
+    """Paired tests (t-test and Wilcoxon on per-user metrics averaged over the seeds both have) of
+    ``name`` against ``base``; ``parts`` maps a protocol label to the per-user file of a run folder."""
+    import polars as pl
+
+    from recforge.evaluation.significance import paired_tests, seed_mean
+
+    seeds = sorted({r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == base})
+    if not seeds:
+        return {}
+    runs = {n: [root / r["run"] for s in seeds for r in rows if r["name"] == n and r["seed"] == s]
+            for n in (name, base)}
+    out: dict = {"seeds": seeds}
+    for part, file in parts.items():
+        a, b = (seed_mean([pl.read_parquet(p / file) for p in runs[n]]) for n in (name, base))
+        # paired_tests' diff is b - a: stored as model minus baseline
+        out[part] = {t["metric"]: {"model_minus_baseline": round(-t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
+                                   "wilcoxon_p": float(f"{t['wilcoxon_p']:.3g}")}
+                     for t in paired_tests(a, b, list(metrics))}
+    return out
+
+
+def summarise(rows: list[dict], names, parts: list[str]) -> dict:
+    """Per model: seeds, epochs, mean seconds per epoch, largest peak memory, and mean ± sd of
+    every metric of each protocol part (``row[part]`` dicts)."""
+    summary = {}
+    for name in names:
+        got = sorted((r for r in rows if r["name"] == name), key=lambda r: r["seed"])
+        if not got:
+            continue
+        s = summary[name] = {"seeds": [r["seed"] for r in got], "epochs_run": [r["epochs_run"] for r in got],
+                             "s_per_epoch": round(sum(r["s_per_epoch"] for r in got) / len(got), 3),
+                             "peak_mb": max(r["peak_mb"] for r in got)}
+        for part in parts:
+            for k in got[0][part]:
+                s[f"{part} {k}"] = mean_sd([r[part][k] for r in got])
+    return summary
