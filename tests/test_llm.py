@@ -106,6 +106,24 @@ def test_temporal_split_per_user(split):
     assert ((sp.test["rating"] >= 4).cast(pl.Int8) == sp.test["label"]).all()
 
 
+def test_prompt_states_the_rating_scale_of_the_training_rows(split):
+    import dataclasses
+
+    from recforge.llm import prompts as P
+
+    _, sp = split
+    assert sp.scale == "1 to 5" and sp.protocol["rating_scale"] == [1.0, 5.0]
+    r = P.eligible(sp, "test").row(0, named=True)
+    rows = sp.history_rows(r["user_id"], r["timestamp"])
+    assert "from 1 to 5 stars" in P.render(sp, P.PromptFormat(), r["user_id"], r["item_id"], rows)
+    # half-star data (ML-latest-small's 0.5-5): the prompt states the data's own scale
+    ds, _ = split
+    halved = ds.interactions.with_columns(pl.col("rating").cast(pl.Float64) - 0.5)
+    sp2 = P.temporal_user_split(dataclasses.replace(ds, interactions=halved), test_ratio=0.25, like_threshold=4)
+    assert sp2.scale == "0.5 to 4.5"
+    assert "from 0.5 to 4.5 stars" in P.render(sp2, P.PromptFormat(), r["user_id"], r["item_id"], rows)
+
+
 def test_history_is_training_rows_strictly_before_the_target(split):
     from recforge.llm import prompts as P
 

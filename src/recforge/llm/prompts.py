@@ -20,7 +20,8 @@ item text vectors are closest (cosine) to the target item's, ties going to the m
 Either way the kept rows are shown in time order with their ratings.
 
 **Templates** (:class:`PromptFormat`): the user message is ``template`` with ``{profile}`` (one
-sentence from the user table: age, gender, occupation; empty without one), ``{history}`` (one
+sentence from the user table: age, gender, occupation; empty without one), ``{scale}`` (the
+training ratings' range, "1 to 5" on MovieLens-100K, "0.5 to 5" on ML-latest-small), ``{history}`` (one
 ``item_line`` per kept row: ``{title}``, ``{genres}``, ``{rating}``, ``{stars}``) and ``{target}``
 (``target_line``: ``{title}``, ``{genres}``). The model wraps it (chat template, answer prefix).
 
@@ -42,7 +43,7 @@ from recforge.errors import ConfigError, DataError
 
 RETRIEVALS = ("recent", "semantic")
 
-DEFAULT_TEMPLATE = ("{profile}The user rated these movies from 1 to 5 stars:\n{history}\n"
+DEFAULT_TEMPLATE = ("{profile}The user rated these movies from {scale} stars:\n{history}\n"
                     "Will the user like the movie {target}? Answer Yes or No.")
 DEFAULT_ITEM_LINE = "- {title}: {stars}"
 DEFAULT_TARGET_LINE = "{title} ({genres})"
@@ -63,10 +64,10 @@ class PromptFormat:
         for name, text in (("template", self.template), ("item_line", self.item_line),
                            ("target_line", self.target_line)):
             try:
-                text.format(profile="", history="", target="", title="", genres="", rating=0, stars="")
+                text.format(profile="", history="", target="", title="", genres="", rating=0, stars="", scale="")
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(f"llm.{name}={text!r}: unknown or malformed field {exc}; fields: "
-                                  "{profile} {history} {target} (template), {title} {genres} {rating} {stars} "
+                                  "{profile} {history} {target} {scale} (template), {title} {genres} {rating} {stars} "
                                   "(item_line), {title} {genres} (target_line)") from None
 
     def as_dict(self) -> dict:
@@ -85,6 +86,8 @@ class PromptSplit:
     genres: list[str]
     profiles: list[str]
     protocol: dict = field(default_factory=dict)
+    #: the rating scale of the training rows, as the template's ``{scale}`` shows it ("1 to 5")
+    scale: str = "1 to 5"
 
     @property
     def n_users(self) -> int:
@@ -173,7 +176,9 @@ def temporal_user_split(ds, test_ratio: float = 0.1, like_threshold: float = 4.0
                 "rows": {"train": train.height, "test": test.height},
                 "like_rate": {"train": round(float(train["label"].mean()), 4), "test": round(float(test["label"].mean()), 4)},
                 "history": "training rows of the target's user strictly before the target's timestamp"}
-    return PromptSplit(train, test, titles, genres, profiles, protocol)
+    lo, hi = float(train[RATING].min()), float(train[RATING].max())
+    protocol["rating_scale"] = [lo, hi]
+    return PromptSplit(train, test, titles, genres, profiles, protocol, scale=f"{lo:g} to {hi:g}")
 
 
 def eligible(split: PromptSplit, part: str, min_history: int = 1) -> pl.DataFrame:
@@ -221,7 +226,8 @@ def render(split: PromptSplit, fmt: PromptFormat, user: int, item: int, rows: np
         lines.append(fmt.item_line.format(title=split.titles[i], genres=split.genres[i], rating=f"{rating:g}",
                                           stars=stars))
     target = fmt.target_line.format(title=split.titles[item], genres=split.genres[item] or "unknown genre")
-    return fmt.template.format(profile=split.profiles[user], history="\n".join(lines), target=target)
+    return fmt.template.format(profile=split.profiles[user], history="\n".join(lines), target=target,
+                               scale=split.scale)
 
 
 def fit_budget(build, chosen: list[np.ndarray], count, max_tokens: int) -> tuple[list[str], np.ndarray, np.ndarray]:
