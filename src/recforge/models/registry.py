@@ -24,6 +24,7 @@ _MODELS: dict[str, str] = {
     "duorec": "recforge.models.sequential.duorec:DuoRec",
     "magnn": "recforge.models.sequential.magnn:MAGNN",
     "apgl4sr": "recforge.models.sequential.apgl4sr:APGL4SR",
+    "diffuasr": "recforge.models.sequential.diffuasr:DiffuASR",
     "lightgcn": "recforge.models.graph.lightgcn:LightGCN",
     "sgl": "recforge.models.graph.sgl:SGL",
     "simgcl": "recforge.models.graph.simgcl:SimGCL",
