@@ -22,6 +22,7 @@ _MODELS: dict[str, str] = {
     "bert4rec": "recforge.models.sequential.bert4rec:BERT4Rec",
     "cl4srec": "recforge.models.sequential.cl4srec:CL4SRec",
     "duorec": "recforge.models.sequential.duorec:DuoRec",
+    "grec": "recforge.models.sequential.grec:GRec",
     "magnn": "recforge.models.sequential.magnn:MAGNN",
     "apgl4sr": "recforge.models.sequential.apgl4sr:APGL4SR",
     "diffuasr": "recforge.models.sequential.diffuasr:DiffuASR",
