@@ -23,7 +23,9 @@ class Histories:
     ``sequences(max_len)`` (left-padded LongTensor) for sequential ones, ``users`` for
     user-embedding models. ``behaviors`` (optional) holds the behaviour of each history row
     (aligned with ``items``; strings, None where unknown), filled when the history comes from data
-    with a behaviour column; multi-behaviour models read it, others ignore it.
+    with a behaviour column; multi-behaviour models read it, others ignore it. ``times`` (optional)
+    holds the timestamp of each history row (aligned with ``items``, int64), filled when the
+    history comes from a table with a ``timestamp`` column; None when unknown.
     """
 
     users: np.ndarray
@@ -31,15 +33,17 @@ class Histories:
     items: np.ndarray
     n_items: int
     behaviors: np.ndarray | None = None
+    times: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)
 
     @classmethod
     def from_lists(cls, users, histories: list[list[int]], n_items: int,
-                   behaviors: list[list] | None = None) -> "Histories":
+                   behaviors: list[list] | None = None, times: list[list[int]] | None = None) -> "Histories":
         """Rows from per-user item lists; ``behaviors``: per user the behaviour of each item (None:
-        no behaviours; a row's list may hold None where a behaviour is unknown)."""
+        no behaviours; a row's list may hold None where a behaviour is unknown); ``times``: per
+        user the timestamp of each item (None: no times)."""
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
         indptr = np.zeros(len(histories) + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
@@ -49,12 +53,18 @@ class Histories:
             if [len(b) for b in behaviors] != lengths.tolist():
                 raise ValueError("behaviors: one behaviour per history item")
             beh = np.array([b for row in behaviors for b in row], dtype=object)
-        return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items, beh)
+        tms = None
+        if times is not None:
+            if [len(t) for t in times] != lengths.tolist():
+                raise ValueError("times: one timestamp per history item")
+            tms = np.fromiter((t for row in times for t in row), dtype=np.int64, count=int(lengths.sum()))
+        return cls(np.asarray(users, dtype=np.int64), indptr, items, n_items, beh, tms)
 
     def slice(self, start: int, stop: int) -> "Histories":
         ip = self.indptr[start : stop + 1]
         beh = None if self.behaviors is None else self.behaviors[ip[0] : ip[-1]]
-        return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items, beh)
+        tms = None if self.times is None else self.times[ip[0] : ip[-1]]
+        return Histories(self.users[start:stop], ip - ip[0], self.items[ip[0] : ip[-1]], self.n_items, beh, tms)
 
     @cached_property
     def lengths(self) -> np.ndarray:
@@ -135,10 +145,10 @@ def build_evalset(history: pl.DataFrame, targets: pl.DataFrame, n_users: int, n_
 
 
 def _rows_of(history: pl.DataFrame, users: np.ndarray, n_users: int, n_items: int) -> Histories:
-    """The history items of ``users`` (in that order) as ragged rows, with their behaviours when
-    the frame has a behaviour column."""
+    """The history items of ``users`` (in that order) as ragged rows, with their behaviours and
+    timestamps when the frame has a behaviour or a timestamp column."""
     from recforge.data.dataset import sort_interactions
-    from recforge.data.schema import BEHAVIOR
+    from recforge.data.schema import BEHAVIOR, TIME
     from recforge.data.split import ragged_sequences
 
     history = sort_interactions(history)
@@ -148,7 +158,8 @@ def _rows_of(history: pl.DataFrame, users: np.ndarray, n_users: int, n_items: in
     np.cumsum(lengths, out=indptr[1:])
     idx = np.repeat(indptr_all[users] - indptr[:-1], lengths) + np.arange(indptr[-1])
     beh = history[BEHAVIOR].to_numpy()[idx] if BEHAVIOR in history.columns else None
-    return Histories(users, indptr, items_all[idx], n_items, beh)
+    tms = history[TIME].to_numpy().astype(np.int64)[idx] if TIME in history.columns else None
+    return Histories(users, indptr, items_all[idx], n_items, beh, tms)
 
 
 def _positions(users: np.ndarray, tu: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ _MODELS: dict[str, str] = {
     "cl4srec": "recforge.models.sequential.cl4srec:CL4SRec",
     "duorec": "recforge.models.sequential.duorec:DuoRec",
     "grec": "recforge.models.sequential.grec:GRec",
+    "cmnrec": "recforge.models.sequential.cmnrec:CmnRec",
     "magnn": "recforge.models.sequential.magnn:MAGNN",
     "apgl4sr": "recforge.models.sequential.apgl4sr:APGL4SR",
     "diffuasr": "recforge.models.sequential.diffuasr:DiffuASR",
