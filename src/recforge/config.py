@@ -28,7 +28,7 @@ DATA_DEFAULTS = {
     "user_col": None, "item_col": None, "time_col": None, "rating_col": None, "behavior_col": None,
     "items": None, "item_key": None, "sep": None, "time_format": None,
     "dedupe": "first", "rating_threshold": None, "min_user": 0, "min_item": 0, "behaviors": None,
-    "target_behavior": None, "knowledge": None, "cache": True,
+    "target_behavior": None, "knowledge": None, "social": None, "tags": None, "cache": True,
 }
 #: ``auto``: ``presplit`` when the source comes with its split (train/test files), ``loo`` otherwise
 SPLIT_DEFAULTS = {"method": "auto"}

@@ -62,6 +62,7 @@ def load_dataset(data_cfg: dict) -> Dataset:
             ds = prepare(loader(), opts)
         else:
             ds = prepare_cached(loader, str(source), opts, reader_key(source, **ropts))
+        ds.meta["source"] = str(source)  # where side files (data.social=auto, data.tags=auto) are looked for
     check_target_behavior(ds, data_cfg)
     return ds
 
@@ -102,7 +103,9 @@ def check_target_behavior(ds: Dataset, data_cfg: dict) -> None:
 def split_dataset(ds: Dataset, cfg: dict) -> Split:
     """The split the config names (``auto``: the source's own split, else leave-one-out), over
     the target behaviour's rows when ``data.target_behavior`` is set, with the item relations of
-    ``data.knowledge`` (built from the training part) in ``split.knowledge``."""
+    ``data.knowledge`` (built from the training part) in ``split.knowledge``, the user-user links of
+    ``data.social`` in ``split.social`` and the item tags of ``data.tags`` (training part) in
+    ``split.tags``."""
     method, opts = split_options(cfg, ds)
     data = cfg.get("data", {})
     split = make_split(ds, method, target_behavior=data.get("target_behavior") or None, **opts)
@@ -110,6 +113,14 @@ def split_dataset(ds: Dataset, cfg: dict) -> Split:
         from recforge.data.knowledge import build_knowledge
 
         split.knowledge = build_knowledge(data["knowledge"], ds, split.train)
+    if data.get("social"):
+        from recforge.data.social import build_social
+
+        split.social = build_social(data["social"], ds)
+    if data.get("tags"):
+        from recforge.data.tags import build_tags
+
+        split.tags = build_tags(data["tags"], ds, split.train)
     return split
 
 

@@ -74,6 +74,11 @@ class Split:
     #: item relations asked for with ``data.knowledge`` (recforge.data.knowledge.Knowledge),
     #: built from the training part only; None when not asked for
     knowledge: object | None = None
+    #: user-user links asked for with ``data.social`` (recforge.data.social.Social); None when not asked for
+    social: object | None = None
+    #: item tags asked for with ``data.tags`` (recforge.data.tags.Tags), from the training part only;
+    #: None when not asked for
+    tags: object | None = None
 
     def history(self, which: str) -> pl.DataFrame:
         """Interactions visible to the model when ranking ``which`` targets (valid or test)."""
