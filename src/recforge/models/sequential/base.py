@@ -14,8 +14,9 @@ a lot:
 * ``window``: non-overlapping windows of ``max_len`` targets tiling each whole sequence from its
   end, every position a target, so histories longer than ``max_len`` are used completely.
 
-Scoring uses only ``Histories.sequences(max_len)`` (never user ids), so a raw history of an
-unknown user is scored like any other.
+Scoring uses ``Histories.sequences(max_len)``, so a raw history of an unknown user is scored
+like any other; the few models that also read user ids (a user embedding, a stored per-user
+augmentation) say in their docstring what replaces them for an unknown user (``-1``).
 """
 
 from __future__ import annotations
