@@ -32,6 +32,7 @@ _MODELS: dict[str, str] = {
     "simgcl": "recforge.models.graph.simgcl:SimGCL",
     "sgcl": "recforge.models.graph.sgcl:SGCL",
     "lsgrec": "recforge.models.graph.lsgrec:LSGRec",
+    "mhcn": "recforge.models.graph.mhcn:MHCN",
     "imca": "recforge.models.graph.imca:IMCA",
     "llmesr": "recforge.models.semantic.llmesr:LLMESR",
     "llmesr-gru4rec": "recforge.models.semantic.llmesr:LLMESRGRU4Rec",
