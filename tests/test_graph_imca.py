@@ -226,3 +226,15 @@ def test_imca_deterministic_save_load_and_unknown_user(tagged, tmp_path):
 def test_imca_bad_parameters(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         create("imca", **{**FAST, **bad})
+
+
+def test_every_run_records_the_tags_and_whether_the_model_read_them(hand):
+    from recforge import api
+    from recforge import config as C
+
+    ds, split, tmp = hand
+    split.tags = build_tags(str(_tags_csv(tmp / "t.csv", ["a,10,x,1", "b,11,y,2"])), ds, split.train)
+    cfg = C.base_config("lightgcn", "hand")
+    plain = api._protocol_record(cfg, split, create("lightgcn"))
+    assert plain["tags"]["used_by_model"] is False and plain["tags"]["rows_kept"] == 2
+    assert api._protocol_record(cfg, split, create("imca"))["tags"]["used_by_model"] is True

@@ -64,6 +64,10 @@ def _eval(model, evalset, cfg, popularity) -> EvalResult:
                      head_rule=e.get("head_items"))
 
 
+#: side data of a split (``data.<name>``) -> what it holds, for messages; a model reading one sets ``uses_<name>``
+SIDE_DATA = {"knowledge": "item relations", "social": "user-user links", "tags": "item tags"}
+
+
 def _protocol_record(cfg: dict, split, model) -> dict:
     rec = {"split": split.protocol, **_protocol(cfg).describe(),
            "head_items": "{}:{:g}".format(*parse_head_rule(cfg["eval"].get("head_items"))),
@@ -72,9 +76,9 @@ def _protocol_record(cfg: dict, split, model) -> dict:
     if threshold is not None:
         rec["targets"] = f"held-out rows rated >= {threshold:g} (lower-rated held-out items count as non-relevant)"
     rec.update(_behavior_record(cfg, split))
-    if split.knowledge is not None:
-        rec["knowledge"] = {**split.knowledge.describe(),
-                            "used_by_model": bool(getattr(model, "uses_knowledge", False))}
+    for side in SIDE_DATA:  # side data asked for in data.*: what was built, and whether the model read it
+        if getattr(split, side) is not None:
+            rec[side] = {**getattr(split, side).describe(), "used_by_model": bool(getattr(model, f"uses_{side}", False))}
     notes = getattr(model, "protocol_notes", None)
     if callable(notes):
         rec.update(notes())
@@ -160,9 +164,10 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
     est = registry.create(cfg["model"]["name"], **params)
     if getattr(est, "needs_items", False):  # text-enhanced models read the item side table
         est.attach_dataset(ds)
-    if split.knowledge is not None and not getattr(est, "uses_knowledge", False):
-        log.warning("data.knowledge: %s does not read item relations; they are built and recorded, not used",
-                    cfg["model"]["name"])
+    for side, what in SIDE_DATA.items():
+        if getattr(split, side) is not None and not getattr(est, f"uses_{side}", False):
+            log.warning("data.%s: %s does not read %s; they are built and recorded, not used", side,
+                        cfg["model"]["name"], what)
     name = run_name(cfg["model"]["name"], dataset_label(cfg["data"]["path"]), cfg["seed"])
     # only rank 0 writes the run folder; the other processes write into a scratch folder they delete
     writer = RunWriter(out if rank == 0 else tempfile.mkdtemp(prefix="recforge-rank"), name)

@@ -222,6 +222,7 @@ class _Sparse:
 
 class MHCN(LightGCN):
     name = "mhcn"
+    uses_social = True
 
     def __init__(self, dim: int = 64, n_layers: int = 2, reg: float = 1e-4, ssl_weight: float = 0.01,
                  ssl_normalize: bool = True, norm: str = "row", purchase_min: float = 2, init: str = "xavier",
@@ -369,7 +370,7 @@ class MHCN(LightGCN):
         notes = {**super().protocol_notes(),
                  "graph": "training interactions (user-item graph) and motif-induced user hypergraphs over the "
                           "social links and the training interactions",
-                 "social": getattr(self, "social_record_", {})}
+                 "social": {**getattr(self, "social_record_", {}), "used_by_model": True}}
         if getattr(self, "channels_", None) is not None:
             notes["channels"] = {name: {"nnz": int(m.nnz), "users": int((np.diff(m.indptr) > 0).sum())}
                                  for name, m in self.channels_.items()}
