@@ -34,6 +34,7 @@ _MODELS: dict[str, str] = {
     "lsgrec": "recforge.models.graph.lsgrec:LSGRec",
     "mhcn": "recforge.models.graph.mhcn:MHCN",
     "imca": "recforge.models.graph.imca:IMCA",
+    "til": "recforge.models.graph.til:TIL",
     "llmesr": "recforge.models.semantic.llmesr:LLMESR",
     "llmesr-gru4rec": "recforge.models.semantic.llmesr:LLMESRGRU4Rec",
     "llmesr-bert4rec": "recforge.models.semantic.llmesr:LLMESRBERT4Rec",
