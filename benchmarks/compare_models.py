@@ -1,0 +1,177 @@
+"""Seed systems of a model family against their baseline (defaults), with Pop and EASE rows, 3 seeds,
+full ranking, paired tests, seconds per epoch and peak memory.
+
+    python benchmarks/compare_models.py --family seq|graph [--data NAME|PATH] [--seeds 0,1,2]
+                                        [--models NAME,...] [--jobs 2] [--budget SECONDS] [--fresh]
+
+Families (``FAMILIES``): ``seq``, the sequential seed systems against SASRec (GRec, CmnRec with its
+chunk modes (none: the memory network without chunks; pec, tsc: the paper's; gap: ours, by time gaps), MA-GNN, APGL4SR, DiffuASR with two backbones); ``graph``, the graph seed systems against
+LightGCN and MF-BPR (MHCN with the social links, IMCA with the tags, TIL on MF and LightGCN).
+
+Data (``../shared/data``): ``ml-100k`` (``movielens-100k``, real timestamps), ``beauty``
+(``amazon-beauty/Beauty.txt``, order only), ``beauty-time`` (``amazon-beauty-time``, real timestamps,
+needed by CmnRec's time-sensitive chunks), ``ml-latest-small`` (with ``tags.csv``), ``lastfm``
+(``lastfm-social``: LightGCN's train/test split and the friendship links).
+
+Protocol for every row: the data's default split (leave-one-out: last item test, second-to-last
+validation; ``lastfm``: its given train/test files), **full ranking** over every item, the user's
+history excluded, pessimistic ties, **no sub-sequence splitting** (``subseq=none``); early stopping on
+validation NDCG@10 with each model's default patience, the best-validation weights tested. Every model
+runs with its YAML defaults (never tuned on these test splits), ``threads=1``; the family table lists
+the few named variants and the side data a model reads (``data.social=auto``, ``data.tags=auto``).
+Paired tests (t-test and Wilcoxon on per-user metrics averaged over seeds) of every model against the
+family's baselines.
+
+Each (model, seed) runs in its own process (``--jobs 2``: two at once, one thread each, so seconds
+per epoch are two-process figures) and keeps its run folder under
+``benchmarks/results/runs/<family>/<data>/`` (ignored by git); a later call with other ``--models`` adds
+to the same table, ``--fresh`` starts over. Writes ``benchmarks/results/<family>_<data>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_jobs import fit_figures, paired, run_jobs, summarise  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {"ml-100k": SHARED / "movielens-100k", "beauty": SHARED / "amazon-beauty" / "Beauty.txt",
+            "beauty-time": SHARED / "amazon-beauty-time", "ml-latest-small": SHARED / "movielens-latest-small",
+            "lastfm": SHARED / "lastfm-social"}
+
+#: data -> overrides for every model: LastFM's given split has no validation part, so each user's last
+#: training row is carved out for early stopping (``split.valid=last``, recorded in the run's protocol)
+DATA_OVERRIDES = {"lastfm": {"split.valid": "last"}}
+
+#: family -> models (name -> (registry model, overrides on top of the model's defaults)) and baselines
+FAMILIES = {
+    "seq": {"models": {
+        "pop": ("pop", {}),
+        "ease": ("ease", {}),
+        "sasrec": ("sasrec", {}),
+        "gru4rec": ("gru4rec", {}),
+        "grec": ("grec", {}),
+        "cmnrec": ("cmnrec", {"chunk": "none"}),
+        "cmnrec-pec": ("cmnrec", {"chunk": "pec"}),
+        "cmnrec-tsc": ("cmnrec", {"chunk": "tsc"}),
+        "cmnrec-gap": ("cmnrec", {"chunk": "gap"}),  # chunks closed by time gaps: data with real timestamps
+        "magnn": ("magnn", {}),
+        "apgl4sr": ("apgl4sr", {}),
+        "diffuasr": ("diffuasr", {"backbone": "sasrec"}),
+        "diffuasr-gru4rec": ("diffuasr", {"backbone": "gru4rec"}),
+    }, "baselines": ("sasrec", "ease")},
+    "graph": {"models": {
+        "pop": ("pop", {}),
+        "ease": ("ease", {}),
+        "mf": ("lightgcn", {"n_layers": 0}),
+        "lightgcn": ("lightgcn", {}),
+        "mhcn": ("mhcn", {"data.social": "auto"}),
+        "imca": ("imca", {"data.tags": "auto"}),
+        "til": ("til", {}),
+        "til-mf": ("til", {"n_layers": 0}),
+    }, "baselines": ("lightgcn", "mf")},
+}
+KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@20")
+PARTS = {"full": "per_user_test.parquet"}
+#: protocol entries of a run worth keeping in its row (model notes: augmentation, memory operations ...)
+SKIP_NOTES = ("split", "exclude", "ties", "data")
+
+
+def run_dir(family: str, data: str) -> Path:
+    return ROOT / "benchmarks" / "results" / "runs" / family / data
+
+
+def worker(family: str, name: str, seed: int, data: str) -> dict:
+    """Train and evaluate one (model, seed) in this process; its row (per-user table in the run folder)."""
+    import recforge
+
+    model, extra = FAMILIES[family]["models"][name]
+    overrides = {"seed": seed, **DATA_OVERRIDES.get(data, {}), **extra}
+    if model not in ("pop", "ease"):
+        overrides.update(threads=1, device="cpu")
+    out = run_dir(family, data) / f"{name}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
+    wall = time.perf_counter() - t0
+    full = run.metrics["test"]
+    protocol = run.metrics.get("protocol", {})
+    notes = {k: v for k, v in protocol.items() if k not in SKIP_NOTES and isinstance(v, (int, float, str, bool))}
+    return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
+            "full": {k: round(float(full[k]), 4) for k in KEYS if k in full}, "n_users": int(full.get("n_users", 0)),
+            "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes}
+
+
+def write(out: Path, family: str, data: str, rows: list[dict], wall: float) -> None:
+    fam = FAMILIES[family]
+    summary = summarise(rows, fam["models"], ["full"])
+    for name, s in summary.items():
+        s["vs"] = {b: paired(rows, ROOT, name, b, PARTS) for b in fam["baselines"] if b != name}
+    result = {"family": family, "data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT),
+              "protocol": "the data's default split (see each run's protocol.split); full ranking over every item, "
+                          "the user's history excluded, pessimistic ties; subseq=none; early stopping on validation "
+                          "NDCG@10 (model defaults), best-validation weights tested; model defaults, threads=1",
+              "wall_s": round(wall, 1), "runs": rows, "summary": summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="seq")
+    ap.add_argument("--data", default="ml-100k")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--models", default=None, help="default: every model of the family")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
+    ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.family, args.worker[0], int(args.worker[1]), args.data)))
+        return 0
+    path = DATASETS.get(args.data, Path(args.data))
+    if not Path(path).exists():
+        print(f"{path}: data not found (the shared datasets live in ../shared/data); nothing run", file=sys.stderr)
+        return 2
+    models = FAMILIES[args.family]["models"]
+    names = args.models.split(",") if args.models else list(models)
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)} of family {args.family}; choose from {', '.join(models)}",
+              file=sys.stderr)
+        return 2
+    label = args.data if args.data in DATASETS else Path(args.data).name
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")
+    old = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
+    rows = old.get("runs", [])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.perf_counter()
+
+    def on_row(row: dict) -> None:
+        nonlocal rows
+        rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
+        print(f"{row['name']:17s} seed {row['seed']}  HR@10 {row['full']['hr@10']:.4f}  "
+              f"NDCG@10 {row['full']['ndcg@10']:.4f}  {row['epochs_run']} epochs {row['s_per_epoch']:.2f} s/epoch  "
+              f"{row['peak_mb']:.0f} MB", flush=True)
+        write(out, args.family, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+
+    run_jobs(__file__, [(name, seed) for seed in seeds for name in names], ["--family", args.family, "--data", args.data], args.jobs,
+             args.budget, on_row)
+    write(out, args.family, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+    print(f"wrote {os.path.relpath(out, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
