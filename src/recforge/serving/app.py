@@ -16,7 +16,9 @@ Endpoints (raw ids in, raw ids out):
   rows given with their features (:mod:`recforge.serving.ctr_engine`); the ranking endpoints above
   answer 400 for such an artifact, and this one 400 for a ranking artifact;
 * ``POST /v1/events`` — a batch of events, durable (fsynced) before the reply and part of the
-  user's history for the very next request;
+  user's history for the very next request; for a model that places new items (``add_items``,
+  e.g. HetSGFormer's ILLE) an item not in the catalogue is placed from the users who had it and is
+  recommendable from the next request (:meth:`~recforge.serving.engine.Engine.learn_events`);
 * ``POST /admin/reload`` — load another artifact and swap it in atomically, in every worker
   process (:mod:`recforge.serving.workers`); requests in flight finish on the model they
   started with.
@@ -357,6 +359,8 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
         eng = state.engine
         if eng.task != "ranking":  # a CTR model has no catalogue to check the items against
             return {"accepted": n, "unknown_items": []}
+        if eng.grows:  # a model that places new items from their users (ILLE): see Engine.learn_events
+            await run_in_threadpool(eng.learn_events, [(e.user_id, e.item_id) for e in body.events])
         _, unknown = eng.encode_items(dict.fromkeys(e.item_id for e in body.events))
         return {"accepted": n, "unknown_items": unknown[:100]}
 

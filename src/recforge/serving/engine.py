@@ -1,8 +1,10 @@
 """The serving engine: one loaded artifact with everything a request needs, built once.
 
-An :class:`Engine` is immutable after construction. The server holds one and swaps it for a new
-one on reload; a request takes the current engine at its start and uses it to the end, so a swap
-never disturbs requests in flight.
+An :class:`Engine` is immutable after construction, but for one thing: the catalogue of a model
+that can place new items (a model with ``add_items``, e.g. HetSGFormer's ILLE) grows when events
+name items it has never seen. The server holds one engine and swaps it for a new one on reload; a
+request takes the current engine at its start and uses it to the end, so a swap never disturbs
+requests in flight.
 
 Recommendations work for any :class:`~recforge.models.base.Recommender`: the user's history (the
 artifact's interactions, then the fresh events in time order) becomes a
@@ -13,6 +15,15 @@ has behaviours (views, carts, purchases), each history row carries its behaviour
 ``behavior`` column, an event's ``behavior``), so a multi-behaviour model reads them, and
 ``exclude_seen`` removes the rows the model's :meth:`~recforge.models.base.Recommender.seen_mask`
 names (for a multi-behaviour model its target behaviour only: a viewed item stays a candidate).
+
+New items (:meth:`Engine.learn_events`): for a model with ``add_items(user_lists)`` (duck-typed),
+an event whose item is not in the catalogue records the (known) user who had it; the item is then
+placed by the model from the users who had it in the events this engine received so far (ILLE:
+the weighted sum of items sharing those users), appended to the catalogue, and ranked by the next
+request. Later events of that item move it again (``refresh_items``, when the model has it). The
+engine keeps these additions in memory: another worker process, or the engine loaded by a reload,
+places the item again when its next event arrives. Items whose event users are all unknown to the
+model wait for a known user. Models without ``add_items`` are unchanged: the item stays unknown.
 
 Similar items are the cosine neighbours of an item's vector when the artifact has item vectors,
 else the cosine of binary item co-occurrence in the artifact's interactions (the share of users
@@ -201,6 +212,12 @@ class Engine:
             self.ann = ANNIndex(self.item_vectors, threads=threads, **(ann_options or {}))
             self.ann_status = f"on: HNSW over {self.n_items} items"
         self.batcher = ScoreBatcher(self.model, self.n_items, max_batch) if max_batch > 1 else None
+        #: the model places new items from their users (ILLE); see learn_events
+        self.grows = callable(getattr(self.model, "add_items", None))
+        self._grow_lock = threading.Lock()
+        self._event_users: dict[str, set[int]] = {}  # new item (id key) -> known users who had it
+        self._added: set[str] = set()
+        self._ann_rows = self.n_items + 1  # rows of the ANN index; later rows are scored exactly
         # the model's rule for exclude_seen, when it has its own (multi-behaviour models); None: every
         # history item, without building a Histories row per request
         from recforge.models.base import Recommender
@@ -278,7 +295,7 @@ class Engine:
         if self.categories is None:
             raise BadRequestError("this model's item table has no category or genres column; "
                                   "leave 'categories' out")
-        mask = np.zeros(self.n_items + 1, dtype=bool)
+        mask = np.zeros(len(self.item_raw), dtype=bool)
         for c in categories:
             idx = self.categories.get(str(c))
             if idx is not None:
@@ -336,12 +353,18 @@ class Engine:
         return r
 
     def _top(self, scores: np.ndarray, k: int, banned: np.ndarray, allowed: np.ndarray | None) -> Ranked:
+        n = len(self.item_raw)  # the catalogue may have grown (learn_events) while this request ran
+        if len(scores) != n:
+            scores = scores[:n] if len(scores) > n else np.concatenate(
+                [scores, np.full(n - len(scores), -np.inf, dtype=np.float32)])
         scores[0] = -np.inf
         if len(banned):
-            scores[banned] = -np.inf
+            scores[banned[banned < n]] = -np.inf
         if allowed is not None:
-            scores[~allowed] = -np.inf
-        k = max(0, min(k, self.n_items))
+            if len(allowed) < n:  # items added after the mask was built have no category
+                allowed = np.concatenate([allowed, np.zeros(n - len(allowed), dtype=bool)])
+            scores[~allowed[:n]] = -np.inf
+        k = max(0, min(k, n - 1))
         if k == 0:
             return Ranked([], [])
         part = np.argpartition(scores, -k)[-k:]
@@ -356,21 +379,30 @@ class Engine:
         q = query_vectors(self.model, hist, self.item_vectors)
         if q is None:
             return None
-        want = min(self.n_items, k + len(banned) + 16)
+        want = min(self._ann_rows - 1, k + len(banned) + 16)
         idx, sc = self.ann.search(q, want)
         idx, sc = idx[0], sc[0]
+        vectors = self.item_vectors
+        if len(vectors) > self._ann_rows:  # items added since the index was built: scored exactly
+            idx = np.concatenate([idx, np.arange(self._ann_rows, len(vectors))])
+            sc = np.concatenate([sc, vectors[self._ann_rows:] @ q[0]])
+            order = np.argsort(-sc, kind="stable")
+            idx, sc = idx[order], sc[order]
         keep = (idx > 0) & ~np.isin(idx, banned) & np.isfinite(sc)
         idx, sc = idx[keep][:k], sc[keep][:k]
-        if len(idx) < min(k, self.n_items - len(banned)):
+        if len(idx) < min(k, len(vectors) - 1 - len(banned)):
             return None  # too few candidates survived the exclusions: exact search instead
         return Ranked([self.item_raw[i] for i in idx], [float(s) for s in sc])
 
     # ---- similar items -----------------------------------------------------------------------
     def similar(self, item_idx: int, k: int) -> Ranked:
         if self.item_vectors is not None:
-            s = self._unit @ self._unit[item_idx]
-            if not np.any(self._unit[item_idx]):
+            unit = self._unit
+            s = unit @ unit[item_idx]
+            if not np.any(unit[item_idx]):
                 s[:] = -np.inf
+        elif item_idx >= self._x.shape[1]:  # an item added from events: no co-occurrence yet
+            s = np.full(len(self.item_raw), -np.inf, dtype=np.float32)
         else:
             users = self._xc.indices[self._xc.indptr[item_idx]:self._xc.indptr[item_idx + 1]]
             co = np.asarray(self._x[users].sum(0)).ravel().astype(np.float32)
@@ -378,6 +410,84 @@ class Engine:
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.where((co > 0) & (denom > 0), co / denom, -np.inf).astype(np.float32)
         return self._top(np.asarray(s, dtype=np.float32), k, np.asarray([item_idx], dtype=np.int64), None)
+
+    # ---- new items ---------------------------------------------------------------------------
+    def learn_events(self, events: list[tuple]) -> list:
+        """Take ``(raw user, raw item)`` events into the catalogue of a model that places new
+        items (:attr:`grows`): every item not in the catalogue that a known user had is placed by
+        the model from all the known users who had it in the events so far and becomes
+        recommendable; an item placed before moves with its new users (``refresh_items``).
+        Returns the raw ids added now. Nothing happens for other models."""
+        if not self.grows or not events:
+            return []
+        with self._grow_lock:
+            fresh: dict[str, list] = {}  # new item key -> [raw id, new users]
+            for user_raw, item_raw in events:
+                key = id_key(item_raw)
+                if key in self.item_index and key not in self._added:
+                    continue
+                users = self._event_users.setdefault(key, set())
+                u = self.user_idx(user_raw)
+                if 0 <= u < self.n_users and u not in users:
+                    users.add(u)
+                    fresh.setdefault(key, [item_raw, []])[1].append(u)
+            new = [(k, v[0]) for k, v in fresh.items() if k not in self.item_index]
+            moved = [(self.item_index[k], v[1]) for k, v in fresh.items() if k in self.item_index]
+            if moved and callable(getattr(self.model, "refresh_items", None)):
+                self._call_model(self.model.refresh_items, [m[0] for m in moved], [m[1] for m in moved])
+                self._refresh_vectors([m[0] for m in moved])
+            if new:
+                self._add_items([raw for _, raw in new], [sorted(self._event_users[k]) for k, _ in new])
+            return [raw for _, raw in new]
+
+    def _call_model(self, fn, *args):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args)
+
+    def _add_items(self, raws: list, user_lists: list[list[int]]) -> None:
+        """Append items placed by the model; the order of the updates keeps concurrent requests
+        consistent (the model's table first, then the ids a response names, then the lookups)."""
+        start = len(self.item_raw)
+        idx = np.asarray(self._call_model(self.model.add_items, user_lists), dtype=np.int64)
+        if len(idx) != len(raws) or (len(idx) and (idx[0] != start or np.any(np.diff(idx) != 1))):
+            raise RecForgeError(f"model {self.model_name} added items at {idx.tolist()}, expected {start}..")
+        self.item_raw = self.item_raw + list(raws)
+        self._refresh_vectors(idx.tolist())
+        counts = np.asarray([len(u) for u in user_lists], dtype=np.float32)
+        self.popularity = np.concatenate([self.popularity, counts])
+        for raw, i in zip(raws, idx):
+            self.item_index[id_key(raw)] = int(i)
+            self._added.add(id_key(raw))
+        self.n_items = len(self.item_raw) - 1
+        if self.batcher is not None:
+            self.batcher.n_items = self.n_items
+        log.info("placed %d new items from their event users (catalogue: %d items)", len(raws), self.n_items)
+
+    def _refresh_vectors(self, rows: list[int]) -> None:
+        """Copy the model's current vectors of ``rows`` into the engine's item vectors."""
+        if self.item_vectors is None or not rows:
+            return
+        from recforge.serving.artifact import item_vectors_of
+
+        table = item_vectors_of(self.model)
+        if table is None or len(table) < max(rows) + 1:
+            return
+
+        def unit_of(v: np.ndarray) -> np.ndarray:
+            return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+        vec, unit = self.item_vectors, self._unit
+        n_old = len(vec)
+        old = np.asarray([r for r in rows if 0 < r < n_old], dtype=np.int64)
+        if len(old):  # moved items: new arrays, so a request in flight keeps a consistent pair
+            vec, unit = vec.copy(), unit.copy()
+            vec[old], unit[old] = table[old], unit_of(table[old])
+        if len(table) > n_old:  # appended items
+            vec = np.concatenate([vec, table[n_old:]]).astype(np.float32)
+            unit = np.concatenate([unit, unit_of(table[n_old:])])
+        self._unit, self.item_vectors = unit, vec
 
     # ---- checks ------------------------------------------------------------------------------
     def _sample_histories(self, n: int = 8) -> Histories:
