@@ -77,6 +77,7 @@ FAMILIES = {
         "imca": ("imca", {"data.tags": "auto"}),
         "til": ("til", {}),
         "til-mf": ("til", {"n_layers": 0}),
+        "hetsgformer": ("hetsgformer", {}),
     }, "baselines": ("lightgcn", "mf")},
 }
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@20")
@@ -125,6 +126,23 @@ def write(out: Path, family: str, data: str, rows: list[dict], wall: float) -> N
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def table(result: dict) -> str:
+    """The results file as a Markdown table: mean ± sd over seeds, the paired difference to each
+    baseline with its t-test p-value, seconds per epoch and peak memory."""
+    fam = FAMILIES[result["family"]]
+    bases = fam["baselines"]
+    head = ["model", "seeds", "NDCG@10", "HR@10"] + [f"Δ NDCG@10 vs {b} (p)" for b in bases] + ["s/epoch", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in result["summary"].items():
+        cells = [name, str(len(s["seeds"]))] + [f"{s[f'full {k}'][0]:.4f} ± {s[f'full {k}'][1]:.4f}" for k in ("ndcg@10", "hr@10")]
+        for b in bases:
+            t = s.get("vs", {}).get(b, {}).get("full", {}).get("ndcg@10")
+            cells.append(f"{t['model_minus_baseline']:+.4f} ({t['t_test_p']:.2g})" if t else "–")
+        cells += [f"{s['s_per_epoch']:.2f}" if s["s_per_epoch"] else "–", f"{s['peak_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=sorted(FAMILIES), default="seq")
@@ -135,10 +153,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
     ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
     ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of the results file; run nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.family, args.worker[0], int(args.worker[1]), args.data)))
+        return 0
+    label = args.data if args.data in DATASETS else Path(args.data).name
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")
+    if args.table:
+        print(table(json.loads(out.read_text())))
         return 0
     path = DATASETS.get(args.data, Path(args.data))
     if not Path(path).exists():
@@ -151,8 +175,6 @@ def main(argv=None) -> int:
         print(f"unknown model(s) {', '.join(unknown)} of family {args.family}; choose from {', '.join(models)}",
               file=sys.stderr)
         return 2
-    label = args.data if args.data in DATASETS else Path(args.data).name
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")
     old = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
     rows = old.get("runs", [])
     seeds = [int(s) for s in args.seeds.split(",")]
