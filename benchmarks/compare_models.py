@@ -78,6 +78,10 @@ FAMILIES = {
         "til": ("til", {}),
         "til-mf": ("til", {"n_layers": 0}),
         "hetsgformer": ("hetsgformer", {}),
+        # CNSDiff against LightGCN's own negative samplers (training otherwise identical)
+        "lightgcn-popneg": ("lightgcn", {"neg_sampler": "popularity"}),
+        "lightgcn-hardneg": ("lightgcn", {"neg_sampler": "hard"}),
+        "cnsdiff": ("cnsdiff", {}),
     }, "baselines": ("lightgcn", "mf")},
 }
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@20")
