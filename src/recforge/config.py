@@ -38,6 +38,7 @@ SPLIT_OPTIONS = {
     "temporal": {"test_quantile", "valid_quantile", "test_cutoff", "valid_cutoff"},
     "random": {"ratios", "seed"},
     "presplit": {"valid"},
+    "popularity_shift": {"test_share", "valid_share", "seed", "power", "keep_items"},
 }
 EVAL_DEFAULTS = {"ks": [5, 10, 20], "sampled": None, "batch_size": 1024, "exclude": "auto", "ties": "pessimistic",
                  "head_items": "share:0.8", "hist_bins": [5, 10, 20, 50], "target_min_rating": None}

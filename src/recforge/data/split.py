@@ -36,6 +36,13 @@ training plus validation history (plus ``context``, below). A test interaction i
   early stopping never looks at them.
 
 Counts (held-out users, users without a target row, dropped rows) go into ``Split.protocol``.
+
+**Distribution shifts.** Two splits make the test distribution differ from the training one, as
+the out-of-distribution recommendation literature evaluates: ``temporal`` (above; a global time
+cut-off, so the test period's interests and items differ from the training period's) is the
+*temporal shift*; ``popularity_shift`` (:func:`popularity_shift`) is the *popularity shift*: test
+and validation pairs are drawn with probability inversely proportional to the item's popularity,
+so their item popularity is close to uniform while training keeps the long tail.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from recforge.data.dataset import Dataset, sort_interactions
 from recforge.data.schema import BEHAVIOR, ITEM, SPLIT, TIME, USER
 from recforge.errors import ConfigError, DataError
 
-SPLITS = ("loo", "temporal", "random", "presplit")
+SPLITS = ("loo", "temporal", "random", "presplit", "popularity_shift")
 #: ``split.valid`` of a given split without a validation part
 PRESPLIT_VALID = ("auto", "last", "none")
 #: below this share of the given test pairs found in training, a carved validation pair is hidden too
@@ -178,7 +185,9 @@ def temporal(ds: Dataset, test_quantile: float = 0.9, valid_quantile: float = 0.
     the cut-offs validate, the rest test. Cut-offs are timestamps or quantiles of all times.
     Targets of users with no training history are dropped (nothing to rank from).
     ``target_behavior``: only rows of that behaviour are targets and the quantiles are taken
-    over their times (module docstring)."""
+    over their times (module docstring). This is the *temporal shift* split of the
+    out-of-distribution recommendation literature (training on the past, testing on a later
+    period); :func:`popularity_shift` is the popularity shift."""
     df = sort_interactions(ds.interactions)
     is_target = _target_rows(df, target_behavior, ds.name) if target_behavior is not None else None
     if test_cutoff is None or valid_cutoff is None:
@@ -254,6 +263,119 @@ def _random_parts(df: pl.DataFrame, ratios: tuple[float, float, float], seed: in
     test = df.filter(~is_train & (frac >= va))
     drop = ["_r", "_k", "_n"]
     return train.drop(drop), valid.drop(drop), test.drop(drop)
+
+
+def popularity_shift(ds: Dataset, test_share: float = 0.1, valid_share: float = 0.1, seed: int = 0,
+                     power: float = 1.0, keep_items: bool = True, target_behavior: str | None = None) -> Split:
+    """Popularity-shift split: test and validation pairs drawn with probability inversely
+    proportional to their item's popularity, the rest is training.
+
+    This is the "intervened" (unbiased) test set of the popularity-debiasing literature as MACR
+    (Wei et al., KDD 2021) builds it from an observational log, following CausE (Bonner & Vasile,
+    RecSys 2018): a share of the interactions is drawn with equal probability for every *item*
+    (each interaction with probability ∝ 1 / popularity of its item), so the test set's item
+    distribution is close to uniform while training keeps the long tail. DICE (Zheng et al., WWW
+    2021) builds its intervened sets in the same spirit; the popularity-shift benchmark of DR-GNN
+    (Wang et al., WWW 2024), which DRGO and CausalDiffRec (Zhao et al., WWW 2025) reuse, ships as
+    fixed files. Validation is drawn the same way from what the test draw leaves (MACR's 10% /
+    10%), so early stopping sees the shifted distribution, not the test targets.
+
+    The rules, on the distinct (user, item) pairs (all rows of a pair go to the same part, so no
+    held-out pair is ever trained on; of a held-out pair with repeated rows the latest row is the
+    target and the others are dropped):
+
+    * popularity = number of users of the item in the whole log; pair weight = popularity^-power
+      (``power=1``: inverse popularity; ``0``: a uniform random draw of pairs);
+    * a weighted draw without replacement (Efraimidis & Spirakis keys ``Exp(1) / weight``, the
+      ``seed`` fixes them) takes ``round(test_share * pairs)`` test pairs, then
+      ``round(valid_share * pairs)`` validation pairs from the rest;
+    * each user keeps a training pair (their pair drawn last is never drawn), and with
+      ``keep_items`` (default) each item too, so every test item has been seen in training.
+
+    ``Split.protocol`` states the rule and measures the shift: Gini coefficient of the item
+    counts and KL divergence of the item distribution from the uniform one over the items
+    present, for the training and the test part.
+    """
+    if target_behavior is not None:
+        raise ConfigError("split.method=popularity_shift holds out pairs of every behaviour; drop "
+                          "data.target_behavior or use split.method=loo|temporal|random")
+    if not 0.0 < test_share < 1.0:
+        raise ConfigError(f"split.test_share={test_share}: must be in (0, 1), e.g. 0.1")
+    if not 0.0 <= valid_share < 1.0 or test_share + valid_share >= 1.0:
+        raise ConfigError(f"split.valid_share={valid_share}: must be in [0, 1) with test_share + valid_share < 1, "
+                          "e.g. 0.1")
+    if not power >= 0.0:
+        raise ConfigError(f"split.power={power}: must be >= 0 (1: inverse popularity, 0: uniform random pairs)")
+    df = sort_interactions(ds.interactions)
+    pairs = df.select(USER, ITEM).unique(maintain_order=True)
+    u = pairs[USER].to_numpy().astype(np.int64)
+    i = pairs[ITEM].to_numpy().astype(np.int64)
+    n = len(u)
+    pop = np.bincount(i, minlength=ds.n_items + 1).astype(np.float64)
+    weight = pop[i] ** -float(power)
+    key = np.random.default_rng(seed).exponential(size=n) / weight  # ascending = the draw order
+    protected = _last_drawn(u, key)
+    if keep_items:
+        protected |= _last_drawn(i, key)
+    eligible = np.flatnonzero(~protected)
+    order = eligible[np.argsort(key[eligible], kind="stable")]
+    n_test = min(int(round(test_share * n)), len(order))
+    n_valid = min(int(round(valid_share * n)), len(order) - n_test)
+    if n_test == 0:
+        raise DataError(f"{ds.name}: popularity_shift leaves no test pair ({n} pairs, every user"
+                        f"{' and item' if keep_items else ''} keeps one in training); raise split.test_share or "
+                        "use more data")
+    part = np.zeros(n, dtype=np.uint8)
+    part[order[:n_test]] = 2
+    part[order[n_test:n_test + n_valid]] = 1
+    marked = df.join(pairs.with_columns(pl.Series("_part", part)), on=[USER, ITEM], how="left",
+                     maintain_order="left")
+    same_next = (pl.col(USER).shift(-1) == pl.col(USER)) & (pl.col(ITEM).shift(-1) == pl.col(ITEM))
+    last_of_pair = ~same_next.fill_null(False)
+    marked = marked.sort([USER, ITEM, TIME], maintain_order=True).with_columns(last_of_pair.alias("_last"))
+    train = marked.filter(pl.col("_part") == 0).drop("_part", "_last")
+    valid, test = (sort_interactions(marked.filter((pl.col("_part") == k) & pl.col("_last")).drop("_part", "_last"))
+                   for k in (1, 2))
+    train = sort_interactions(train)
+    protocol = {
+        "split": "popularity_shift",
+        "rule": "test, then validation (user, item) pairs drawn without replacement with probability proportional "
+                "to item popularity^-power (popularity = users of the item in the whole log); each user"
+                + (" and each item" if keep_items else "")
+                + " keeps a training pair (MACR / CausE intervened test set)",
+        "test_share": test_share, "valid_share": valid_share, "seed": seed, "power": power, "keep_items": keep_items,
+        "pairs": n, "test_pairs": test.height, "valid_pairs": valid.height,
+        "rows_dropped": df.height - train.height - valid.height - test.height,
+        "shift": {name: popularity_shape(frame[ITEM].to_numpy(), ds.n_items)
+                  for name, frame in (("train", train), ("test", test))},
+    }
+    return Split(train, valid, test, ds.n_users, ds.n_items, protocol)
+
+
+def _last_drawn(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Mask of the pair with the largest key (the last a weighted draw would take) in each group."""
+    order = np.lexsort((key, group))
+    g = group[order]
+    last = np.ones(len(g), dtype=bool)
+    last[:-1] = g[1:] != g[:-1]
+    mask = np.zeros(len(group), dtype=bool)
+    mask[order[last]] = True
+    return mask
+
+
+def popularity_shape(items: np.ndarray, n_items: int) -> dict:
+    """How concentrated the item distribution of ``items`` (encoded ids) is: the Gini coefficient
+    of the counts of the items present (0: uniform) and the KL divergence (nats) of their
+    distribution from the uniform one over those items."""
+    counts = np.bincount(np.asarray(items, dtype=np.int64), minlength=n_items + 1)[1:]
+    c = np.sort(counts[counts > 0]).astype(np.float64)
+    if len(c) == 0:
+        return {"items": 0, "gini": 0.0, "kl_from_uniform": 0.0}
+    m = len(c)
+    gini = float((2.0 * np.arange(1, m + 1) - m - 1) @ c / (m * c.sum()))
+    p = c / c.sum()
+    kl = float(np.sum(p * np.log(p * m)))
+    return {"items": m, "gini": round(gini, 4), "kl_from_uniform": round(kl, 4)}
 
 
 def presplit(ds: Dataset, target_behavior: str | None = None, valid: str = "auto") -> Split:
@@ -397,4 +519,6 @@ def make_split(ds: Dataset, method: str = "loo", target_behavior: str | None = N
         return random_ratio(ds, **options, **t)
     if method == "presplit":
         return presplit(ds, **options, **t)
+    if method == "popularity_shift":
+        return popularity_shift(ds, **options, **t)
     raise ConfigError(f"unknown split {method!r}; choose one of {', '.join(SPLITS)}")

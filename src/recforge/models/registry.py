@@ -35,6 +35,7 @@ _MODELS: dict[str, str] = {
     "mhcn": "recforge.models.graph.mhcn:MHCN",
     "imca": "recforge.models.graph.imca:IMCA",
     "til": "recforge.models.graph.til:TIL",
+    "drgo": "recforge.models.graph.drgo:DRGO",
     "cnsdiff": "recforge.models.graph.cnsdiff:CNSDiff",
     "hetsgformer": "recforge.models.graph.hetsgformer:HetSGFormer",
     "llmesr": "recforge.models.semantic.llmesr:LLMESR",
