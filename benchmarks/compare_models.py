@@ -11,7 +11,8 @@ LightGCN and MF-BPR (MHCN with the social links, IMCA with the tags, TIL on MF a
 Data (``../shared/data``): ``ml-100k`` (``movielens-100k``, real timestamps), ``beauty``
 (``amazon-beauty/Beauty.txt``, order only), ``beauty-time`` (``amazon-beauty-time``, real timestamps,
 needed by CmnRec's time-sensitive chunks), ``ml-latest-small`` (with ``tags.csv``), ``lastfm``
-(``lastfm-social``: LightGCN's train/test split and the friendship links).
+(``lastfm-social``: LightGCN's train/test split and the friendship links), ``ml-100k-popshift`` (MovieLens-100K
+with ``split.method=popularity_shift``: the distribution-shift split of the out-of-distribution models).
 
 Protocol for every row: the data's default split (leave-one-out: last item test, second-to-last
 validation; ``lastfm``: its given train/test files), **full ranking** over every item, the user's
@@ -45,11 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DATASETS = {"ml-100k": SHARED / "movielens-100k", "beauty": SHARED / "amazon-beauty" / "Beauty.txt",
             "beauty-time": SHARED / "amazon-beauty-time", "ml-latest-small": SHARED / "movielens-latest-small",
-            "lastfm": SHARED / "lastfm-social"}
+            "lastfm": SHARED / "lastfm-social", "ml-100k-popshift": SHARED / "movielens-100k"}
 
 #: data -> overrides for every model: LastFM's given split has no validation part, so each user's last
 #: training row is carved out for early stopping (``split.valid=last``, recorded in the run's protocol)
-DATA_OVERRIDES = {"lastfm": {"split.valid": "last"}}
+DATA_OVERRIDES = {"lastfm": {"split.valid": "last"},
+                  # the out-of-distribution models' shifted split: test and validation pairs drawn inversely to
+                  # item popularity (split.method=popularity_shift; its protocol records the measured shift)
+                  "ml-100k-popshift": {"split.method": "popularity_shift"}}
 
 #: family -> models (name -> (registry model, overrides on top of the model's defaults)) and baselines
 FAMILIES = {
@@ -82,6 +86,8 @@ FAMILIES = {
         "lightgcn-popneg": ("lightgcn", {"neg_sampler": "popularity"}),
         "lightgcn-hardneg": ("lightgcn", {"neg_sampler": "hard"}),
         "cnsdiff": ("cnsdiff", {}),
+        "drgo": ("drgo", {}),
+        "causaldiffrec": ("causaldiffrec", {}),
     }, "baselines": ("lightgcn", "mf")},
 }
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@20")
