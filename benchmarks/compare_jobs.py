@@ -51,6 +51,26 @@ def run_jobs(script: str, pairs: list[tuple[str, int]], extra_args: list[str], j
         on_row(json.loads(stdout.strip().splitlines()[-1]))
 
 
+def collect(script: str, out: Path, fresh: bool, pairs: list[tuple[str, int]], extra_args: list[str], jobs: int,
+            budget: float | None, write, line) -> None:
+    """:func:`run_jobs` whose rows are merged into the results file ``out`` as they finish: the rows
+    already there are kept (``fresh``: dropped), a (name, seed) run again replaces its row;
+    ``write(rows, wall_seconds)`` writes the file, ``line(row)`` is the progress line printed per row."""
+    old = json.loads(out.read_text()) if out.exists() and not fresh else {}
+    rows = old.get("runs", [])
+    t0 = time.perf_counter()
+
+    def on_row(row: dict) -> None:
+        nonlocal rows
+        rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
+        print(line(row), flush=True)
+        write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+
+    run_jobs(script, pairs, extra_args, jobs, budget, on_row)
+    write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+    print(f"wrote {out}")
+
+
 def fit_figures(run, wall: float) -> dict:
     """Epochs, best epoch, training seconds per epoch (training only), wall seconds and this
     process's peak resident memory (MB) of a finished :class:`recforge.Run`."""

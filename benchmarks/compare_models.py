@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import fit_figures, paired, run_jobs, summarise  # noqa: E402
+from compare_jobs import collect, fit_figures, paired, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -185,23 +185,12 @@ def main(argv=None) -> int:
         print(f"unknown model(s) {', '.join(unknown)} of family {args.family}; choose from {', '.join(models)}",
               file=sys.stderr)
         return 2
-    old = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
-    rows = old.get("runs", [])
     seeds = [int(s) for s in args.seeds.split(",")]
-    t0 = time.perf_counter()
-
-    def on_row(row: dict) -> None:
-        nonlocal rows
-        rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
-        print(f"{row['name']:17s} seed {row['seed']}  HR@10 {row['full']['hr@10']:.4f}  "
-              f"NDCG@10 {row['full']['ndcg@10']:.4f}  {row['epochs_run']} epochs {row['s_per_epoch']:.2f} s/epoch  "
-              f"{row['peak_mb']:.0f} MB", flush=True)
-        write(out, args.family, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
-
-    run_jobs(__file__, [(name, seed) for seed in seeds for name in names], ["--family", args.family, "--data", args.data], args.jobs,
-             args.budget, on_row)
-    write(out, args.family, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    collect(__file__, out, args.fresh, [(name, seed) for seed in seeds for name in names],
+            ["--family", args.family, "--data", args.data], args.jobs, args.budget,
+            lambda rows, wall: write(out, args.family, args.data, rows, wall),
+            lambda r: f"{r['name']:17s} seed {r['seed']}  HR@10 {r['full']['hr@10']:.4f}  NDCG@10 {r['full']['ndcg@10']:.4f}  "
+                      f"{r['epochs_run']} epochs {r['s_per_epoch']:.2f} s/epoch  {r['peak_mb']:.0f} MB")
     return 0
 
 

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import fit_figures, paired, run_jobs, summarise  # noqa: E402
+from compare_jobs import collect, fit_figures, paired, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -138,29 +138,18 @@ def main(argv=None) -> int:
         return 2
     label = args.data if args.data in DATASETS else Path(args.data).name
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"mb_{label}.json")
-    old = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
-    rows = old.get("runs", [])
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-
-    def on_row(row: dict) -> None:
-        nonlocal rows
-        rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
-        print(f"{row['name']:13s} seed {row['seed']}  HR@10 {row['full']['hr@10']:.4f}  "
-              f"NDCG@10 {row['full']['ndcg@10']:.4f}  sampled-99 HR@10 {row['sampled99']['hr@10']:.4f}  "
-              f"{row['epochs_run']} epochs {row['s_per_epoch']:.2f} s/epoch  {row['peak_mb']:.0f} MB", flush=True)
-        write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
-
     # seed by seed: an interrupted budget still has every model at the first seeds
-    run_jobs(__file__, [(name, seed) for seed in seeds for name in names], ["--data", args.data], args.jobs,
-             args.budget, on_row)
-    write(out, args.data, rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    collect(__file__, out, args.fresh, [(name, seed) for seed in seeds for name in names], ["--data", args.data],
+            args.jobs, args.budget, lambda rows, wall: write(out, args.data, rows, wall),
+            lambda r: f"{r['name']:13s} seed {r['seed']}  HR@10 {r['full']['hr@10']:.4f}  NDCG@10 {r['full']['ndcg@10']:.4f}  "
+                      f"sampled-99 HR@10 {r['sampled99']['hr@10']:.4f}  {r['epochs_run']} epochs "
+                      f"{r['s_per_epoch']:.2f} s/epoch  {r['peak_mb']:.0f} MB")
     return 0
 
 
