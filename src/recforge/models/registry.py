@@ -36,6 +36,7 @@ _MODELS: dict[str, str] = {
     "imca": "recforge.models.graph.imca:IMCA",
     "til": "recforge.models.graph.til:TIL",
     "drgo": "recforge.models.graph.drgo:DRGO",
+    "causaldiffrec": "recforge.models.graph.causaldiffrec:CausalDiffRec",
     "cnsdiff": "recforge.models.graph.cnsdiff:CNSDiff",
     "hetsgformer": "recforge.models.graph.hetsgformer:HetSGFormer",
     "llmesr": "recforge.models.semantic.llmesr:LLMESR",
