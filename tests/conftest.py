@@ -8,6 +8,9 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# the shared contract checks keep pytest's detailed assertion messages
+pytest.register_assert_rewrite("mb_contract", "seq_contract", "graph_contract")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):

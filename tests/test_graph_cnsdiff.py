@@ -6,54 +6,24 @@ persistence, determinism by seed and bad parameters."""
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
-from recforge.data.split import Split
+from graph_contract import (assert_beats_pop, assert_deterministic_by_seed, assert_empty_histories,
+                            assert_round_trip, assert_unknown_user, block_task, evalsets)
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
 from recforge.models.graph.cnsdiff import CNSDiff, diffusion_schedule, timestep_embedding
 from recforge.models.registry import create
 
 FAST = {"verbose": False, "dim": 32, "batch_size": 256, "lr": 0.005, "threads": 1}
 
 
-def _frame(rows, t0: int) -> pl.DataFrame:
-    a = np.asarray(rows, dtype=np.int64)
-    return pl.DataFrame({"user_id": a[:, 0].astype(np.int32), "item_id": a[:, 1].astype(np.int32),
-                         "timestamp": t0 + np.arange(len(a), dtype=np.int64)})
-
-
-def block_task(seed: int = 0, n_users: int = 200, n_groups: int = 4, block: int = 15, n_items_each: int = 8):
-    """Users in ``n_groups`` taste groups, each consuming ``n_items_each`` items of its own block
-    (one test and one validation target, the rest training), with a popularity skew inside every
-    block so that Pop is not trivial."""
-    rng = np.random.default_rng(seed)
-    p = 1.0 / np.arange(1, block + 1) ** 0.7
-    p /= p.sum()
-    train, valid, test = [], [], []
-    for u in range(n_users):
-        own = np.arange((u % n_groups) * block + 1, (u % n_groups + 1) * block + 1)
-        items = rng.choice(own, n_items_each, replace=False, p=p)
-        rng.shuffle(items)
-        test.append((u, items[0]))
-        valid.append((u, items[1]))
-        train += [(u, i) for i in items[2:]]
-    return Split(train=_frame(train, 0), valid=_frame(valid, 10**6), test=_frame(test, 2 * 10**6),
-                 n_users=n_users, n_items=n_groups * block)
-
-
 @pytest.fixture(scope="module")
 def task():
-    split = block_task()
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    pop = evaluate(Pop().fit(split), test, ks=[10], groups=False).metrics["ndcg@10"]
-    return split, valid, test, pop
+    """Four taste groups of 50 users, 8 items each from their group's block of 15, drawn with a
+    popularity skew inside the block so that Pop is not trivial."""
+    split, _, _ = block_task(skew=0.7, shuffle=True)
+    return (split, *evalsets(split))
 
 
 @pytest.fixture(scope="module")
@@ -171,27 +141,19 @@ def test_mixing_ratios_follow_the_epoch(task):
 def test_beats_pop(task, params):
     split, valid, test, pop = task
     model = create("cnsdiff", **FAST, epochs=30, eval_every=2, patience=4, **params).fit(split, valid)
-    ndcg = evaluate(model, test, ks=[10], groups=False).metrics["ndcg@10"]
-    assert ndcg > pop + 0.05, f"{params}: NDCG@10 {ndcg:.4f} vs Pop {pop:.4f}"
+    assert_beats_pop(model, test, pop, label=f"{params}: ")
 
 
 def test_deterministic_by_seed(task):
     split, _, test, _ = task
-    hist = test.histories.slice(0, 20)
-    a = create("cnsdiff", **FAST, epochs=2, seed=7).fit(split, None).score(hist)
-    b = create("cnsdiff", **FAST, epochs=2, seed=7).fit(split, None).score(hist)
-    c = create("cnsdiff", **FAST, epochs=2, seed=8).fit(split, None).score(hist)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert_deterministic_by_seed("cnsdiff", {**FAST, "epochs": 2}, split, test.histories.slice(0, 20))
 
 
 def test_save_load_unknown_user_and_shapes(task, tmp_path):
     split, _, test, _ = task
     model = create("cnsdiff", **FAST, epochs=2).fit(split, None)
     hist = test.histories.slice(0, 30)
-    before = model.score(hist)
-    loaded = Recommender.load(model.save(tmp_path / "cnsdiff"))
-    assert type(loaded) is CNSDiff and loaded.get_params() == model.get_params()
-    assert torch.equal(loaded.score(hist), before)
+    loaded, before = assert_round_trip(model, hist, tmp_path / "cnsdiff", CNSDiff)
     for key, value in model.net_.state_dict().items():  # the denoiser travels with the weights
         assert torch.equal(loaded.net_.state_dict()[key], value), key
     loaded.net_.eval()
@@ -202,15 +164,8 @@ def test_save_load_unknown_user_and_shapes(task, tmp_path):
     torch.manual_seed(0)
     torch.testing.assert_close(loaded.generate(u, p), g1)
     # an unknown user (-1) is folded in from the history items; an empty history scores finitely
-    unknown = Histories(np.array([-1, 0]), hist.indptr[:3], hist.items[: hist.indptr[2]], hist.n_items)
-    s = loaded.score(unknown)
-    assert s.shape == (2, split.n_items + 1) and torch.isfinite(s).all()
-    torch.testing.assert_close(s[1], before[0])
-    items = loaded.final_embeddings()[1]
-    first = hist.items[hist.indptr[0]: hist.indptr[1]]
-    torch.testing.assert_close(s[0], items[torch.from_numpy(np.asarray(first, dtype=np.int64))].mean(0) @ items.T)
-    empty = loaded.score(Histories.from_lists([-1, 3], [[], []], split.n_items))
-    assert empty.shape == (2, split.n_items + 1) and torch.isfinite(empty).all()
+    assert_unknown_user(loaded, hist, before)
+    assert_empty_histories(loaded, split.n_items)
 
 
 # ---- bad parameters ---------------------------------------------------------------------------------

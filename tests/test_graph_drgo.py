@@ -6,59 +6,36 @@ unknown users, persistence, determinism, a popularity-shift split end to end and
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pytest
 import scipy.sparse as sp
 import torch
 
+import graph_contract
+from graph_contract import (assert_beats_pop, assert_deterministic_by_seed, assert_empty_histories,
+                            assert_round_trip, assert_unknown_user, evalsets)
 from recforge.data.prepare import prepare
 from recforge.data.split import Split, popularity_shift
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
 from recforge.models.graph.drgo import DRGO, diffusion_schedule, dro_update, sinkhorn_distance, user_groups
 from recforge.models.registry import create
 
 FAST = {"verbose": False, "dim": 32, "batch_size": 256, "lr": 0.005, "threads": 1}
 
 
-def _frame(rows, t0: int) -> pl.DataFrame:
-    a = np.asarray(rows, dtype=np.int64)
-    return pl.DataFrame({"user_id": a[:, 0].astype(np.int32), "item_id": a[:, 1].astype(np.int32),
-                         "timestamp": t0 + np.arange(len(a), dtype=np.int64)})
-
-
-def block_task(seed: int = 0, n_users: int = 200, n_blocks: int = 4, block: int = 15, n_clean: int = 8,
-               noisy_block: int | None = None, n_noise: int = 6) -> Split:
-    """Users in ``n_blocks`` taste groups, each consuming ``n_clean`` items of its own block (one
-    test and one validation target, the rest training). Users of ``noisy_block`` also get
-    ``n_noise`` random training positives from the other blocks (a harder group to fit)."""
-    rng = np.random.default_rng(seed)
-    every = np.arange(1, n_blocks * block + 1)
-    train, valid, test = [], [], []
-    for u in range(n_users):
-        g = u % n_blocks
-        own = np.arange(g * block + 1, (g + 1) * block + 1)
-        items = rng.choice(own, n_clean, replace=False)
-        test.append((u, items[0]))
-        valid.append((u, items[1]))
-        train += [(u, i) for i in items[2:]]
-        if g == noisy_block:
-            train += [(u, i) for i in rng.choice(np.setdiff1d(every, own), n_noise, replace=False)]
-    return Split(train=_frame(train, 0).sort("user_id", "timestamp"), valid=_frame(valid, 10**6),
-                 test=_frame(test, 2 * 10**6), n_users=n_users, n_items=n_blocks * block)
+def block_task(n_users: int = 200, n_blocks: int = 4, noisy_block: int | None = None) -> Split:
+    """Users in ``n_blocks`` taste groups, each consuming 8 items of its own block of 15 (one test
+    and one validation target, the rest training). Users of ``noisy_block`` also get 6 random
+    training positives from the other blocks (a harder group to fit)."""
+    noise = 0 if noisy_block is None else 6
+    return graph_contract.block_task(n_users=n_users, n_groups=n_blocks, noise=noise, noisy_groups=(noisy_block,))[0]
 
 
 @pytest.fixture(scope="module")
 def task():
     split = block_task()
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    pop = evaluate(Pop().fit(split), test, ks=[10], groups=False).metrics["ndcg@10"]
-    return split, valid, test, pop
+    return (split, *evalsets(split))
 
 
 # ---- the DRO weights on toy cases -----------------------------------------------------------------
@@ -182,38 +159,23 @@ def test_fitted_weights_favour_the_noisy_group():
 def test_beats_pop(task):
     split, valid, test, pop = task
     model = create("drgo", **FAST, epochs=30, eval_every=2, patience=4).fit(split, valid)
-    ndcg = evaluate(model, test, ks=[10], groups=False).metrics["ndcg@10"]
-    assert ndcg > pop + 0.05, f"NDCG@10 {ndcg:.4f} vs Pop {pop:.4f}"
+    assert_beats_pop(model, test, pop)
 
 
 def test_deterministic_by_seed(task):
     split, _, test, _ = task
-    hist = test.histories.slice(0, 20)
-    a = create("drgo", **FAST, epochs=2, seed=7).fit(split, None).score(hist)
-    b = create("drgo", **FAST, epochs=2, seed=7).fit(split, None).score(hist)
-    c = create("drgo", **FAST, epochs=2, seed=8).fit(split, None).score(hist)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert_deterministic_by_seed("drgo", {**FAST, "epochs": 2}, split, test.histories.slice(0, 20))
 
 
 def test_save_load_unknown_user_and_shapes(task, tmp_path):
     split, _, test, _ = task
     model = create("drgo", **FAST, epochs=2).fit(split, None)
     hist = test.histories.slice(0, 30)
-    before = model.score(hist)
-    loaded = Recommender.load(model.save(tmp_path / "drgo"))
-    assert type(loaded) is DRGO and loaded.get_params() == model.get_params()
-    assert torch.equal(loaded.score(hist), before)
+    loaded, before = assert_round_trip(model, hist, tmp_path / "drgo", DRGO)
     np.testing.assert_array_equal(loaded.dro_state()["weights"], model.dro_state()["weights"])
     # an unknown user (-1) is folded in from the history items; an empty history scores finitely
-    unknown = Histories(np.array([-1, 0]), hist.indptr[:3], hist.items[: hist.indptr[2]], hist.n_items)
-    s = loaded.score(unknown)
-    assert s.shape == (2, split.n_items + 1) and torch.isfinite(s).all()
-    torch.testing.assert_close(s[1], before[0])
-    items = loaded.final_embeddings()[1]
-    first = hist.items[hist.indptr[0]: hist.indptr[1]]
-    torch.testing.assert_close(s[0], items[first].mean(0) @ items.T)
-    empty = loaded.score(Histories.from_lists([-1, 3], [[], []], split.n_items))
-    assert empty.shape == (2, split.n_items + 1) and torch.isfinite(empty).all()
+    assert_unknown_user(loaded, hist, before)
+    assert_empty_histories(loaded, split.n_items)
     notes = loaded.protocol_notes()
     assert notes["side_data"].startswith("none") and "Sinkhorn" in notes["dro"] and len(notes["dro_weights"]) == 5
 

@@ -9,16 +9,14 @@ import polars as pl
 import pytest
 import torch
 
+from graph_contract import assert_beats_pop, assert_deterministic_by_seed, assert_round_trip, evalsets, ndcg
 from recforge.data.prepare import prepare
 from recforge.data.schema import RawData
 from recforge.data.split import leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.data.tags import build_tags, read_tag_rows
 from recforge.errors import ConfigError, DataError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
+from recforge.evaluation.batch import Histories
 from recforge.models.graph.imca import cluster_tags
 from recforge.models.registry import create
 
@@ -132,7 +130,8 @@ def test_tag_intents_follow_the_items():
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory):
     """Synthetic data (300 users, 150 items) whose users tagged about half their interactions
-    with the item's category (in varied spelling), also on held-out interactions (dropped)."""
+    with the item's category (in varied spelling), also on held-out interactions (dropped):
+    (split, valid, test, Pop's test NDCG@10)."""
     ds = prepare(make_synthetic(n_users=300, n_items=150, seed=0))
     split = leave_one_out(ds)
     rng = np.random.default_rng(0)
@@ -148,13 +147,11 @@ def tagged(tmp_path_factory):
     path = tmp_path_factory.mktemp("tags") / "tags.csv"
     _tags_csv(path, lines)
     split.tags = build_tags(str(path), ds, split.train)
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+    return (split, *evalsets(split))
 
 
 def test_synthetic_tags_leave_out_the_targets(tagged):
-    split, _, _ = tagged
+    split, *_ = tagged
     rec = split.tags.record
     assert rec["dropped_held_out"] > 0 and rec["rows_kept"] > 0
     # no user carries a tag on their test target
@@ -164,28 +161,26 @@ def test_synthetic_tags_leave_out_the_targets(tagged):
 
 
 def test_imca_beats_pop_and_records_its_tags(tagged):
-    split, valid, test = tagged
-    pop = evaluate(Pop().fit(split), test, ks=[10], groups=False).metrics["ndcg@10"]
+    split, valid, test, pop = tagged
     model = create("imca", **FAST).fit(split, valid)
-    ndcg = evaluate(model, test, ks=[10], groups=False).metrics["ndcg@10"]
-    assert ndcg > pop + 0.01, f"IMCA NDCG@10 {ndcg:.4f} vs Pop {pop:.4f}"
+    assert_beats_pop(model, test, pop, margin=0.01, label="IMCA ")
     notes = model.protocol_notes()
     assert notes["tags"]["used_by_model"] and notes["tags"]["dropped_held_out"] > 0
     assert sum(notes["intents"]["tags_per_intent"]) == split.tags.n_tags
     # the other alignment (against the other intents) trains too
     other = create("imca", **{**FAST, "epochs": 4, "align_negatives": "intents"}).fit(split, None)
-    assert evaluate(other, test, ks=[10], groups=False).metrics["ndcg@10"] > 0.05
+    assert ndcg(other, test) > 0.05
 
 
 def test_imca_needs_tags(tagged):
-    split, _, _ = tagged
+    split, *_ = tagged
     bare = leave_one_out(prepare(make_synthetic(n_users=40, n_items=30, seed=1)))
     with pytest.raises(ConfigError, match=r"data.tags=PATH\|auto"):
         create("imca", **{**FAST, "epochs": 1}).fit(bare, None)
 
 
 def test_imca_losses_reach_the_tags(tagged):
-    split, _, _ = tagged
+    split, *_ = tagged
     model = create("imca", **{**FAST, "epochs": 0}).fit(split, None)
     model.net_.train()
     batch = next(iter(model.train_batches(split, np.random.default_rng(0))))
@@ -201,16 +196,10 @@ def test_imca_losses_reach_the_tags(tagged):
 
 
 def test_imca_deterministic_save_load_and_unknown_user(tagged, tmp_path):
-    split, _, test = tagged
-    params = {**FAST, "epochs": 2, "seed": 7}
+    split, _, test, _ = tagged
     hist = test.histories.slice(0, 50)
-    model = create("imca", **params).fit(split, None)
-    before = model.score(hist)
-    assert torch.equal(before, create("imca", **params).fit(split, None).score(hist))
-    assert not torch.equal(before, create("imca", **{**params, "seed": 8}).fit(split, None).score(hist))
-    loaded = Recommender.load(model.save(tmp_path / "imca"))
-    assert type(loaded) is type(model) and loaded.get_params() == model.get_params()
-    assert torch.equal(loaded.score(hist), before)
+    model, before = assert_deterministic_by_seed("imca", {**FAST, "epochs": 2}, split, hist)
+    loaded, _ = assert_round_trip(model, hist, tmp_path / "imca", before=before)
     # an unknown user (-1) is folded in from the history items; an empty history scores finitely
     unknown = Histories(np.array([-1, hist.users[1], -1]), np.concatenate([hist.indptr[:3], hist.indptr[2:3]]),
                         hist.items[: hist.indptr[2]], hist.n_items)

@@ -12,14 +12,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from graph_contract import assert_beats_pop, assert_deterministic_by_seed, assert_round_trip, assert_unknown_user, ndcg
 from recforge.data.prepare import prepare
 from recforge.data.schema import RawData
 from recforge.data.social import AUTO_NAMES, Social, build_social, read_social
 from recforge.data.split import leave_one_out
 from recforge.errors import ConfigError, DataError
 from recforge.evaluation.batch import Histories
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
 from recforge.models.general.pop import Pop
 from recforge.models.graph.mhcn import channel_matrices, motif_matrices, normalize_channel
 from recforge.models.registry import create
@@ -223,9 +222,7 @@ def fitted(friends):
 
 def test_beats_pop_where_friends_share_items(friends, fitted):
     split, _, test = friends
-    pop = evaluate(Pop().fit(split), test, ks=[10], groups=False).metrics["ndcg@10"]
-    ndcg = evaluate(fitted, test, ks=[10], groups=False).metrics["ndcg@10"]
-    assert ndcg > pop + 0.05, f"MHCN NDCG@10 {ndcg:.4f} vs Pop {pop:.4f}"
+    assert_beats_pop(fitted, test, ndcg(Pop().fit(split), test), label="MHCN ")
     notes = fitted.protocol_notes()
     assert notes["social"]["source"].endswith("trustnetwork.txt")
     assert set(notes["channels"]) == {"social", "joint", "purchase"}
@@ -246,32 +243,21 @@ def test_needs_social_links(friends):
 def test_unknown_users_and_save_load(friends, fitted, tmp_path):
     split, _, test = friends
     hist = test.histories.slice(0, 20)
-    before = fitted.score(hist)
-    loaded = Recommender.load(fitted.save(tmp_path / "mhcn"))
-    assert type(loaded) is type(fitted) and loaded.get_params() == fitted.get_params()
-    assert torch.equal(loaded.score(hist), before)
-    # user -1 (unknown) is folded in from its history items; a known user keeps its own row
-    unknown = Histories(np.array([-1, hist.users[0]]), hist.indptr[:3], hist.items[: hist.indptr[2]], hist.n_items)
-    s = loaded.score(unknown)
-    assert s.shape == (2, split.n_items + 1) and torch.isfinite(s).all()
-    torch.testing.assert_close(s[1], before[0])
+    loaded, before = assert_round_trip(fitted, hist, tmp_path / "mhcn")
+    # user -1 (unknown) is folded in from its history items (the mean of their final embeddings); a
+    # known user keeps its own row
+    assert_unknown_user(loaded, hist, before, known=hist.users[0])
     empty = Histories.from_lists([-1], [[]], split.n_items)
     assert torch.isfinite(loaded.score(empty)).all()
-    # folding in: the mean of the final embeddings of the history items
-    _, item_e = loaded.final_embeddings()
-    items = torch.from_numpy(hist.items[hist.indptr[0] : hist.indptr[1]].astype(np.int64))
-    torch.testing.assert_close(s[0], item_e[items].mean(0) @ item_e.T)
 
 
 def test_deterministic_by_seed_and_ssl_matters(friends):
     split, _, test = friends
     params = {**FAST, "epochs": 2, "seed": 5}
     hist = test.histories.slice(0, 30)
-    a = create("mhcn", **params).fit(split, None).score(hist)
-    b = create("mhcn", **params).fit(split, None).score(hist)
-    c = create("mhcn", **{**params, "seed": 6}).fit(split, None).score(hist)
+    _, a = assert_deterministic_by_seed("mhcn", params, split, hist, seeds=(5, 6))
     d = create("mhcn", **{**params, "ssl_weight": 0.0}).fit(split, None).score(hist)
-    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+    assert not torch.equal(a, d)
 
 
 def test_self_supervised_loss_has_gradients(friends):

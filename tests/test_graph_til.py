@@ -5,17 +5,15 @@ persistence, determinism and bad parameters."""
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pytest
 import scipy.sparse as sp
 import torch
 
+from graph_contract import (assert_beats_pop, assert_deterministic_by_seed, assert_empty_histories,
+                            assert_round_trip, assert_unknown_user, block_task, evalsets, frame)
 from recforge.data.split import Split
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
-from recforge.models.general.pop import Pop
+from recforge.evaluation.batch import Histories
 from recforge.models.graph.til import TIL, holdout_pairs, kmeans
 from recforge.models.registry import create
 
@@ -29,40 +27,13 @@ class _Untouchable:
         raise AssertionError(f"the test part was read ({name})")
 
 
-def _frame(rows, t0: int) -> pl.DataFrame:
-    a = np.asarray(rows, dtype=np.int64)
-    return pl.DataFrame({"user_id": a[:, 0].astype(np.int32), "item_id": a[:, 1].astype(np.int32),
-                         "timestamp": t0 + np.arange(len(a), dtype=np.int64)})
-
-
-def block_task(seed: int = 0, n_users: int = 200, n_groups: int = 4, block: int = 15, n_clean: int = 8,
-               n_noise: int = 3):
-    """Users in ``n_groups`` taste groups, each consuming ``n_clean`` items of its own block of
-    items (one test and one validation target, the rest training); every user's training part also
-    gets ``n_noise`` corrupted positives drawn from the other blocks. Returns (split with a clean
-    validation part, clean training pairs, corrupted training pairs)."""
-    rng = np.random.default_rng(seed)
-    every = np.arange(1, n_groups * block + 1)
-    train, valid, test, noisy = [], [], [], []
-    for u in range(n_users):
-        own = np.arange((u % n_groups) * block + 1, (u % n_groups + 1) * block + 1)
-        items = rng.choice(own, n_clean, replace=False)
-        test.append((u, items[0]))
-        valid.append((u, items[1]))
-        train += [(u, i) for i in items[2:]]
-        noisy += [(u, i) for i in rng.choice(np.setdiff1d(every, own), n_noise, replace=False)]
-    split = Split(train=_frame(train + noisy, 0).sort("user_id", "timestamp"), valid=_frame(valid, 10**6),
-                  test=_frame(test, 2 * 10**6), n_users=n_users, n_items=n_groups * block)
-    return split, np.array(train), np.array(noisy)
-
-
 @pytest.fixture(scope="module")
 def task():
-    split, clean, noisy = block_task()
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    pop = evaluate(Pop().fit(split), test, ks=[10], groups=False).metrics["ndcg@10"]
-    return split, clean, noisy, valid, test, pop
+    """Four taste groups of 50 users, 8 items each from their group's block of 15 (the validation
+    part is clean); every user's training part also gets 3 corrupted positives drawn from the other
+    blocks: (split, clean training pairs, corrupted training pairs, valid, test, Pop's NDCG@10)."""
+    split, clean, noisy = block_task(noise=3, noise_last=True)
+    return (split, clean, noisy, *evalsets(split))
 
 
 def _no_test_part(split: Split) -> Split:
@@ -158,8 +129,7 @@ def test_kmeans_recovers_separated_groups():
 def test_beats_pop(task, generator):
     split, _, _, valid, test, pop = task
     model = create("til", **FAST, epochs=30, eval_every=2, patience=4, generator=generator).fit(split, valid)
-    ndcg = evaluate(model, test, ks=[10], groups=False).metrics["ndcg@10"]
-    assert ndcg > pop + 0.05, f"{generator}: NDCG@10 {ndcg:.4f} vs Pop {pop:.4f}"
+    assert_beats_pop(model, test, pop, label=f"{generator}: ")
 
 
 def test_zero_layers_is_mf(task):
@@ -172,11 +142,7 @@ def test_zero_layers_is_mf(task):
 
 def test_deterministic_by_seed(task):
     split, *_, test, _ = task
-    hist = test.histories.slice(0, 20)
-    a = create("til", **FAST, epochs=3, seed=7, generator="mi").fit(split, None).score(hist)
-    b = create("til", **FAST, epochs=3, seed=7, generator="mi").fit(split, None).score(hist)
-    c = create("til", **FAST, epochs=3, seed=8, generator="mi").fit(split, None).score(hist)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert_deterministic_by_seed("til", {**FAST, "epochs": 3, "generator": "mi"}, split, test.histories.slice(0, 20))
 
 
 @pytest.mark.parametrize("generator", ["ui", "mi"])
@@ -186,17 +152,11 @@ def test_save_load_unknown_user_and_shapes(task, tmp_path, generator):
     hist = test.histories.slice(0, 30)
     before = model.score(hist)
     w_before = model.triplet_weights(clean[:50, 0], clean[:50, 1], np.full(50, 3))
-    loaded = Recommender.load(model.save(tmp_path / generator))
-    assert type(loaded) is TIL and loaded.get_params() == model.get_params()
-    assert torch.equal(loaded.score(hist), before)
+    loaded, _ = assert_round_trip(model, hist, tmp_path / generator, TIL, before)
     np.testing.assert_allclose(loaded.triplet_weights(clean[:50, 0], clean[:50, 1], np.full(50, 3)), w_before)
     # an unknown user (-1) is folded in from the history items; an empty history scores finitely
-    unknown = Histories(np.array([-1, 0]), hist.indptr[:3], hist.items[: hist.indptr[2]], hist.n_items)
-    s = loaded.score(unknown)
-    assert s.shape == (2, split.n_items + 1) and torch.isfinite(s).all()
-    torch.testing.assert_close(s[1], before[0])
-    empty = loaded.score(Histories.from_lists([-1, 3], [[], []], split.n_items))
-    assert empty.shape == (2, split.n_items + 1) and torch.isfinite(empty).all()
+    assert_unknown_user(loaded, hist, before, fold_in=False)
+    assert_empty_histories(loaded, split.n_items)
 
 
 # ---- bad parameters ---------------------------------------------------------------------------------------
@@ -226,7 +186,7 @@ def test_meta_data_that_cannot_exist(task):
                      n_items=split.n_items)
     with pytest.raises(ConfigError, match="meta_data=holdout"):
         create("til", **FAST, epochs=1).fit(no_valid, None)
-    singles = Split(train=_frame([(u, u + 1) for u in range(10)], 0), valid=split.valid.clear(),
+    singles = Split(train=frame([(u, u + 1) for u in range(10)], 0), valid=split.valid.clear(),
                     test=split.test.clear(), n_users=10, n_items=20)
     with pytest.raises(ConfigError, match="meta_ratio"):
         create("til", **FAST, epochs=1, meta_data="holdout").fit(singles, None)

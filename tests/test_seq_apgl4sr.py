@@ -8,32 +8,18 @@ import torch
 
 from recforge.data.prepare import prepare
 from recforge.data.split import leave_one_out
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
+from recforge.evaluation.batch import Histories
 from recforge.models.registry import create
 from recforge.models.sequential.apgl4sr import normalise, svd_factors, transition_graph
-
-FAST = dict(verbose=False, batch_size=32, lr=0.005, epochs=5, patience=100, threads=1, max_len=20)
-
-
-def synthetic():
-    return make_synthetic(n_users=200, n_items=60, seed=0, p_follow=0.9, n_successors=(1, 2), mean_length=15)
-
-
-def evalsets(split):
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return valid, test
+from seq_contract import (FAST, PADDED, assert_beats_popularity, assert_causal, assert_deterministic,
+                          assert_padding_free, assert_round_trip, assert_rows_alone, assert_scores, evalsets,
+                          markov_data, rows_of_many_lengths, synthetic, unfitted)
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
-    split = leave_one_out(prepare(synthetic()))
-    return (split, *evalsets(split))
+    return markov_data()
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +28,14 @@ def fitted(data):
     return create("apgl4sr", **FAST).fit(split, valid)
 
 
-def ndcg(model, evalset):
-    return evaluate(model, evalset, ks=[10], groups=False).metrics["ndcg@10"]
-
-
 def built(**kw):
     """An unfitted model with a graph from a few fixed sequences over 20 items."""
-    m = create("apgl4sr", max_len=8, verbose=False, **kw)
-    m.n_users_, m.n_items_ = 5, 20
     seqs = [[1, 2, 3, 4, 5, 6], [3, 4, 5, 11, 12], [7, 8, 9, 10, 1, 2], [13, 14, 15, 16, 17, 18, 19, 20]]
-    m.fit_graph(np.cumsum([0] + [len(s) for s in seqs]), np.concatenate(seqs))
-    torch.manual_seed(0)
-    m.net_ = m.build(5, 20)
-    m.net_.eval()
+
+    def graph(m):
+        m.fit_graph(np.cumsum([0] + [len(s) for s in seqs]), np.concatenate(seqs))
+
+    m = unfitted("apgl4sr", setup=graph, max_len=8, verbose=False, **kw)
     with torch.no_grad():  # a clearly non-zero user weight and learned part
         m.net_.user.weight.normal_(0, 1)
         if m.net_.p is not None:
@@ -201,15 +182,7 @@ def test_graph_loss_is_finite_and_weight_zero_is_sasrec(data):
 @pytest.mark.parametrize("bias_graph", ["fixed", "adaptive"])
 def test_causality(bias_graph):
     m = built(bias_graph=bias_graph)
-    seqs = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
-    users = torch.tensor([0, -1])
-    with torch.no_grad():
-        base = m.encode(seqs, users)
-        changed = seqs.clone()
-        changed[:, 5:] = torch.tensor([11, 12, 13])  # perturb the future of position 4
-        out = m.encode(changed, users)
-    assert torch.allclose(base[:, :5], out[:, :5], atol=1e-6)
-    assert not torch.allclose(base[:, 5:], out[:, 5:])
+    assert_causal(lambda seqs: m.encode(seqs, torch.tensor([0, -1])))
 
 
 def test_bias_changes_the_output_and_depends_on_the_user():
@@ -227,44 +200,24 @@ def test_bias_changes_the_output_and_depends_on_the_user():
 
 
 def test_padding_does_not_matter():
-    m = built()
-    seqs = torch.tensor([[0, 0, 0, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
-    users = torch.tensor([2, 3])
-    with torch.no_grad():
-        both = m.encode(seqs, users)
-        alone = m.encode(seqs[:1, 3:], users[:1])
-    assert torch.allclose(both[0, 3:], alone[0], atol=1e-5)
-    assert float(both[0, :3].abs().max()) == 0.0
+    assert_padding_free(built().encode, PADDED, torch.tensor([2, 3]))
 
 
 def test_rows_of_many_lengths():
-    m = create("apgl4sr", max_len=40, hidden=16, n_heads=2, inner=32, verbose=False)
-    m.n_users_, m.n_items_ = 10, 99
-    g = torch.Generator().manual_seed(1)
-    lengths = [0, 1, 3, 8, 9, 15, 17, 33, 40, 5]
-    seqs = torch.zeros(len(lengths), 40, dtype=torch.long)
-    for r, n in enumerate(lengths):
-        if n:
-            seqs[r, 40 - n :] = torch.randint(1, 100, (n,), generator=g)
-    m.fit_graph(np.array([0, 600]), torch.randint(1, 100, (600,), generator=g).numpy())
-    torch.manual_seed(0)
-    m.net_ = m.build(10, 99)
-    m.net_.eval()
-    users = torch.arange(10)
+    lengths, seqs, g = rows_of_many_lengths()
+
+    def graph(m):
+        m.fit_graph(np.array([0, 600]), torch.randint(1, 100, (600,), generator=g).numpy())
+
+    m = unfitted("apgl4sr", 10, 99, setup=graph, max_len=40, hidden=16, n_heads=2, inner=32, verbose=False)
     with torch.no_grad():
         m.net_.user.weight.normal_(0, 1)
-        out = m.encode(seqs, users)
-        for r, n in enumerate(lengths):
-            if n:
-                assert torch.allclose(m.encode(seqs[r : r + 1, 40 - n :], users[r : r + 1])[0], out[r, 40 - n :],
-                                      atol=1e-5)
+    assert_rows_alone(m.encode, lengths, seqs, torch.arange(10))
 
 
 def test_score_shapes_empty_history_and_unknown_user():
     m = built()
-    hist = Histories.from_lists([-1, -1, 0, 3], [[1, 2, 3], [], list(range(1, 20)), [1, 2, 3]], 20)
-    s = m.score(hist)
-    assert s.shape == (4, 21) and torch.isfinite(s).all()
+    s = assert_scores(m, [-1, -1, 0, 3], [[1, 2, 3], [], list(range(1, 20)), [1, 2, 3]], 20)
     # an unknown user gets the weight of the mean user embedding
     with torch.no_grad():
         w = m.user_weight(torch.tensor([-1, 7, 0]))
@@ -275,9 +228,7 @@ def test_score_shapes_empty_history_and_unknown_user():
 
 # ---- training ----------------------------------------------------------------------------------
 def test_beats_popularity(data, fitted):
-    split, _, test = data
-    pop = ndcg(create("pop").fit(split), test)
-    assert ndcg(fitted, test) > pop + 0.05
+    assert_beats_popularity(fitted, data)
 
 
 def test_svd_view_trains(data):
@@ -287,23 +238,12 @@ def test_svd_view_trains(data):
 
 
 def test_deterministic_by_seed(data):
-    split, valid, test = data
-    kw = FAST | dict(epochs=2, seed=7)
-    a = create("apgl4sr", **kw).fit(split, valid)
-    b = create("apgl4sr", **kw).fit(split, valid)
-    assert ndcg(a, test) == ndcg(b, test)
-    hist = test.histories.slice(0, 20)
-    assert torch.equal(a.score(hist), b.score(hist))
+    assert_deterministic("apgl4sr", FAST | dict(epochs=2, seed=7), data)
 
 
 def test_save_load_round_trip(data, fitted, tmp_path):
-    _, _, test = data
-    fitted.save(tmp_path / "apgl4sr")
-    back = Recommender.load(tmp_path / "apgl4sr")
-    assert type(back) is type(fitted) and back.get_params() == fitted.get_params()
+    back = assert_round_trip(fitted, data[2], tmp_path / "apgl4sr")
     hist = Histories.from_lists([-1, 3], [[4, 5, 6], [7, 8]], fitted.n_items_)
-    assert torch.equal(fitted.score(hist), back.score(hist))
-    hist = test.histories.slice(0, 30)
     assert torch.equal(fitted.score(hist), back.score(hist))
 
 

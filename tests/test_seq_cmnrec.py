@@ -6,28 +6,20 @@ import polars as pl
 import pytest
 import torch
 
-from recforge.data.prepare import prepare
-from recforge.data.split import leave_one_out
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
+from recforge.evaluation.batch import Histories
 from recforge.models.registry import create
 from recforge.models.sequential.cmnrec import boundary_distances
+from seq_contract import (FAST, PADDED, assert_beats_popularity, assert_causal, assert_deterministic,
+                          assert_padding_free, assert_round_trip, assert_scores, markov_data, unfitted)
 
-FAST = dict(verbose=False, batch_size=32, lr=0.005, epochs=10, patience=100, threads=1, max_len=20)
+FAST = FAST | dict(epochs=10)
 CHUNKS = ("none", "pec", "tsc", "gap")
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
-    raw = make_synthetic(n_users=200, n_items=60, seed=0, p_follow=0.9, n_successors=(1, 2), mean_length=15)
-    split = leave_one_out(prepare(raw))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+    return markov_data()
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +28,12 @@ def fitted(data):
     return {c: create("cmnrec", chunk=c, **FAST).fit(split, valid) for c in ("none", "pec", "tsc", "gap")}
 
 
-def ndcg(model, evalset):
-    return evaluate(model, evalset, ks=[10], groups=False).metrics["ndcg@10"]
-
-
 def built(chunk="pec", max_len=8, **kw):
-    m = create("cmnrec", max_len=max_len, verbose=False, chunk=chunk, hidden=16, word_size=8, **kw)
-    m.n_users_, m.n_items_ = 5, 20
-    m.gap_threshold_ = 5.0
-    torch.manual_seed(0)
-    m.net_ = m.build(5, 20)
-    m.net_.eval()
-    return m
+    def threshold(m):
+        m.gap_threshold_ = 5.0
+
+    return unfitted("cmnrec", setup=threshold, max_len=max_len, verbose=False, chunk=chunk, hidden=16, word_size=8,
+                    **kw)
 
 
 def positions(mask_row) -> list[int]:
@@ -111,39 +97,20 @@ def test_memory_operation_counts(data, fitted):
 # ---- architecture -----------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_causality(chunk):
-    m = built(chunk)
-    seqs = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
     times = torch.tensor([[0, 0, 1, 2, 10, 11, 30, 31], [0, 1, 2, 3, 10, 11, 12, 40]])
-    with torch.no_grad():
-        base = m.encode(seqs, times)
-        changed, later = seqs.clone(), times.clone()
-        changed[:, 5:] = torch.tensor([11, 12, 13])  # perturb the future of position 4
-        later[:, 5:] += torch.tensor([0, 50, 100])  # and its timestamps
-        out = m.encode(changed, later)
-    assert torch.allclose(base[:, :5], out[:, :5], atol=1e-6)
-    assert not torch.allclose(base[:, 5:], out[:, 5:])
+    assert_causal(built(chunk).encode, times)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_padding_does_not_matter(chunk):
-    m = built(chunk)
-    seqs = torch.tensor([[0, 0, 0, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
     times = torch.tensor([[0, 0, 0, 3, 10, 11, 12, 40], [0, 1, 2, 3, 10, 11, 12, 40]])
-    with torch.no_grad():
-        both = m.encode(seqs, times)
-        alone = m.encode(seqs[:1, 3:], times[:1, 3:])  # the first row without its padding
-    assert torch.allclose(both[0, 3:], alone[0], atol=1e-5)
-    assert float(both[0, :3].abs().max()) == 0.0
+    assert_padding_free(built(chunk).encode, PADDED, times)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_score_shapes_empty_history_unknown_user(chunk):
-    m = built(chunk)
-    hist = Histories.from_lists([-1, -1, 0], [[1, 2, 3], [], list(range(1, 20))], 20,
-                                times=[[5, 6, 70], [], list(range(0, 190, 10))])
-    with torch.no_grad():
-        s = m.score(hist)
-    assert s.shape == (3, 21) and torch.isfinite(s).all()
+    assert_scores(built(chunk), [-1, -1, 0], [[1, 2, 3], [], list(range(1, 20))], 20,
+                  times=[[5, 6, 70], [], list(range(0, 190, 10))])
 
 
 def test_chunks_differ_from_the_plain_memory_network():
@@ -198,33 +165,17 @@ def test_gap_without_times_falls_back_to_periodic(fitted):
 # ---- training -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_beats_popularity(data, fitted, chunk):
-    split, _, test = data
-    pop = ndcg(create("pop").fit(split), test)
-    assert ndcg(fitted[chunk], test) > pop + 0.05
+    assert_beats_popularity(fitted[chunk], data)
 
 
 def test_deterministic_by_seed(data):
-    split, valid, test = data
-    kw = FAST | dict(epochs=2, seed=7, chunk="tsc")
-    a = create("cmnrec", **kw).fit(split, valid)
-    b = create("cmnrec", **kw).fit(split, valid)
-    assert ndcg(a, test) == ndcg(b, test)
-    hist = test.histories.slice(0, 20)
-    with torch.no_grad():
-        assert torch.equal(a.score(hist), b.score(hist))
+    assert_deterministic("cmnrec", FAST | dict(epochs=2, seed=7, chunk="tsc"), data)
 
 
 @pytest.mark.parametrize("chunk", ["tsc", "gap"])
 def test_save_load_round_trip(data, fitted, chunk, tmp_path):
-    _, _, test = data
-    m = fitted[chunk]
-    m.save(tmp_path / chunk)
-    back = Recommender.load(tmp_path / chunk)
-    assert type(back) is type(m) and back.get_params() == m.get_params()
-    assert back.memory_ops_ == m.memory_ops_
-    hist = test.histories.slice(0, 30)
-    with torch.no_grad():
-        assert torch.equal(m.score(hist), back.score(hist))
+    back = assert_round_trip(fitted[chunk], data[2], tmp_path / chunk)
+    assert back.memory_ops_ == fitted[chunk].memory_ops_
 
 
 def test_protocol_notes(fitted):

@@ -5,15 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from recforge.data.prepare import prepare
-from recforge.data.split import leave_one_out
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
+from recforge.evaluation.batch import Histories
 from recforge.models.registry import create
 from recforge.models.sequential.diffuasr import prepend_rows
+from seq_contract import assert_beats_popularity, assert_round_trip, assert_scores, markov_data, ndcg
 
 BACKBONE = dict(batch_size=32, lr=0.005, epochs=5, patience=100, max_len=20)
 # a small denoiser (4 x 4 embedding square, two levels) and a short stage 1 keep the file fast
@@ -23,12 +19,7 @@ FAST = dict(verbose=False, threads=1, n_aug=3, aug_threshold=10, hidden=16, unet
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
-    raw = make_synthetic(n_users=200, n_items=60, seed=0, p_follow=0.9, n_successors=(1, 2), mean_length=15)
-    split = leave_one_out(prepare(raw))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+    return markov_data()
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +27,6 @@ def fitted(data):
     split, valid, _ = data
     return {b: create("diffuasr", **FAST, backbone=b, backbone_params=BACKBONE).fit(split, valid)
             for b in ("sasrec", "gru4rec")}
-
-
-def ndcg(model, evalset):
-    return evaluate(model, evalset, ks=[10], groups=False).metrics["ndcg@10"]
 
 
 def train_lengths(split):
@@ -143,11 +130,9 @@ def test_padding_and_batch_do_not_matter(data, fitted):
 def test_score_shapes_empty_history_and_unknown_users(fitted, backbone):
     m = fitted[backbone]
     u = augmented_user(m)
-    hist = Histories.from_lists([-1, -1, u, u, 10**6], [[1, 2, 3], [], [], [4, 5], [4, 5]], m.n_items_)
-    with torch.no_grad():
-        s = m.score(hist)
-    assert s.shape == (5, m.n_items_ + 1) and torch.isfinite(s).all()
-    aug = m.augment_histories(hist)
+    users, lists = [-1, -1, u, u, 10**6], [[1, 2, 3], [], [], [4, 5], [4, 5]]
+    s = assert_scores(m, users, lists, m.n_items_)
+    aug = m.augment_histories(Histories.from_lists(users, lists, m.n_items_))
     assert aug.lengths.tolist() == [3, 0, 3, 5, 2]  # prefixes only for the known augmented user
     assert aug.items[aug.indptr[3] : aug.indptr[4]].tolist() == m.prefix_[u].tolist() + [4, 5]
     with torch.no_grad():  # unknown users (-1 or beyond the training users) are scored on their history alone
@@ -165,9 +150,7 @@ def test_recommend_excludes_only_the_real_history(fitted):
 # ---- training ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
 def test_beats_popularity(data, fitted, backbone):
-    split, _, test = data
-    pop = ndcg(create("pop").fit(split), test)
-    assert ndcg(fitted[backbone], test) > pop + 0.05
+    assert_beats_popularity(fitted[backbone], data)
 
 
 def test_validation_and_history(fitted):
@@ -194,15 +177,9 @@ def test_deterministic_by_seed(data):
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
 def test_save_load_round_trip(data, fitted, backbone, tmp_path):
-    _, _, test = data
     m = fitted[backbone]
-    m.save(tmp_path / backbone)
-    back = Recommender.load(tmp_path / backbone)
-    assert type(back) is type(m) and back.get_params() == m.get_params()
+    back = assert_round_trip(m, data[2], tmp_path / backbone)
     assert np.array_equal(back.prefix_, m.prefix_) and back.backbone_.name == backbone
-    hist = test.histories.slice(0, 30)
-    with torch.no_grad():
-        assert torch.equal(m.score(hist), back.score(hist))
     indptr, items = data[0].train_sequences
     assert np.array_equal(back.generate(indptr[:-1][:10], indptr[1:][:10], items),
                           m.generate(indptr[:-1][:10], indptr[1:][:10], items))

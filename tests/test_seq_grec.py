@@ -6,27 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recforge.data.prepare import prepare
-from recforge.data.split import leave_one_out
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
+from recforge.evaluation.batch import Histories
 from recforge.models.registry import create
+from seq_contract import (FAST, assert_beats_popularity, assert_deterministic, assert_padding_free, assert_round_trip,
+                          assert_scores, markov_data, unfitted)
 
-FAST = dict(verbose=False, batch_size=32, lr=0.005, epochs=12, patience=100, threads=1, max_len=20,
-            hidden=32, dilations=[1, 2])
+FAST = FAST | dict(epochs=12, hidden=32, dilations=[1, 2])
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
-    raw = make_synthetic(n_users=200, n_items=60, seed=0, p_follow=0.9, n_successors=(1, 2), mean_length=15)
-    split = leave_one_out(prepare(raw))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+    return markov_data()
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +26,8 @@ def fitted(data):
     return create("grec", **FAST).fit(split, valid)
 
 
-def ndcg(model, evalset):
-    return evaluate(model, evalset, ks=[10], groups=False).metrics["ndcg@10"]
-
-
 def built(**kw):
-    m = create("grec", **(dict(max_len=12, hidden=16, dilations=[1, 2], verbose=False) | kw))
-    m.n_users_, m.n_items_ = 5, 30
-    torch.manual_seed(0)
-    m.net_ = m.build(5, 30)
-    m.net_.eval()
-    return m
+    return unfitted("grec", 5, 30, **(dict(max_len=12, hidden=16, dilations=[1, 2], verbose=False) | kw))
 
 
 def prepared(data, **kw):
@@ -181,19 +163,13 @@ def test_padding_does_not_matter():
     seqs = torch.tensor([[0, 0, 0, 0, 0, 4, 5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     enc = seqs.clone()
     enc[0, 7] = enc[1, 3] = m.gap_id
-    with torch.no_grad():
-        both = m.net_(enc, seqs)
-        alone = m.net_(enc[:1, 5:], seqs[:1, 5:])
-    assert torch.allclose(both[0, 5:], alone[0], atol=1e-5)
-    assert float(both[0, :5].abs().max()) == 0.0
+    assert_padding_free(lambda dec, gapped: m.net_(gapped, dec), seqs, enc)
 
 
 @pytest.mark.parametrize("score_gap", [False, True])
 def test_score_shapes_empty_history_and_unknown_user(score_gap):
     m = built(score_gap=score_gap)
-    hist = Histories.from_lists([-1, -1, 0], [[1, 2, 3], [], list(range(1, 30))], 30)
-    s = m.score(hist)
-    assert s.shape == (3, 31) and torch.isfinite(s).all()
+    s = assert_scores(m, [-1, -1, 0], [[1, 2, 3], [], list(range(1, 30))], 30)
     same = m.score(Histories.from_lists([4, 12345, 2], [[1, 2, 3], [], list(range(1, 30))], 30))
     assert torch.equal(s, same)  # user ids are never read
 
@@ -216,19 +192,11 @@ def test_score_gap_reads_one_gap_after_the_history():
 
 # ---- training -------------------------------------------------------------------------------
 def test_beats_popularity(data, fitted):
-    split, _, test = data
-    pop = ndcg(create("pop").fit(split), test)
-    assert ndcg(fitted, test) > pop + 0.05
+    assert_beats_popularity(fitted, data)
 
 
 def test_deterministic_by_seed(data):
-    split, valid, test = data
-    kw = FAST | dict(epochs=2, seed=7)
-    a = create("grec", **kw).fit(split, valid)
-    b = create("grec", **kw).fit(split, valid)
-    assert ndcg(a, test) == ndcg(b, test)
-    hist = test.histories.slice(0, 20)
-    assert torch.equal(a.score(hist), b.score(hist))
+    assert_deterministic("grec", FAST | dict(epochs=2, seed=7), data)
 
 
 def test_other_losses_train(data):
@@ -238,12 +206,7 @@ def test_other_losses_train(data):
 
 
 def test_save_load_round_trip(data, fitted, tmp_path):
-    _, _, test = data
-    fitted.save(tmp_path / "grec")
-    back = Recommender.load(tmp_path / "grec")
-    assert type(back) is type(fitted) and back.get_params() == fitted.get_params()
-    hist = test.histories.slice(0, 30)
-    assert torch.equal(fitted.score(hist), back.score(hist))
+    assert_round_trip(fitted, data[2], tmp_path / "grec")
 
 
 def test_protocol_notes(fitted):

@@ -5,29 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from recforge.data.prepare import prepare
-from recforge.data.split import leave_one_out
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
+from recforge.evaluation.batch import Histories
 from recforge.models.registry import create
 from recforge.models.sequential.magnn import window_adjacency
+from seq_contract import (FAST, PADDED, assert_beats_popularity, assert_causal, assert_deterministic,
+                          assert_padding_free, assert_round_trip, assert_scores, markov_data, unfitted)
 
-# small data and short runs. The synthetic task is first-order Markov (the next item follows the
-# last one), which a mean over a long window dilutes: a 3-item window learns it in a few epochs.
-FAST = dict(verbose=False, batch_size=32, lr=0.005, epochs=5, patience=100, threads=1, max_len=20, window=3)
+# The synthetic task is first-order Markov (the next item follows the last one), which a mean over a
+# long window dilutes: a 3-item window learns it in a few epochs.
+FAST = FAST | dict(window=3)
 
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
-    raw = make_synthetic(n_users=200, n_items=60, seed=0, p_follow=0.9, n_successors=(1, 2), mean_length=15)
-    split = leave_one_out(prepare(raw))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+    return markov_data()
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +28,8 @@ def fitted(data):
     return create("magnn", **FAST).fit(split, valid)
 
 
-def ndcg(model, evalset):
-    return evaluate(model, evalset, ks=[10], groups=False).metrics["ndcg@10"]
-
-
 def built(**kw):
-    m = create("magnn", **(dict(max_len=8, window=3, hidden=16, n_heads=4, memory_size=5, verbose=False) | kw))
-    m.n_users_, m.n_items_ = 5, 20
-    torch.manual_seed(0)
-    m.net_ = m.build(5, 20)
-    m.net_.eval()
-    return m
+    return unfitted("magnn", **(dict(max_len=8, window=3, hidden=16, n_heads=4, memory_size=5, verbose=False) | kw))
 
 
 USERS = torch.tensor([0, 3])
@@ -80,14 +63,7 @@ def test_window_adjacency_at_the_start_of_a_sequence():
 # ---- architecture ---------------------------------------------------------------------------
 def test_causality():
     m = built()
-    seqs = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
-    with torch.no_grad():
-        base = m.encode(seqs, USERS)
-        changed = seqs.clone()
-        changed[:, 5:] = torch.tensor([11, 12, 13])  # perturb the future of position 4
-        out = m.encode(changed, USERS)
-    assert torch.allclose(base[:, :5], out[:, :5], atol=1e-6)
-    assert not torch.allclose(base[:, 5:], out[:, 5:])
+    assert_causal(lambda seqs: m.encode(seqs, USERS))
 
 
 def test_long_term_items_reach_the_output():
@@ -104,20 +80,12 @@ def test_long_term_items_reach_the_output():
 
 
 def test_padding_does_not_matter():
-    m = built()
-    seqs = torch.tensor([[0, 0, 0, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
-    with torch.no_grad():
-        both = m.encode(seqs, USERS)
-        alone = m.encode(seqs[:1, 3:], USERS[:1])  # the first row without its padding
-    assert torch.allclose(both[0, 3:], alone[0], atol=1e-5)
-    assert float(both[0, :3].abs().max()) == 0.0  # padded positions output zeros
+    assert_padding_free(built().encode, PADDED, USERS)
 
 
 def test_score_shapes_empty_history_and_unknown_users():
     m = built()
-    hist = Histories.from_lists([-1, -1, 0, 3, 99], [[1, 2, 3], [], list(range(1, 20)), [], [1, 2, 3]], 20)
-    s = m.score(hist)
-    assert s.shape == (5, 21) and torch.isfinite(s).all()
+    s = assert_scores(m, [-1, -1, 0, 3, 99], [[1, 2, 3], [], list(range(1, 20)), [], [1, 2, 3]], 20)
     assert float(s[1].abs().max()) == 0.0  # unknown user, no history: nothing to score with
     q = m.output_table()
     assert torch.allclose(s[3], m.net_.user.weight[3] @ q.T)  # known user, no history: general interest
@@ -178,9 +146,7 @@ def test_bilinear_term_changes_scores():
 
 # ---- training -------------------------------------------------------------------------------
 def test_beats_popularity(data, fitted):
-    split, _, test = data
-    pop = ndcg(create("pop").fit(split), test)
-    assert ndcg(fitted, test) > pop + 0.05
+    assert_beats_popularity(fitted, data)
 
 
 def test_bpr_trains(data):
@@ -192,22 +158,11 @@ def test_bpr_trains(data):
 
 
 def test_deterministic_by_seed(data):
-    split, valid, test = data
-    kw = FAST | dict(epochs=2, seed=7)
-    a = create("magnn", **kw).fit(split, valid)
-    b = create("magnn", **kw).fit(split, valid)
-    assert ndcg(a, test) == ndcg(b, test)
-    hist = test.histories.slice(0, 20)
-    assert torch.equal(a.score(hist), b.score(hist))
+    assert_deterministic("magnn", FAST | dict(epochs=2, seed=7), data)
 
 
 def test_save_load_round_trip(data, fitted, tmp_path):
-    _, _, test = data
-    fitted.save(tmp_path / "magnn")
-    back = Recommender.load(tmp_path / "magnn")
-    assert type(back) is type(fitted) and back.get_params() == fitted.get_params()
-    hist = test.histories.slice(0, 30)
-    assert torch.equal(fitted.score(hist), back.score(hist))
+    assert_round_trip(fitted, data[2], tmp_path / "magnn")
 
 
 def test_protocol_notes(fitted):

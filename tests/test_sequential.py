@@ -3,21 +3,16 @@ determinism, persistence, scoring raw histories."""
 
 import numpy as np
 import pytest
-import torch
 
-from recforge.data.prepare import prepare
-from recforge.data.split import leave_one_out
-from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
-from recforge.evaluation.batch import Histories, build_evalset
-from recforge.evaluation.evaluator import evaluate
-from recforge.models.base import Recommender
+from recforge.evaluation.batch import Histories
 from recforge.models.registry import create
 from recforge.models.sequential.base import pad_windows, sample_bounds
+from seq_contract import (FAST, PADDED, assert_beats_popularity, assert_causal, assert_deterministic,
+                          assert_padding_free, assert_round_trip, assert_rows_alone, assert_scores, markov_data,
+                          rows_of_many_lengths, unfitted)
 
 MODELS = ("sasrec", "gru4rec", "bert4rec", "cl4srec", "duorec")
-# small data and short runs; strong first-order structure so that a few epochs suffice
-FAST = dict(verbose=False, batch_size=32, lr=0.005, epochs=5, patience=100, threads=1, max_len=20)
 TRAIN = {
     "sasrec": FAST,
     "gru4rec": FAST,
@@ -30,12 +25,7 @@ TRAIN = {
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
-    raw = make_synthetic(n_users=200, n_items=60, seed=0, p_follow=0.9, n_successors=(1, 2), mean_length=15)
-    split = leave_one_out(prepare(raw))
-    valid = build_evalset(split.history("valid"), split.valid, split.n_users, split.n_items, "valid")
-    test = build_evalset(split.history("test"), split.test, split.n_users, split.n_items, "test")
-    return split, valid, test
+    return markov_data()
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +33,6 @@ def fitted(data):
     split, valid, _ = data
     return {name: create(name, **TRAIN[name]).fit(split, valid) for name in MODELS}
 
-
-def ndcg(model, evalset):
-    return evaluate(model, evalset, ks=[10], groups=False).metrics["ndcg@10"]
 
 
 # ---- samples ------------------------------------------------------------------------------
@@ -99,68 +86,31 @@ def test_subseq_modes_sample_counts(data, mode):
 
 # ---- architecture ---------------------------------------------------------------------------
 def built(name, **kw):
-    m = create(name, max_len=8, verbose=False, **kw)
-    m.n_users_, m.n_items_ = 5, 20
-    torch.manual_seed(0)
-    m.net_ = m.build(5, 20)
-    m.net_.eval()
-    return m
+    return unfitted(name, max_len=8, verbose=False, **kw)
 
 
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
 def test_causality(name):
-    m = built(name)
-    seqs = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
-    with torch.no_grad():
-        base = m.encode(seqs)
-        changed = seqs.clone()
-        changed[:, 5:] = torch.tensor([11, 12, 13])  # perturb the future of position 4
-        out = m.encode(changed)
-    assert torch.allclose(base[:, :5], out[:, :5], atol=1e-6)
-    assert not torch.allclose(base[:, 5:], out[:, 5:])
+    assert_causal(built(name).encode)
 
 
 @pytest.mark.parametrize("name", ["sasrec", "gru4rec", "bert4rec"])
 def test_padding_does_not_matter(name):
-    m = built(name)
-    seqs = torch.tensor([[0, 0, 0, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
-    with torch.no_grad():
-        both = m.encode(seqs)
-        alone = m.encode(seqs[:1, 3:])  # the first row without its padding
-    assert torch.allclose(both[0, 3:], alone[0], atol=1e-5)
-    assert float(both[0, :3].abs().max()) == 0.0  # padded positions output zeros
+    assert_padding_free(built(name).encode, PADDED)
 
 
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
 def test_rows_of_many_lengths(name):
     # rows are split into attention groups by length (widths 8, 16, 32, 40): every row must
     # still get exactly what it gets alone
-    m = create(name, max_len=40, hidden=16, n_heads=2, inner=32, verbose=False)
-    m.n_users_, m.n_items_ = 5, 99
-    torch.manual_seed(0)
-    m.net_ = m.build(5, 99)
-    m.net_.eval()
-    g = torch.Generator().manual_seed(1)
-    lengths = [0, 1, 3, 8, 9, 15, 17, 33, 40, 5]
-    seqs = torch.zeros(len(lengths), 40, dtype=torch.long)
-    for r, n in enumerate(lengths):
-        if n:
-            seqs[r, 40 - n :] = torch.randint(1, 100, (n,), generator=g)
-    with torch.no_grad():
-        out = m.encode(seqs)
-        for r, n in enumerate(lengths):
-            if n:
-                assert torch.allclose(m.encode(seqs[r : r + 1, 40 - n :])[0], out[r, 40 - n :], atol=1e-5)
+    m = unfitted(name, 5, 99, max_len=40, hidden=16, n_heads=2, inner=32, verbose=False)
+    lengths, seqs, _ = rows_of_many_lengths()
+    assert_rows_alone(m.encode, lengths, seqs)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_score_shapes_and_empty_history(name):
-    m = built(name)
-    hist = Histories.from_lists([-1, -1, 0], [[1, 2, 3], [], list(range(1, 20))], 20)
-    with torch.no_grad():
-        s = m.score(hist)
-    assert s.shape == (3, 21)
-    assert torch.isfinite(s).all()
+    assert_scores(built(name), [-1, -1, 0], [[1, 2, 3], [], list(range(1, 20))], 20)
 
 
 def test_bert4rec_appends_mask():
@@ -172,9 +122,7 @@ def test_bert4rec_appends_mask():
 # ---- training -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", MODELS)
 def test_beats_popularity(data, fitted, name):
-    split, _, test = data
-    pop = ndcg(create("pop").fit(split), test)
-    assert ndcg(fitted[name], test) > pop + 0.05
+    assert_beats_popularity(fitted[name], data)
 
 
 def test_losses_train(data):
@@ -196,26 +144,12 @@ def test_ticoserec_views_train(data):
 
 @pytest.mark.parametrize("name", ["sasrec", "cl4srec"])
 def test_deterministic_by_seed(data, name):
-    split, valid, test = data
-    kw = FAST | dict(epochs=2, seed=7)
-    a = create(name, **kw).fit(split, valid)
-    b = create(name, **kw).fit(split, valid)
-    assert ndcg(a, test) == ndcg(b, test)
-    hist = test.histories.slice(0, 20)
-    with torch.no_grad():
-        assert torch.equal(a.score(hist), b.score(hist))
+    assert_deterministic(name, FAST | dict(epochs=2, seed=7), data)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_save_load_round_trip(data, fitted, name, tmp_path):
-    _, _, test = data
-    m = fitted[name]
-    m.save(tmp_path / name)
-    back = Recommender.load(tmp_path / name)
-    assert type(back) is type(m) and back.get_params() == m.get_params()
-    hist = test.histories.slice(0, 30)
-    with torch.no_grad():
-        assert torch.equal(m.score(hist), back.score(hist))
+    assert_round_trip(fitted[name], data[2], tmp_path / name)
 
 
 def test_recommend_raw_history(fitted):

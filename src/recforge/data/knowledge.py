@@ -124,20 +124,39 @@ def _item_lookup(ds) -> pl.DataFrame:
     return ds.item_map.select(pl.col("raw").cast(pl.Utf8).alias("_raw"), pl.col("idx").cast(pl.Int32))
 
 
-# ---- a triple file ----------------------------------------------------------------------------
-def _triple_lines(path: Path) -> pl.DataFrame:
-    """``_line`` (1-based), ``h``, ``r``, ``t`` of every non-empty line: split on tabs when the
-    first line has one, else on runs of spaces; a line without exactly three fields is an error."""
+# ---- text files of raw ids (triple files here, social-link files in recforge.data.social) -----
+def field_lines(path: Path, separators: str) -> tuple[pl.DataFrame, bool]:
+    """The non-empty lines of the text file ``path``: ``_line`` (1-based), ``_text`` and ``_f`` (the
+    line's fields, stripped), split on tabs when the first line has one, else on runs matching the
+    regular expression ``separators``; and whether they were split on tabs."""
     from recforge.data.readers import _decode
 
     lines = pl.DataFrame({"_text": _decode(path).splitlines()}, schema={"_text": pl.Utf8}).with_row_index(
         "_line", offset=1).filter(pl.col("_text").str.strip_chars() != "")
+    tabbed = lines.height > 0 and "\t" in lines["_text"][0]
+    text = pl.col("_text").str.strip_chars()
+    fields = text.str.split("\t") if tabbed else text.str.replace_all(separators, " ").str.split(" ")
+    return lines.with_columns(fields.list.eval(pl.element().str.strip_chars()).alias("_f")), tabbed
+
+
+def drop_header(rows: pl.DataFrame, columns, known, has_header: bool | None) -> pl.DataFrame:
+    """``rows`` without the first when it is a header line. ``has_header`` None detects one: none of
+    the first row's ``columns`` holds a known id (``known``: the raw ids as text, imploded into one
+    list) while every one of the second row's does (never with fewer than two rows)."""
+    if has_header is None and rows.height >= 2:
+        found = [pl.col(c).is_in(known) for c in columns]
+        k = rows.head(2).select(pl.any_horizontal(found).alias("any"), pl.all_horizontal(found).alias("all"))
+        has_header = not k["any"][0] and bool(k["all"][1])
+    return rows.slice(1) if has_header else rows
+
+
+# ---- a triple file ----------------------------------------------------------------------------
+def _triple_lines(path: Path) -> pl.DataFrame:
+    """``_line`` (1-based), ``h``, ``r``, ``t`` of every non-empty line: split on tabs when the
+    first line has one, else on runs of spaces; a line without exactly three fields is an error."""
+    lines, tabbed = field_lines(path, r"\s+")
     if lines.height == 0:
         raise DataError(f"{path}: no triples found; a knowledge file has 'head relation tail' lines")
-    tabbed = "\t" in lines["_text"][0]
-    text = pl.col("_text").str.strip_chars()
-    fields = text.str.split("\t") if tabbed else text.str.replace_all(r"\s+", " ").str.split(" ")
-    lines = lines.with_columns(fields.list.eval(pl.element().str.strip_chars()).alias("_f"))
     bad = lines.filter(pl.col("_f").list.len() != 3)
     if bad.height:
         r = bad.row(0, named=True)
@@ -163,11 +182,7 @@ def read_triples(path, ds, has_header: bool | None = None, tails: str = "auto") 
     rows = _triple_lines(p)
     lookup = _item_lookup(ds)
     known = lookup["_raw"].implode()
-    if has_header is None:
-        heads = rows["h"].head(2).is_in(known).to_list()
-        has_header = len(heads) == 2 and not heads[0] and heads[1]
-    if has_header:
-        rows = rows.slice(1)
+    rows = drop_header(rows, ["h"], known, has_header)
     n_read = rows.height
     rows = rows.join(lookup.rename({"idx": "head"}), left_on="h", right_on="_raw", how="left", maintain_order="left")
     rows = rows.join(lookup.rename({"idx": "tail_item"}), left_on="t", right_on="_raw", how="left",

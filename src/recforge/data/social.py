@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from recforge.data.knowledge import drop_header, field_lines
 from recforge.errors import DataError
 
 #: file names ``data.social=auto`` looks for beside the interaction files, in this order
@@ -67,16 +68,9 @@ def _user_lookup(ds) -> pl.DataFrame:
 def _pair_lines(path: Path) -> pl.DataFrame:
     """``_line`` (1-based), ``a``, ``b`` of every non-empty line: split on tabs when the first line
     has one, else on runs of spaces or commas; a line with fewer than two fields is an error."""
-    from recforge.data.readers import _decode
-
-    lines = pl.DataFrame({"_text": _decode(path).splitlines()}, schema={"_text": pl.Utf8}).with_row_index(
-        "_line", offset=1).filter(pl.col("_text").str.strip_chars() != "")
+    lines, tabbed = field_lines(path, r"[\s,]+")
     if lines.height == 0:
         raise DataError(f"{path}: no links found; a social file has 'user user' lines")
-    tabbed = "\t" in lines["_text"][0]
-    text = pl.col("_text").str.strip_chars()
-    fields = text.str.split("\t") if tabbed else text.str.replace_all(r"[\s,]+", " ").str.split(" ")
-    lines = lines.with_columns(fields.list.eval(pl.element().str.strip_chars()).alias("_f"))
     bad = lines.filter(pl.col("_f").list.len() < 2)
     if bad.height:
         r = bad.row(0, named=True)
@@ -97,12 +91,7 @@ def read_social(path, ds, directed: bool = False, has_header: bool | None = None
     rows = _pair_lines(p)
     lookup = _user_lookup(ds)
     known = lookup["_raw"].implode()
-    if has_header is None and rows.height >= 2:
-        k = rows.head(2).select((pl.col("a").is_in(known) | pl.col("b").is_in(known)).alias("any"),
-                                (pl.col("a").is_in(known) & pl.col("b").is_in(known)).alias("both"))
-        has_header = not k["any"][0] and bool(k["both"][1])
-    if has_header:
-        rows = rows.slice(1)
+    rows = drop_header(rows, ["a", "b"], known, has_header)
     n_read = rows.height
     rows = rows.join(lookup.rename({"idx": "u"}), left_on="a", right_on="_raw", how="left", maintain_order="left")
     rows = rows.join(lookup.rename({"idx": "v"}), left_on="b", right_on="_raw", how="left", maintain_order="left")
