@@ -35,7 +35,9 @@ def assert_round_trip(model, test, path) -> Recommender:
     return loaded
 
 
-def assert_raw_histories_score(model, test) -> None:
+def assert_raw_histories_score(model, test):
+    """Two test rows scored as raw histories (a known user and an unknown one, -1): finite scores
+    and a top-5 for each; returns ``(rows, their item lists, the raw Histories)``."""
     h = test.histories.slice(0, 2)
     items = [h.items[h.indptr[0] : h.indptr[1]].tolist(), h.items[h.indptr[1] : h.indptr[2]].tolist()]
     raw = Histories.from_lists([int(h.users[0]), -1], items, h.n_items)
@@ -43,3 +45,4 @@ def assert_raw_histories_score(model, test) -> None:
     assert s.shape == (2, h.n_items + 1) and torch.isfinite(s).all()
     top, _ = model.recommend(raw, k=5)
     assert top.shape == (2, 5)
+    return h, items, raw

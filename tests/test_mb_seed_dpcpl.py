@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mb_contract import ndcg
+from mb_contract import assert_raw_histories_score, ndcg
 from recforge.cli import main
 from recforge.data.prepare import prepare
 from recforge.data.split import leave_one_out
@@ -175,13 +175,8 @@ def test_raw_histories_and_fresh_events(mb, fitted):
     event changes the result, and so do the behaviours of the rows."""
     _, _, test = mb
     model = fitted["prompt"][0]
-    h = test.histories.slice(0, 2)
-    items = [h.items[h.indptr[0] : h.indptr[1]].tolist(), h.items[h.indptr[1] : h.indptr[2]].tolist()]
-    raw = Histories.from_lists([int(h.users[0]), -1], items, h.n_items)
+    h, items, raw = assert_raw_histories_score(model, test)
     s = model.score(raw)
-    assert s.shape == (2, h.n_items + 1) and torch.isfinite(s).all()
-    top, _ = model.recommend(raw, k=5)
-    assert top.shape == (2, 5)
     fresh = Histories.from_lists([int(h.users[0]), -1], [items[0] + [7], items[1]], h.n_items)
     moved = model.score(fresh)
     assert not torch.allclose(moved[0], s[0]) and torch.allclose(moved[1], s[1])
