@@ -3,6 +3,7 @@ full ranking, paired tests, seconds per epoch and peak memory.
 
     python benchmarks/compare_models.py --family seq|graph [--data NAME|PATH] [--seeds 0,1,2]
                                         [--models NAME,...] [--jobs 2] [--budget SECONDS] [--fresh]
+                                        [--set KEY=VALUE ...]
 
 Families (``FAMILIES``): ``seq``, the sequential seed systems against SASRec (GRec, CmnRec with its
 chunk modes (none: the memory network without chunks; pec, tsc: the paper's; gap: ours, by time gaps), MA-GNN, APGL4SR, DiffuASR with two backbones); ``graph``, the graph seed systems against
@@ -12,7 +13,8 @@ Data (``../shared/data``): ``ml-100k`` (``movielens-100k``, real timestamps), ``
 (``amazon-beauty/Beauty.txt``, order only), ``beauty-time`` (``amazon-beauty-time``, real timestamps,
 needed by CmnRec's time-sensitive chunks), ``ml-latest-small`` (with ``tags.csv``), ``lastfm``
 (``lastfm-social``: LightGCN's train/test split and the friendship links), ``ml-100k-popshift`` (MovieLens-100K
-with ``split.method=popularity_shift``: the distribution-shift split of the out-of-distribution models).
+with ``split.method=popularity_shift``: the popularity-shift split of the out-of-distribution models),
+``ml-100k-temporal`` (MovieLens-100K with ``split.method=temporal``: train early, test late, the temporal shift).
 
 Protocol for every row: the data's default split (leave-one-out: last item test, second-to-last
 validation; ``lastfm``: its given train/test files), **full ranking** over every item, the user's
@@ -27,6 +29,9 @@ Each (model, seed) runs in its own process (``--jobs 2``: two at once, one threa
 per epoch are two-process figures) and keeps its run folder under
 ``benchmarks/results/runs/<family>/<data>/`` (ignored by git); a later call with other ``--models`` adds
 to the same table, ``--fresh`` starts over. Writes ``benchmarks/results/<family>_<data>.json``.
+``--set KEY=VALUE`` (repeatable) overrides a setting of every trained model of the call, for a comparison
+under a common budget (``--set epochs=120``: every model stops after 120 epochs at the latest); the
+results then go to ``<family>_<data>_<key><value>.json`` and the protocol names the setting.
 """
 
 from __future__ import annotations
@@ -46,14 +51,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DATASETS = {"ml-100k": SHARED / "movielens-100k", "beauty": SHARED / "amazon-beauty" / "Beauty.txt",
             "beauty-time": SHARED / "amazon-beauty-time", "ml-latest-small": SHARED / "movielens-latest-small",
-            "lastfm": SHARED / "lastfm-social", "ml-100k-popshift": SHARED / "movielens-100k"}
+            "lastfm": SHARED / "lastfm-social", "ml-100k-popshift": SHARED / "movielens-100k",
+            "ml-100k-temporal": SHARED / "movielens-100k"}
 
 #: data -> overrides for every model: LastFM's given split has no validation part, so each user's last
 #: training row is carved out for early stopping (``split.valid=last``, recorded in the run's protocol)
 DATA_OVERRIDES = {"lastfm": {"split.valid": "last"},
                   # the out-of-distribution models' shifted split: test and validation pairs drawn inversely to
                   # item popularity (split.method=popularity_shift; its protocol records the measured shift)
-                  "ml-100k-popshift": {"split.method": "popularity_shift"}}
+                  "ml-100k-popshift": {"split.method": "popularity_shift"},
+                  # the temporal shift: a global time cut-off, training early and testing late (split.method=temporal)
+                  "ml-100k-temporal": {"split.method": "temporal"}}
 
 #: family -> models (name -> (registry model, overrides on top of the model's defaults)) and baselines
 FAMILIES = {
@@ -96,19 +104,37 @@ PARTS = {"full": "per_user_test.parquet"}
 SKIP_NOTES = ("split", "exclude", "ties", "data")
 
 
-def run_dir(family: str, data: str) -> Path:
-    return ROOT / "benchmarks" / "results" / "runs" / family / data
+def run_dir(family: str, label: str) -> Path:
+    return ROOT / "benchmarks" / "results" / "runs" / family / label
 
 
-def worker(family: str, name: str, seed: int, data: str) -> dict:
+def parse_sets(sets: list[str]) -> dict[str, str]:
+    """``--set key=value`` pairs: overrides for every trained model of the call (not Pop or EASE)."""
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: write key=value, e.g. --set epochs=120")
+        out[key] = value
+    return out
+
+
+def table_label(data: str, sets: dict[str, str]) -> str:
+    """The results' name: the data, then every ``--set`` (``ml-100k_epochs120``)."""
+    label = data if data in DATASETS else Path(data).name
+    return "_".join([label] + [f"{k}{v}" for k, v in sets.items()])
+
+
+def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | None = None) -> dict:
     """Train and evaluate one (model, seed) in this process; its row (per-user table in the run folder)."""
     import recforge
 
+    sets = sets or {}
     model, extra = FAMILIES[family]["models"][name]
     overrides = {"seed": seed, **DATA_OVERRIDES.get(data, {}), **extra}
     if model not in ("pop", "ease"):
-        overrides.update(threads=1, device="cpu")
-    out = run_dir(family, data) / f"{name}-s{seed}"
+        overrides.update(threads=1, device="cpu", **sets)
+    out = run_dir(family, table_label(data, sets)) / f"{name}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
@@ -122,7 +148,7 @@ def worker(family: str, name: str, seed: int, data: str) -> dict:
             "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes}
 
 
-def write(out: Path, family: str, data: str, rows: list[dict], wall: float) -> None:
+def write(out: Path, family: str, data: str, rows: list[dict], wall: float, sets: dict[str, str]) -> None:
     fam = FAMILIES[family]
     summary = summarise(rows, fam["models"], ["full"])
     for name, s in summary.items():
@@ -130,7 +156,8 @@ def write(out: Path, family: str, data: str, rows: list[dict], wall: float) -> N
     result = {"family": family, "data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT),
               "protocol": "the data's default split (see each run's protocol.split); full ranking over every item, "
                           "the user's history excluded, pessimistic ties; subseq=none; early stopping on validation "
-                          "NDCG@10 (model defaults), best-validation weights tested; model defaults, threads=1",
+                          "NDCG@10 (model defaults), best-validation weights tested; model defaults, threads=1"
+                          + "".join(f"; {k}={v} for every trained model" for k, v in sets.items()),
               "wall_s": round(wall, 1), "runs": rows, "summary": summary}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -163,13 +190,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
     ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
     ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every trained model of this call (e.g. epochs=120); names the results file")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of the results file; run nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sets = parse_sets(args.set)
     if args.worker:
-        print(json.dumps(worker(args.family, args.worker[0], int(args.worker[1]), args.data)))
+        print(json.dumps(worker(args.family, args.worker[0], int(args.worker[1]), args.data, sets)))
         return 0
-    label = args.data if args.data in DATASETS else Path(args.data).name
+    label = table_label(args.data, sets)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")
     if args.table:
         print(table(json.loads(out.read_text())))
@@ -187,8 +217,8 @@ def main(argv=None) -> int:
         return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     collect(__file__, out, args.fresh, [(name, seed) for seed in seeds for name in names],
-            ["--family", args.family, "--data", args.data], args.jobs, args.budget,
-            lambda rows, wall: write(out, args.family, args.data, rows, wall),
+            ["--family", args.family, "--data", args.data] + [f"--set={x}" for x in args.set], args.jobs, args.budget,
+            lambda rows, wall: write(out, args.family, args.data, rows, wall, sets),
             lambda r: f"{r['name']:17s} seed {r['seed']}  HR@10 {r['full']['hr@10']:.4f}  NDCG@10 {r['full']['ndcg@10']:.4f}  "
                       f"{r['epochs_run']} epochs {r['s_per_epoch']:.2f} s/epoch  {r['peak_mb']:.0f} MB")
     return 0
