@@ -311,13 +311,15 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
         eng = ranking()
         uidx = eng.user_idx(user_id)
         history, behaviors = eng.history_of(uidx), eng.behaviors_of(uidx)
-        fresh, fresh_behaviors, unknown = eng.encode_events(state.events.events_of(user_id))
+        fresh, fresh_behaviors, unknown, fresh_times = eng.encode_events(state.events.events_of(user_id))
         ex, _ = eng.encode_items(exclude or [])
         if behaviors is not None or any(b is not None for b in fresh_behaviors):
             behaviors = (behaviors if behaviors is not None else [None] * len(history)) + fresh_behaviors
         else:
             behaviors = None
-        r = await eng.recommend_async(uidx, history + fresh, k, ex, categories, behaviors=behaviors)
+        past_times = eng.times_of(uidx)  # None unless the model reads times and the artifact has them
+        times = past_times + fresh_times if past_times is not None else None
+        r = await eng.recommend_async(uidx, history + fresh, k, ex, categories, behaviors=behaviors, times=times)
         return _recs(eng, r, user_id, unknown)
 
     @app.post("/v1/recommendations", response_model=S.RecommendationResponse, tags=["recommendations"],
@@ -327,11 +329,16 @@ def create_app(artifact_dir: str | Path | None, events_path: str | Path | None =
         if body.behaviors is not None and len(body.behaviors) != len(body.history):
             raise BadRequestError(f"behaviors has {len(body.behaviors)} entries for {len(body.history)} history "
                                   "items; give one behaviour per history item (null where unknown), or leave it out")
+        if body.timestamps is not None and len(body.timestamps) != len(body.history):
+            raise BadRequestError(f"timestamps has {len(body.timestamps)} entries for {len(body.history)} history "
+                                  "items; give one timestamp per history item, or leave it out")
         beh = body.behaviors if body.behaviors is not None else [None] * len(body.history)
-        hist, behaviors, unknown = eng.encode_events(list(zip(body.history, beh)))
+        when = body.timestamps if body.timestamps is not None else [None] * len(body.history)
+        hist, behaviors, unknown, times = eng.encode_events(list(zip(body.history, beh, when)))
         ex, _ = eng.encode_items(body.exclude)
         r = await eng.recommend_async(-1, hist, body.k, ex, body.categories, exclude_seen=body.exclude_seen,
-                                      behaviors=behaviors if body.behaviors is not None else None)
+                                      behaviors=behaviors if body.behaviors is not None else None,
+                                      times=times if body.timestamps is not None and eng.needs_times else None)
         return _recs(eng, r, None, unknown)
 
     @app.get("/v1/items/{item_id}/similar", response_model=S.SimilarItemsResponse, tags=["recommendations"],

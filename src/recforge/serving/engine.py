@@ -15,6 +15,9 @@ has behaviours (views, carts, purchases), each history row carries its behaviour
 ``behavior`` column, an event's ``behavior``), so a multi-behaviour model reads them, and
 ``exclude_seen`` removes the rows the model's :meth:`~recforge.models.base.Recommender.seen_mask`
 names (for a multi-behaviour model its target behaviour only: a viewed item stays a candidate).
+For a model that reads the time between events (``needs_times``: CmnRec with ``chunk=gap``) each row
+also carries its timestamp (the artifact's ``timestamp`` column, an event's ``timestamp``, a raw
+history's ``timestamps``); other models never receive times.
 
 New items (:meth:`Engine.learn_events`): for a model with ``add_items(user_lists)`` (duck-typed),
 an event whose item is not in the catalogue records the (known) user who had it; the item is then
@@ -44,7 +47,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from recforge.data.schema import BEHAVIOR, ITEM, USER
+from recforge.data.schema import BEHAVIOR, ITEM, TIME, USER
 from recforge.errors import RecForgeError
 from recforge.evaluation.batch import Histories
 from recforge.serving.ann import ANNIndex, query_vectors
@@ -93,19 +96,21 @@ class ScoreBatcher:
         self._thread = threading.Thread(target=self._loop, name="recforge-scorer", daemon=True)
         self._thread.start()
 
-    def submit(self, user_idx: int, history: list[int], behaviors: list | None = None) -> cf.Future | None:
+    def submit(self, user_idx: int, history: list[int], behaviors: list | None = None,
+               times: list[int] | None = None) -> cf.Future | None:
         """Queue one user; the future's result is its scores ``(n_items + 1,)`` (a private copy).
         None once the batcher is closed."""
         if self._closed:
             return None
         fut: cf.Future = cf.Future()
-        self._queue.put((user_idx, history, behaviors, fut))
+        self._queue.put((user_idx, history, behaviors, times, fut))
         return fut
 
-    def score(self, user_idx: int, history: list[int], behaviors: list | None = None) -> np.ndarray:
-        fut = self.submit(user_idx, history, behaviors)
+    def score(self, user_idx: int, history: list[int], behaviors: list | None = None,
+              times: list[int] | None = None) -> np.ndarray:
+        fut = self.submit(user_idx, history, behaviors, times)
         if fut is None:
-            return _score_rows(self.model, [user_idx], [history], self.n_items, [behaviors])[0]
+            return _score_rows(self.model, [user_idx], [history], self.n_items, [behaviors], [times])[0]
         return fut.result()
 
     def _loop(self) -> None:
@@ -116,13 +121,13 @@ class ScoreBatcher:
             batch, stop = drain(self._queue, first, self.max_batch)
             try:
                 rows = _score_rows(self.model, [b[0] for b in batch], [b[1] for b in batch], self.n_items,
-                                   [b[2] for b in batch])
+                                   [b[2] for b in batch], [b[3] for b in batch])
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
                 for b in batch:
-                    b[3].set_exception(exc)
+                    b[4].set_exception(exc)
             else:
                 for b, row in zip(batch, rows):
-                    b[3].set_result(row)
+                    b[4].set_result(row)
             if stop:
                 return
 
@@ -134,19 +139,22 @@ class ScoreBatcher:
 
 
 def _histories(users: list[int], histories: list[list[int]], n_items: int,
-               behaviors: list[list | None] | None = None) -> Histories:
-    """Rows for the model; behaviours when any row has them (the others' rows: None, unknown)."""
+               behaviors: list[list | None] | None = None, times: list[list[int] | None] | None = None) -> Histories:
+    """Rows for the model; behaviours when any row has them (the others' rows: None, unknown);
+    timestamps only when every row has them (a model that reads times falls back without)."""
+    if times is not None and any(t is None for t in times):
+        times = None
     if behaviors is None or all(b is None for b in behaviors):
-        return Histories.from_lists(users, histories, n_items)
+        return Histories.from_lists(users, histories, n_items, times=times)
     beh = [b if b is not None else [None] * len(h) for h, b in zip(histories, behaviors)]
-    return Histories.from_lists(users, histories, n_items, beh)
+    return Histories.from_lists(users, histories, n_items, beh, times)
 
 
 def _score_rows(model, users: list[int], histories: list[list[int]], n_items: int,
-                behaviors: list[list | None] | None = None) -> np.ndarray:
+                behaviors: list[list | None] | None = None, times: list[list[int] | None] | None = None) -> np.ndarray:
     import torch
 
-    hist = _histories(users, histories, n_items, behaviors)
+    hist = _histories(users, histories, n_items, behaviors, times)
     with torch.inference_mode():
         s = model.score(hist)
     arr = s.detach().cpu().numpy() if hasattr(s, "detach") else np.asarray(s)
@@ -176,6 +184,11 @@ class Engine:
         #: the behaviour of each history row (None: the data has no behaviour column)
         self.hist_behaviors = inter[BEHAVIOR].to_numpy() if BEHAVIOR in inter.columns else None
         self.hist_indptr = np.searchsorted(users, np.arange(self.n_users + 1), side="left").astype(np.int64)
+        #: the model reads the time of each history row (CmnRec's chunk=gap): the history's
+        #: timestamps are kept, and those of fresh events passed along (None: not read, or unknown)
+        self.needs_times = bool(getattr(self.model, "needs_times", False))
+        self.hist_times = (inter[TIME].to_numpy().astype(np.int64)
+                           if self.needs_times and TIME in inter.columns else None)
 
         pop = np.asarray(artifact.popularity, dtype=np.float32).copy()
         pop[0] = -np.inf
@@ -276,18 +289,30 @@ class Engine:
         a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
         return self.hist_behaviors[max(a, b - MAX_HISTORY):b].tolist()
 
-    def encode_events(self, events: list[tuple]) -> tuple[list[int], list, list]:
-        """``(items, behaviours, unknown ids)`` of ``(raw item, behaviour)`` events: the known items
-        in order with their behaviours, and the raw ids that are not in the catalogue."""
-        items, behaviors, unknown = [], [], []
-        for raw, behavior in events:
+    def times_of(self, user_idx: int) -> list[int] | None:
+        """The timestamps of :meth:`history_of`'s rows; None when the model does not read times or
+        the artifact has none."""
+        if self.hist_times is None:
+            return None
+        if user_idx < 0:
+            return []
+        a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
+        return self.hist_times[max(a, b - MAX_HISTORY):b].tolist()
+
+    def encode_events(self, events: list[tuple]) -> tuple[list[int], list, list, list]:
+        """``(items, behaviours, unknown ids, times)`` of ``(raw item, behaviour[, timestamp])``
+        events: the known items in order with their behaviours and timestamps (None where an event
+        has none), and the raw ids that are not in the catalogue."""
+        items, behaviors, unknown, times = [], [], [], []
+        for raw, behavior, *when in events:
             i = self.item_index.get(id_key(raw))
             if i is None:
                 unknown.append(raw)
             else:
                 items.append(i)
                 behaviors.append(behavior)
-        return items, behaviors, unknown
+                times.append(when[0] if when else None)
+        return items, behaviors, unknown, times
 
     def category_mask(self, categories: list[str] | None) -> np.ndarray | None:
         if not categories:
@@ -305,34 +330,35 @@ class Engine:
     # ---- ranking ----------------------------------------------------------------------------
     def recommend(self, user_idx: int, history: list[int], k: int, exclude: list[int] = (),
                   categories: list[str] | None = None, exclude_seen: bool = True,
-                  behaviors: list | None = None) -> Ranked:
-        """Top-``k`` for an encoded user (-1: unknown) and encoded history (``behaviors``: one per
-        history row, or None); popularity when the user is unknown and the history is empty."""
+                  behaviors: list | None = None, times: list[int] | None = None) -> Ranked:
+        """Top-``k`` for an encoded user (-1: unknown) and encoded history (``behaviors``, ``times``:
+        one per history row, or None); popularity when the user is unknown and the history is empty."""
         allowed, banned = self._filters(history, exclude, categories, exclude_seen, behaviors)
         if user_idx < 0 and not history:
             return self.popular(k, exclude, allowed)
         if self.ann is not None and allowed is None:
-            ranked = self._recommend_ann(_histories([user_idx], [history], self.n_items, [behaviors]), k, banned)
+            hist = _histories([user_idx], [history], self.n_items, [behaviors], [times])
+            ranked = self._recommend_ann(hist, k, banned)
             if ranked is not None:
                 return ranked
         if self.batcher is not None:
-            scores = self.batcher.score(user_idx, history, behaviors)
+            scores = self.batcher.score(user_idx, history, behaviors, times)
         else:
-            scores = _score_rows(self.model, [user_idx], [history], self.n_items, [behaviors])[0]
+            scores = _score_rows(self.model, [user_idx], [history], self.n_items, [behaviors], [times])[0]
         return self._top(scores, k, banned, allowed)
 
     async def recommend_async(self, user_idx: int, history: list[int], k: int, exclude: list[int] = (),
                               categories: list[str] | None = None, exclude_seen: bool = True,
-                              behaviors: list | None = None) -> Ranked:
+                              behaviors: list | None = None, times: list[int] | None = None) -> Ranked:
         """:meth:`recommend` for an event loop: the loop never runs the model; it awaits the
         scoring thread (or a worker thread for the ANN path)."""
-        args = (user_idx, history, k, exclude, categories, exclude_seen, behaviors)
+        args = (user_idx, history, k, exclude, categories, exclude_seen, behaviors, times)
         allowed, banned = self._filters(history, exclude, categories, exclude_seen, behaviors)
         if user_idx < 0 and not history:
             return self.popular(k, exclude, allowed)
         fut = None
         if self.batcher is not None and not (self.ann is not None and allowed is None):
-            fut = self.batcher.submit(user_idx, history, behaviors)
+            fut = self.batcher.submit(user_idx, history, behaviors, times)
         if fut is None:
             return await asyncio.to_thread(self.recommend, *args)
         scores = await asyncio.wrap_future(fut)

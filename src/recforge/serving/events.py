@@ -227,10 +227,10 @@ class EventStore:
         return [r[0] for r in reversed(rows)]
 
     def events_of(self, user_id: str, limit: int = 10_000) -> list[tuple]:
-        """The user's latest ``limit`` events as ``(item, behaviour)``, oldest first."""
-        rows = self._read("SELECT item_id, behavior FROM events WHERE user_id = ? ORDER BY timestamp DESC, seq DESC "
-                          "LIMIT ?", (user_id, limit))
-        return [(r[0], r[1]) for r in reversed(rows)]
+        """The user's latest ``limit`` events as ``(item, behaviour, timestamp)``, oldest first."""
+        rows = self._read("SELECT item_id, behavior, timestamp FROM events WHERE user_id = ? "
+                          "ORDER BY timestamp DESC, seq DESC LIMIT ?", (user_id, limit))
+        return [(r[0], r[1], r[2]) for r in reversed(rows)]
 
     def count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM events")[0][0])

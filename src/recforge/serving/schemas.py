@@ -73,6 +73,9 @@ class RecommendationRequest(_Body):
     behaviors: Annotated[list[Text(32) | None], Field(max_length=MAX_HISTORY_ITEMS)] | None = Field(
         default=None, description="the behaviour of each history item (view, cart, buy...; null where unknown), "
                                   "read by multi-behaviour models")
+    timestamps: Annotated[list[Int(ge=0, le=2**53 - 1)], Field(max_length=MAX_HISTORY_ITEMS)] | None = Field(
+        default=None, description="seconds since the epoch of each history item, read by models that use the time "
+                                  "between events (CmnRec with chunk=gap); without them such a model falls back")
     exclude_seen: bool = Field(default=True, description="leave out the items of the history (for a multi-behaviour "
                                                          "model: those of its target behaviour only)")
 

@@ -35,7 +35,8 @@ predicted, as in the paper's Eqs. 13 and 16):
   chunk's cached states and the previous output; the output at an item never sees a later
   timestamp. The threshold defaults to the ``gap_quantile`` quantile of the training gaps
   (``gap_threshold_``), so it follows each data set's time unit; gaps above it close chunks.
-  Timestamps come from the training data and, at ranking time, from ``Histories.times``. Without
+  Timestamps come from the training data and, at ranking time, from ``Histories.times`` (the
+  server fills them from the artifact's history and the events' timestamps). Without
   times at ranking (a raw history given without them), ``gap`` falls back to the periodic
   boundaries of ``pec`` (every ``G`` items back from the last) and warns once.
 
