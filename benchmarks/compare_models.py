@@ -3,7 +3,7 @@ full ranking, paired tests, seconds per epoch and peak memory.
 
     python benchmarks/compare_models.py --family seq|graph [--data NAME|PATH] [--seeds 0,1,2]
                                         [--models NAME,...] [--jobs 2] [--budget SECONDS] [--fresh]
-                                        [--set KEY=VALUE ...]
+                                        [--set KEY=VALUE ...] [--sampled] [--table]
 
 Families (``FAMILIES``): ``seq``, the sequential seed systems against SASRec (GRec, CmnRec with its
 chunk modes (none: the memory network without chunks; pec, tsc: the paper's; gap: ours, by time gaps), MA-GNN, APGL4SR, DiffuASR with two backbones); ``graph``, the graph seed systems against
@@ -32,6 +32,9 @@ to the same table, ``--fresh`` starts over. Writes ``benchmarks/results/<family>
 ``--set KEY=VALUE`` (repeatable) overrides a setting of every trained model of the call, for a comparison
 under a common budget (``--set epochs=120``: every model stops after 120 epochs at the latest); the
 results then go to ``<family>_<data>_<key><value>.json`` and the protocol names the setting.
+``--sampled`` evaluates the finished runs of a results file once more under the *labelled* sampled
+protocol (the held-out item against 99 items drawn uniformly outside the user's history: SASRec's
+paper, DiffuASR's code) and stores it beside full ranking, to set our figures beside published ones.
 """
 
 from __future__ import annotations
@@ -99,7 +102,12 @@ FAMILIES = {
     }, "baselines": ("lightgcn", "mf")},
 }
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@20")
-PARTS = {"full": "per_user_test.parquet"}
+PARTS = {"full": "per_user_test.parquet",
+         # the sampled protocol of SASRec and of DiffuASR's code, added to finished runs by --sampled
+         "sampled99": "per_user_test_sampled99.parquet"}
+SAMPLED_LABEL = ("SAMPLED: the held-out item against 99 items drawn uniformly outside the user's history "
+                 "(the protocol of SASRec's paper and DiffuASR's code), history excluded; not comparable "
+                 "with full ranking")
 #: protocol entries of a run worth keeping in its row (model notes: augmentation, memory operations ...)
 SKIP_NOTES = ("split", "exclude", "ties", "data")
 
@@ -150,17 +158,39 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
 
 def write(out: Path, family: str, data: str, rows: list[dict], wall: float, sets: dict[str, str]) -> None:
     fam = FAMILIES[family]
-    summary = summarise(rows, fam["models"], ["full"])
+    parts = {k: v for k, v in PARTS.items() if all(k in r for r in rows)}
+    summary = summarise(rows, fam["models"], list(parts))
     for name, s in summary.items():
-        s["vs"] = {b: paired(rows, ROOT, name, b, PARTS) for b in fam["baselines"] if b != name}
+        s["vs"] = {b: paired(rows, ROOT, name, b, parts) for b in fam["baselines"] if b != name}
     result = {"family": family, "data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT),
               "protocol": "the data's default split (see each run's protocol.split); full ranking over every item, "
                           "the user's history excluded, pessimistic ties; subseq=none; early stopping on validation "
                           "NDCG@10 (model defaults), best-validation weights tested; model defaults, threads=1"
                           + "".join(f"; {k}={v} for every trained model" for k, v in sets.items()),
               "wall_s": round(wall, 1), "runs": rows, "summary": summary}
+    if "sampled99" in parts:
+        result["sampled99_protocol"] = SAMPLED_LABEL
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def add_sampled(out: Path, family: str, data: str, sets: dict[str, str], names: list[str] | None) -> None:
+    """Evaluate the finished runs of a results file once more under the labelled sampled protocol
+    (99 negatives) and store it beside full ranking (``sampled99`` of each row, per-user tables
+    in the run folders); the runs are not retrained."""
+    import recforge
+
+    result = json.loads(out.read_text())
+    rows = result["runs"]
+    for r in rows:
+        if names and r["name"] not in names:
+            continue
+        res = recforge.evaluate(ROOT / r["run"], sampled=99, per_user=True)
+        res["per_user"].write_parquet(ROOT / r["run"] / PARTS["sampled99"])
+        r["sampled99"] = {k: round(float(res["test"][k]), 4) for k in KEYS if k in res["test"]}
+        print(f"{r['name']:17s} seed {r['seed']}  sampled-99 HR@10 {r['sampled99']['hr@10']:.4f}  "
+              f"NDCG@10 {r['sampled99']['ndcg@10']:.4f}", flush=True)
+    write(out, family, data, rows, result.get("wall_s", 0.0), sets)
 
 
 def table(result: dict) -> str:
@@ -168,10 +198,14 @@ def table(result: dict) -> str:
     baseline with its t-test p-value, seconds per epoch and peak memory."""
     fam = FAMILIES[result["family"]]
     bases = fam["baselines"]
-    head = ["model", "seeds", "NDCG@10", "HR@10"] + [f"Δ NDCG@10 vs {b} (p)" for b in bases] + ["s/epoch", "peak MB"]
+    sampled = "sampled99_protocol" in result
+    head = (["model", "seeds", "NDCG@10", "HR@10"] + (["sampled-99 NDCG@10", "sampled-99 HR@10"] if sampled else [])
+            + [f"Δ NDCG@10 vs {b} (p)" for b in bases] + ["s/epoch", "peak MB"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in result["summary"].items():
-        cells = [name, str(len(s["seeds"]))] + [f"{s[f'full {k}'][0]:.4f} ± {s[f'full {k}'][1]:.4f}" for k in ("ndcg@10", "hr@10")]
+        keys = [f"full {k}" for k in ("ndcg@10", "hr@10")] + ([f"sampled99 {k}" for k in ("ndcg@10", "hr@10")]
+                                                                if sampled else [])
+        cells = [name, str(len(s["seeds"]))] + [f"{s[k][0]:.4f} ± {s[k][1]:.4f}" for k in keys]
         for b in bases:
             t = s.get("vs", {}).get(b, {}).get("full", {}).get("ndcg@10")
             cells.append(f"{t['model_minus_baseline']:+.4f} ({t['t_test_p']:.2g})" if t else "–")
@@ -192,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every trained model of this call (e.g. epochs=120); names the results file")
+    ap.add_argument("--sampled", action="store_true",
+                    help="evaluate the finished runs of the results file again under the labelled sampled-99 "
+                         "protocol (no training) and add it beside full ranking")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of the results file; run nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -203,6 +240,10 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")
     if args.table:
         print(table(json.loads(out.read_text())))
+        return 0
+    if args.sampled:
+        add_sampled(out, args.family, args.data, sets, args.models.split(",") if args.models else None)
+        print(f"wrote {out}")
         return 0
     path = DATASETS.get(args.data, Path(args.data))
     if not Path(path).exists():
