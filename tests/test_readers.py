@@ -544,3 +544,34 @@ def test_real_amazon_beauty_time_is_aligned():
 def test_real_lastfm_split():
     raw = load_raw(shared("lastfm-social"))
     assert dict(raw.interactions.group_by("split").len().rows()) == {"train": 42135, "test": 10533}
+
+
+def test_item_tags_lose_the_held_out_pairs_tags_once_split(tmp_path):
+    """A user's tag on their own held-out movie never reaches the item text; other users' tags
+    on it, and the user's tags on training movies, stay."""
+    from recforge.pipeline import load_dataset, split_dataset
+    from recforge.semantic.text import item_texts
+
+    d = tmp_path / "ml-latest-small"
+    write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
+                             + "".join(f"1,{m},4.0,{t}\n" for t, m in enumerate((10, 20, 30, 40)))
+                             + "".join(f"2,{m},4.0,{t}\n" for t, m in enumerate((40, 30, 20, 10))))
+    write(d / "movies.csv", "movieId,title,genres\n10,A (1990),Drama\n20,B (1991),Drama\n"
+                            "30,C (1992),Drama\n40,D (1993),Drama\n")
+    # user 1 holds out 30 (validation) and 40 (test); user 2 holds out 20 and 10
+    write(d / "tags.csv", "userId,movieId,tag,timestamp\n1,40,spoiler-ending,9\n2,40,classic,9\n"
+                          "1,10,slow,9\n2,10,twist,9\n1,30,cult,9\n3,20,noir,9\n")
+    data = {"path": str(d), "cache": False}
+    ds = load_dataset(data)
+    code = dict(zip(ds.item_map["raw"].cast(pl.Utf8).to_list(), ds.item_map["idx"].to_list()))
+    tags = lambda: dict(zip(ds.items["item_id"].to_list(), ds.items["tags"].to_list()))  # noqa: E731
+    assert "spoiler-ending" in tags()[code["40"]]  # the reader keeps every user's tags
+    split = split_dataset(ds, {"data": data, "split": {"method": "loo"}})
+    after = tags()
+    assert after[code["40"]] == "classic" and after[code["10"]] == "slow"  # user 2 held out 10
+    assert after[code["30"]] is None and after[code["20"]] == "noir"  # user 3 rated nothing: kept
+    assert split.protocol["item_tags"]["dropped_held_out_pairs"] == 3
+    texts = item_texts(ds)
+    assert not any("spoiler" in t or "cult" in t or "twist" in t for t in texts)
+    split_dataset(ds, {"data": data, "split": {"method": "loo"}})  # rebuilt from the file: same column
+    assert tags() == after

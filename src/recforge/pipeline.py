@@ -109,6 +109,11 @@ def split_dataset(ds: Dataset, cfg: dict) -> Split:
     method, opts = split_options(cfg, ds)
     data = cfg.get("data", {})
     split = make_split(ds, method, target_behavior=data.get("target_behavior") or None, **opts)
+    from recforge.data.tags import drop_held_out_item_tags
+
+    item_tags = drop_held_out_item_tags(ds, split)  # the item table's tags: none of the held-out pairs
+    if item_tags is not None:
+        split.protocol["item_tags"] = item_tags
     if data.get("knowledge"):
         from recforge.data.knowledge import build_knowledge
 

@@ -45,7 +45,7 @@ import polars as pl
 from recforge.data.schema import BEHAVIOR, ITEM, RATING, SPLIT, TIME, USER, RawData
 from recforge.errors import DataError
 
-READER_VERSION = 1  # bump when a reader's output changes, so cached datasets are rebuilt
+READER_VERSION = 2  # bump when a reader's output changes, so cached datasets are rebuilt
 
 BEHAVIOR_VALUES = frozenset({"pv", "cart", "fav", "buy"})
 
@@ -679,12 +679,16 @@ def read_movielens_dat(path) -> RawData:
         users = _read_dat(d / "users.dat", [USER, "gender", "age", "occupation", "zip"])
         users = _key_like(users, USER, inter.schema[USER]).with_columns(
             pl.col("age").cast(pl.Int64, strict=False), pl.col("occupation").cast(pl.Int64, strict=False))
-    return RawData(inter, items=items, users=users, name=d.name, source=str(path),
-                   meta={"format": "ml-1m", "time": "seconds"})
+    meta = {"format": "ml-1m", "time": "seconds"}
+    if tags is not None:  # rebuilt without the held-out pairs' tags once the data is split (data/tags.py)
+        meta.update(item_tags_file=str(d / "tags.dat"), item_tags_format="dat")
+    return RawData(inter, items=items, users=users, name=d.name, source=str(path), meta=meta)
 
 
 def _aggregate_tags(tags: pl.DataFrame) -> pl.DataFrame:
-    """One row per movie: its unique tags (first-seen order, stripped) joined by ', '."""
+    """One row per movie: its unique tags (first-seen order, stripped) joined by ', '. Every
+    user's tags, held-out pairs' included: the split replaces the column by the leak-free one
+    (:func:`recforge.data.tags.drop_held_out_item_tags`) before any model reads it."""
     return (
         tags.with_columns(pl.col("tag").cast(pl.Utf8).str.strip_chars())
         .filter(pl.col("tag").is_not_null() & (pl.col("tag") != ""))
@@ -728,8 +732,10 @@ def read_movielens_csv(path) -> RawData:
     if (d / "tags.csv").exists():
         tags = _aggregate_tags(pl.read_csv(d / "tags.csv", infer_schema=False).rename({"movieId": ITEM}))
     items = _attach_tags(items, tags, inter.schema[ITEM])
-    return RawData(inter, items=items, name=d.name, source=str(path),
-                   meta={"format": "ml-latest", "time": "seconds"})
+    meta = {"format": "ml-latest", "time": "seconds"}
+    if tags is not None:  # rebuilt without the held-out pairs' tags once the data is split (data/tags.py)
+        meta.update(item_tags_file=str(d / "tags.csv"), item_tags_format="csv")
+    return RawData(inter, items=items, name=d.name, source=str(path), meta=meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,3 +204,53 @@ def build_tags(spec, ds, train: pl.DataFrame, min_count: int = 1) -> Tags:
                         f"{record['rare_rows_dropped']:,}); "
                         "check that the tag file's ids are the interaction file's raw ids")
     return Tags(ut.astype(np.float32), it.astype(np.float32), vocab, record)
+
+
+# ---- the item table's tags column ------------------------------------------------------------------
+def item_tag_rows(path, fmt: str = "csv") -> pl.DataFrame:
+    """``user``, ``item``, ``tag`` (text) of a reader's tag file: MovieLens ``tags.csv`` (any file
+    :func:`read_tag_rows` reads) or ``tags.dat`` (``fmt="dat"``, ``user::item::tag::time``)."""
+    if fmt == "dat":
+        from recforge.data.readers import _read_dat
+
+        rows = _read_dat(Path(path), [USER, ITEM, "tag", "time"])
+        return rows.select(pl.col(USER).cast(pl.Utf8).alias("user"), pl.col(ITEM).cast(pl.Utf8).alias("item"),
+                           pl.col("tag").cast(pl.Utf8))
+    return read_tag_rows(path)
+
+
+def drop_held_out_item_tags(ds, split) -> dict | None:
+    """Rebuild the item table's ``tags`` column without the tags users put on their own held-out
+    (validation or test) items, so that a text model never reads a word its user wrote about the
+    target. A MovieLens reader aggregates every user's tags per movie (``meta["item_tags_file"]``);
+    this keeps every other tag row, in the reader's format (unique tags in first-seen order,
+    joined by ", "). Replaces ``ds.items`` and returns what the protocol records (rows read,
+    dropped); None when the item table has no reader-built tags. Rebuilt from the file on every
+    call, so splitting the same dataset again gives the column of the new split."""
+    path = ds.meta.get("item_tags_file") if isinstance(getattr(ds, "meta", None), dict) else None
+    if not path or ds.items is None or "tags" not in ds.items.columns:
+        return None
+    if not Path(path).is_file():
+        raise DataError(f"{path}: the tag file this dataset's item tags were read from is gone; the tags of "
+                        "held-out pairs cannot be removed. Restore it, or load the data again without it")
+    rows = item_tag_rows(path, ds.meta.get("item_tags_format", "csv"))
+    users = ds.user_map.select(pl.col("raw").cast(pl.Utf8).alias("user"), pl.col("idx").cast(pl.Int64).alias(USER))
+    items = ds.item_map.select(pl.col("raw").cast(pl.Utf8).alias("item"), pl.col("idx").cast(pl.Int64).alias(ITEM))
+    rows = (rows.with_columns(pl.col("user").str.strip_chars(), pl.col("item").str.strip_chars(),
+                              pl.col("tag").str.strip_chars())
+            .join(users, on="user", how="left", maintain_order="left")
+            .join(items, on="item", how="left", maintain_order="left"))
+    held = pl.concat([f.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64))
+                      for f in (split.valid, split.test)]).unique()
+    rows = rows.join(held.with_columns(pl.lit(True).alias("_held")), on=[USER, ITEM], how="left",
+                     maintain_order="left")
+    dropped = int(rows["_held"].is_not_null().sum())
+    kept = rows.filter(pl.col("_held").is_null() & pl.col(ITEM).is_not_null() & pl.col("tag").is_not_null()
+                       & (pl.col("tag") != ""))
+    per_item = kept.group_by(ITEM, maintain_order=True).agg(
+        pl.col("tag").unique(maintain_order=True).str.join(", ").alias("tags"))
+    key = ds.items.schema[ITEM]
+    ds.items = ds.items.drop("tags").join(per_item.with_columns(pl.col(ITEM).cast(key)), on=ITEM, how="left",
+                                          maintain_order="left")
+    return {"source": str(path), "rows": rows.height, "dropped_held_out_pairs": dropped,
+            "rule": "tags a user put on their own validation or test item are removed from the item text"}
