@@ -91,3 +91,17 @@ def test_a_model_without_add_items_keeps_new_items_unknown(artifacts):
         assert r.json() == {"accepted": 1, "unknown_items": ["new-y"]}
         assert "new-y" not in eng.item_index and eng.item_raw[-1] != "new-y"
         assert np.isfinite(eng.popularity[1:]).all()
+
+
+def test_events_memory_stays_bounded(artifacts, monkeypatch):
+    from recforge.serving import engine as E
+    from recforge.serving import load_artifact
+
+    eng = E.Engine(load_artifact(artifacts["het"]))
+    assert eng.learn_events([("no-such-user", f"new-{i}") for i in range(50)]) == []
+    assert eng._event_users == {}  # unknown users leave nothing behind
+    monkeypatch.setattr(E, "MAX_PLACEMENT_USERS", 3)
+    users = list(eng.user_index)[:6]
+    assert eng.learn_events([(u, "fresh-item") for u in users]) == ["fresh-item"]
+    assert len(eng._event_users["fresh-item"]) == 3
+    eng.close()

@@ -26,7 +26,8 @@ the weighted sum of items sharing those users), appended to the catalogue, and r
 request. Later events of that item move it again (``refresh_items``, when the model has it). The
 engine keeps these additions in memory: another worker process, or the engine loaded by a reload,
 places the item again when its next event arrives. Items whose event users are all unknown to the
-model wait for a known user. Models without ``add_items`` are unchanged: the item stays unknown.
+model wait for a known user (events of unknown users are not remembered, and at most
+``MAX_PLACEMENT_USERS`` users per item are, so this memory stays bounded). Models without ``add_items`` are unchanged: the item stays unknown.
 
 Similar items are the cosine neighbours of an item's vector when the artifact has item vectors,
 else the cosine of binary item co-occurrence in the artifact's interactions (the share of users
@@ -58,6 +59,9 @@ log = logging.getLogger("recforge.serving")
 
 CATEGORY_COLUMNS = ("category", "categories", "genres", "genre")
 MAX_HISTORY = 10_000
+#: users remembered per item placed from events (the model places it from them); later users of an
+#: item that has this many no longer move it, so the memory of the events stays bounded
+MAX_PLACEMENT_USERS = 10_000
 
 
 class NotFoundError(RecForgeError):
@@ -452,9 +456,11 @@ class Engine:
                 key = id_key(item_raw)
                 if key in self.item_index and key not in self._added:
                     continue
-                users = self._event_users.setdefault(key, set())
                 u = self.user_idx(user_raw)
-                if 0 <= u < self.n_users and u not in users:
+                if not 0 <= u < self.n_users:  # an unknown user places nothing: no entry kept for it
+                    continue
+                users = self._event_users.setdefault(key, set())
+                if u not in users and len(users) < MAX_PLACEMENT_USERS:
                     users.add(u)
                     fresh.setdefault(key, [item_raw, []])[1].append(u)
             new = [(k, v[0]) for k, v in fresh.items() if k not in self.item_index]
