@@ -302,29 +302,24 @@ class CausalDiffRec(LightGCN):
         return out + self.reg * 0.5 * l2 / len(u)
 
     # ---- scoring --------------------------------------------------------------------------------
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoised (users, items) rows of the current weights, cached until a parameter changes."""
-        key = self._version()
-        cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                users, items = self.propagate()
-                z = torch.cat([users, items], 0)
-                post = self.env_posterior(z)
-                real = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-                real[self.n_users_] = False  # the padding item
-                prior = post[real].mean(0)
-                x = self.sample(z, prior if self.adjust == "prior" else post)
-                if self.repropagate:
-                    x = propagate(self.adjacency(), x, self.n_layers, include_ego=self.include_ego)
-            users, items = split_nodes(x, self.n_users_)
-            cache = self._cache = (key, users, items, prior)
-        return cache[1], cache[2]
+    def scoring_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Denoised (users, items) rows of the current weights and the environment prior (cached by
+        LightGCN's ``cached_tables``)."""
+        users, items = self.propagate()
+        z = torch.cat([users, items], 0)
+        post = self.env_posterior(z)
+        real = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        real[self.n_users_] = False  # the padding item
+        prior = post[real].mean(0)
+        x = self.sample(z, prior if self.adjust == "prior" else post)
+        if self.repropagate:
+            x = propagate(self.adjacency(), x, self.n_layers, include_ego=self.include_ego)
+        users, items = split_nodes(x, self.n_users_)
+        return users, items, prior
 
     def environment_prior(self) -> torch.Tensor:
         """``P(e)`` of the backdoor adjustment: the mean posterior over the training graph's nodes."""
-        self.final_embeddings()
-        return self._cache[3]
+        return self.cached_tables()[2]
 
     def user_posterior(self, hist) -> torch.Tensor:
         """``q(e | z_u)`` (batch, n_envs) of the users of ``hist``; unknown users (-1) from the mean

@@ -349,17 +349,12 @@ class DRGO(LightGCN):
         return out
 
     # ---- scoring ---------------------------------------------------------------------------------------
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoised propagated (users, items) embeddings, cached until a parameter changes."""
-        key = self._version()
-        cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                users, items = self.propagate()
-                users, items = split_nodes(self.denoise(torch.cat([users, items], 0)), self.n_users_)
-                items[0] = 0.0  # the padding item
-            cache = self._cache = (key, users, items)
-        return cache[1], cache[2]
+    def scoring_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoised propagated (users, items) embeddings (cached by LightGCN's ``cached_tables``)."""
+        users, items = self.propagate()
+        users, items = split_nodes(self.denoise(torch.cat([users, items], 0)), self.n_users_)
+        items[0] = 0.0  # the padding item
+        return users, items
 
     def dro_state(self) -> dict:
         """The groups' current DRO weights and objectives, and their sizes (training pairs)."""

@@ -218,16 +218,27 @@ class LightGCN(TorchRecommender):
     def _version(self) -> tuple:
         return tuple((id(p), p._version) for p in self.net_.parameters())
 
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Propagated (users, items) embeddings of the current weights, cached until a parameter
-        changes."""
+    def scoring_tables(self) -> tuple[torch.Tensor, ...]:
+        """``(users, items, *extra)`` that scoring reads, from the current weights (called without
+        gradient, cached by :meth:`cached_tables`): the propagated embeddings. A model whose
+        scoring tables are made otherwise (denoised, sampled) overrides this alone."""
+        users, items = self.propagate()
+        return users.detach(), items.detach()
+
+    def cached_tables(self) -> tuple[torch.Tensor, ...]:
+        """:meth:`scoring_tables`, computed once per version of the weights."""
         key = self._version()
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                users, items = self.propagate()
-            cache = self._cache = (key, users.detach(), items.detach())
-        return cache[1], cache[2]
+                cache = self._cache = (key, *self.scoring_tables())
+        return cache[1:]
+
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Propagated (users, items) embeddings of the current weights, cached until a parameter
+        changes."""
+        users, items = self.cached_tables()[:2]
+        return users, items
 
     def score(self, hist):
         """Scores (batch, n_items + 1) on the model's device."""
