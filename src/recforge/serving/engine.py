@@ -278,30 +278,26 @@ class Engine:
                 known.append(i)
         return known, unknown
 
-    def history_of(self, user_idx: int) -> list[int]:
-        if user_idx < 0:
-            return []
-        a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
-        return self.hist_items[max(a, b - MAX_HISTORY):b].tolist()
-
-    def behaviors_of(self, user_idx: int) -> list | None:
-        """The behaviours of :meth:`history_of`'s rows (None when the data has none)."""
-        if self.hist_behaviors is None:
+    def _rows_of(self, column: np.ndarray | None, user_idx: int) -> list | None:
+        """``column``'s entries for the user's latest ``MAX_HISTORY`` history rows (None: no column)."""
+        if column is None:
             return None
         if user_idx < 0:
             return []
         a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
-        return self.hist_behaviors[max(a, b - MAX_HISTORY):b].tolist()
+        return column[max(a, b - MAX_HISTORY):b].tolist()
+
+    def history_of(self, user_idx: int) -> list[int]:
+        return self._rows_of(self.hist_items, user_idx)
+
+    def behaviors_of(self, user_idx: int) -> list | None:
+        """The behaviours of :meth:`history_of`'s rows (None when the data has none)."""
+        return self._rows_of(self.hist_behaviors, user_idx)
 
     def times_of(self, user_idx: int) -> list[int] | None:
         """The timestamps of :meth:`history_of`'s rows; None when the model does not read times or
         the artifact has none."""
-        if self.hist_times is None:
-            return None
-        if user_idx < 0:
-            return []
-        a, b = self.hist_indptr[user_idx], self.hist_indptr[user_idx + 1]
-        return self.hist_times[max(a, b - MAX_HISTORY):b].tolist()
+        return self._rows_of(self.hist_times, user_idx)
 
     def encode_events(self, events: list[tuple]) -> tuple[list[int], list, list, list]:
         """``(items, behaviours, unknown ids, times)`` of ``(raw item, behaviour[, timestamp])``
