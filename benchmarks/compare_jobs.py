@@ -64,11 +64,29 @@ def collect(script: str, out: Path, fresh: bool, pairs: list[tuple[str, int]], e
         nonlocal rows
         rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
         print(line(row), flush=True)
-        write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+        try:
+            write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+        except Exception as exc:  # noqa: BLE001 - a failed summary must not lose the finished row or stop the queue
+            print(f"could not write {out} ({type(exc).__name__}: {exc}); the row, to merge by hand:\n"
+                  f"{json.dumps(row)}", file=sys.stderr, flush=True)
 
     run_jobs(script, pairs, extra_args, jobs, budget, on_row)
     write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
     print(f"wrote {out}")
+
+
+SAMPLED99_FILE = "per_user_test_sampled99.parquet"
+
+
+def sampled99(run, keys) -> dict:
+    """The labelled sampled protocol (the held-out item against 99 items drawn uniformly outside
+    the user's history, pessimistic ties) of a finished run (a :class:`recforge.Run` or its folder):
+    its ``keys`` metrics; the per-user table is written beside the run's own."""
+    import recforge
+
+    res = recforge.evaluate(run, sampled=99, per_user=True)
+    res["per_user"].write_parquet(Path(getattr(run, "path", run)) / SAMPLED99_FILE)
+    return {k: round(float(res["test"][k]), 4) for k in keys if k in res["test"]}
 
 
 def fit_figures(run, wall: float) -> dict:

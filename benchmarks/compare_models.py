@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import collect, fit_figures, paired, summarise  # noqa: E402
+from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, sampled99, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -104,9 +104,9 @@ FAMILIES = {
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "recall@20")
 PARTS = {"full": "per_user_test.parquet",
          # the sampled protocol of SASRec and of DiffuASR's code, added to finished runs by --sampled
-         "sampled99": "per_user_test_sampled99.parquet"}
+         "sampled99": SAMPLED99_FILE}
 SAMPLED_LABEL = ("SAMPLED: the held-out item against 99 items drawn uniformly outside the user's history "
-                 "(the protocol of SASRec's paper and DiffuASR's code), history excluded; not comparable "
+                 "(the protocol of SASRec's paper and DiffuASR's code), history excluded, pessimistic ties; not comparable "
                  "with full ranking")
 #: protocol entries of a run worth keeping in its row (model notes: augmentation, memory operations ...)
 SKIP_NOTES = ("split", "exclude", "ties", "data")
@@ -178,16 +178,12 @@ def add_sampled(out: Path, family: str, data: str, sets: dict[str, str], names: 
     """Evaluate the finished runs of a results file once more under the labelled sampled protocol
     (99 negatives) and store it beside full ranking (``sampled99`` of each row, per-user tables
     in the run folders); the runs are not retrained."""
-    import recforge
-
     result = json.loads(out.read_text())
     rows = result["runs"]
     for r in rows:
         if names and r["name"] not in names:
             continue
-        res = recforge.evaluate(ROOT / r["run"], sampled=99, per_user=True)
-        res["per_user"].write_parquet(ROOT / r["run"] / PARTS["sampled99"])
-        r["sampled99"] = {k: round(float(res["test"][k]), 4) for k in KEYS if k in res["test"]}
+        r["sampled99"] = sampled99(ROOT / r["run"], KEYS)
         print(f"{r['name']:17s} seed {r['seed']}  sampled-99 HR@10 {r['sampled99']['hr@10']:.4f}  "
               f"NDCG@10 {r['sampled99']['ndcg@10']:.4f}", flush=True)
     write(out, family, data, rows, result.get("wall_s", 0.0), sets)

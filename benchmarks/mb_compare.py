@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import collect, fit_figures, paired, summarise  # noqa: E402
+from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, sampled99, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -70,7 +70,7 @@ CAPS = {"lightgcn-buy": 300, "lightgcn-all": 150, "mbgcn": 100, "mbsasrec": 10, 
         "kamcl": 30, "pdb4rec": 8, "dpcpl": 8}
 BASELINES = ("lightgcn-buy", "lightgcn-all")
 KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
-PARTS = {"full": "per_user_test.parquet", "sampled99": "per_user_test_sampled99.parquet"}
+PARTS = {"full": "per_user_test.parquet", "sampled99": SAMPLED99_FILE}
 
 
 def run_dir(data: str) -> Path:
@@ -104,15 +104,13 @@ def worker(name: str, seed: int, data: str) -> dict:
     run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
     wall = time.perf_counter() - t0
     full = run.metrics["test"]
-    sampled = recforge.evaluate(run, sampled=99, per_user=True)
-    sampled["per_user"].write_parquet(Path(run.path) / "per_user_test_sampled99.parquet")
     protocol = run.metrics.get("protocol", {})
     pick = lambda m: {k: round(float(m[k]), 4) for k in KEYS if k in m}  # noqa: E731
     notes = {k: protocol[k] for k in ("knowledge", "subsequence_split", "params_tuned", "params_total",
                                       "tuned_share", "pretrain_seconds", "tune_train_seconds") if k in protocol}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
             "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
-            "full": pick(full), "n_users": int(full.get("n_users", 0)), "sampled99": pick(sampled["test"]),
+            "full": pick(full), "n_users": int(full.get("n_users", 0)), "sampled99": sampled99(run, KEYS),
             "protocol": {k: protocol.get(k) for k in ("exclude", "target_behavior", "ties", "behaviors")},
             "split": protocol.get("split", {}).get("valid"), "notes": notes}
 

@@ -105,7 +105,8 @@ def split_dataset(ds: Dataset, cfg: dict) -> Split:
     the target behaviour's rows when ``data.target_behavior`` is set, with the item relations of
     ``data.knowledge`` (built from the training part) in ``split.knowledge``, the user-user links of
     ``data.social`` in ``split.social`` and the item tags of ``data.tags`` (training part) in
-    ``split.tags``."""
+    ``split.tags``. A reader-built ``tags`` column of ``ds.items`` (MovieLens) is rebuilt here without
+    the tags users put on their own held-out items (``protocol.item_tags``), so ``ds`` changes."""
     method, opts = split_options(cfg, ds)
     data = cfg.get("data", {})
     split = make_split(ds, method, target_behavior=data.get("target_behavior") or None, **opts)

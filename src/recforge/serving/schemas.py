@@ -40,6 +40,8 @@ def Int(**limits):  # noqa: N802 - reads as a type
     return Annotated[StrictInt, Field(**limits), BeforeValidator(_integral)]
 
 
+#: seconds since the epoch (an event's, a history item's); JSON's largest exact integer at most
+Timestamp = Int(ge=0, le=2**53 - 1)
 Text = lambda n: Annotated[str, StringConstraints(min_length=1, max_length=n), AfterValidator(_utf8)]  # noqa: E731
 IdText = Text(MAX_ID_CHARS)
 #: integers beyond ±(2**53 - 1) lose precision in many JSON parsers (RFC 7493): send such ids as strings
@@ -73,7 +75,7 @@ class RecommendationRequest(_Body):
     behaviors: Annotated[list[Text(32) | None], Field(max_length=MAX_HISTORY_ITEMS)] | None = Field(
         default=None, description="the behaviour of each history item (view, cart, buy...; null where unknown), "
                                   "read by multi-behaviour models")
-    timestamps: Annotated[list[Int(ge=0, le=2**53 - 1)], Field(max_length=MAX_HISTORY_ITEMS)] | None = Field(
+    timestamps: Annotated[list[Timestamp], Field(max_length=MAX_HISTORY_ITEMS)] | None = Field(
         default=None, description="seconds since the epoch of each history item, read by models that use the time "
                                   "between events (CmnRec with chunk=gap); without them such a model falls back")
     exclude_seen: bool = Field(default=True, description="leave out the items of the history (for a multi-behaviour "
@@ -99,7 +101,7 @@ class SimilarItemsResponse(BaseModel):
 class Event(_Body):
     user_id: RawId
     item_id: RawId
-    timestamp: Int(ge=0, le=2**53 - 1) | None = Field(
+    timestamp: Timestamp | None = Field(
         default=None, description="seconds since the epoch; the server's clock when left out")
     behavior: Text(32) | None = Field(default=None, description="e.g. view, click, cart, buy")
 
