@@ -143,8 +143,9 @@ def _find_section(cfg: dict, key: str, model_keys: set[str], sections: tuple[str
 
 
 def _ranking_split(cfg: dict) -> bool:
-    """Whether ``cfg``'s split is one of the ranking/CTR split methods (whose options are ``SPLIT_OPTIONS``)."""
-    return (cfg["split"].get("method") or "auto") in SPLIT_OPTIONS
+    """Whether ``cfg``'s split is one of the ranking/CTR split methods (whose options are ``SPLIT_OPTIONS``);
+    the language-model task (a config with an ``llm`` section) checks its own split keys."""
+    return "llm" not in cfg and (cfg["split"].get("method") or "auto") in SPLIT_OPTIONS
 
 
 def _check_key(cfg: dict, section: str, key: str, model_keys: set[str]) -> None:

@@ -14,6 +14,8 @@ whether the user will like a target item (Yes/No), scored by the probabilities o
   model's user representation, long-short history);
 * :mod:`recforge.llm.e2urec` — E2URec (unlearning users with extra LoRA weights distilled from a
   forgetting and a remembering teacher; ``data.forget_users``);
+* :mod:`recforge.llm.causaldpo` — DPO and CausalDPO (preference alignment after SFT; CausalDPO with
+  soft-clustered environments, the backdoor-adjusted loss and an invariance term);
 * :mod:`recforge.llm.task` — config → prompts → model → pointwise metrics → run folder, the ID
   baseline on the same test sample, ``evaluate`` and ``compare``.
 

@@ -1,10 +1,14 @@
 """From rated interactions to Yes/No prompts: split, target samples, behaviour retrieval, templates,
 token budget.
 
-**Split** (:func:`temporal_user_split`): each user's interactions in time order (ties in source
-order); the last ``test_ratio`` share of them (at least one, rounded) are the user's test rows,
-the rest the training rows. A row is a *like* when its rating is at least ``like_threshold``
-(MovieLens: 4 of 5 stars).
+**Split** (:func:`temporal_user_split`, ``split.method=temporal_user``): each user's interactions in
+time order (ties in source order); the last ``test_ratio`` share of them (at least one, rounded) are
+the user's test rows, the rest the training rows. :func:`temporal_split` (``split.method=temporal``)
+cuts the whole log at one time instead: the rows at or after the timestamp below which a
+``1 - test_ratio`` share of all rows lies are the test rows, so the test period (its users, items and
+tastes) differs from the training period, the out-of-distribution setting of the robust models; a
+test user without an earlier training row has no history and is not a target. A row is a *like* when
+its rating is at least ``like_threshold`` (MovieLens: 4 of 5 stars).
 
 **Targets and history.** A prompt asks whether the user likes a target item. The history it shows
 is read from the *training rows only*, and only rows strictly earlier than the target (a row with
@@ -139,6 +143,30 @@ def _profile(row: dict) -> str:
 
 def temporal_user_split(ds, test_ratio: float = 0.1, like_threshold: float = 4.0) -> PromptSplit:
     """Split a rated dataset per user in time (see the module docstring)."""
+    df = _rated_rows(ds, test_ratio).sort([USER, TIME, "_pos"])
+    n = df.group_by(USER).len().rename({"len": "_n"})
+    df = (df.join(n, on=USER).with_columns(pl.int_range(pl.len()).over(USER).alias("_k"))
+          .with_columns(pl.max_horizontal(pl.lit(1), (pl.col("_n") * float(test_ratio)).round().cast(pl.Int64))
+                        .alias("_n_test"))
+          .with_columns((pl.col("_k") >= pl.col("_n") - pl.col("_n_test")).alias("_test")))
+    return _prompt_split(ds, df, like_threshold, {"method": "temporal_user", "test_ratio": float(test_ratio)})
+
+
+def temporal_split(ds, test_ratio: float = 0.1, like_threshold: float = 4.0) -> PromptSplit:
+    """Split a rated dataset at one global time (see the module docstring): the test period is the
+    last ``test_ratio`` share of the log's rows by time."""
+    df = _rated_rows(ds, test_ratio).sort([USER, TIME, "_pos"])
+    times = np.sort(df[TIME].to_numpy())
+    cut = int(times[min(len(times) - 1, int(np.floor(len(times) * (1 - float(test_ratio)))))])
+    df = df.with_columns((pl.col(TIME) >= cut).alias("_test"))
+    if not df["_test"].any() or df["_test"].all():
+        raise DataError(f"{ds.name}: split.method=temporal with test_ratio={test_ratio} leaves an empty part; "
+                        "the log's timestamps are too few (give another test_ratio or split.method=temporal_user)")
+    return _prompt_split(ds, df, like_threshold, {"method": "temporal", "test_ratio": float(test_ratio),
+                                                  "cutoff": cut})
+
+
+def _rated_rows(ds, test_ratio: float) -> pl.DataFrame:
     inter = ds.interactions
     if RATING not in inter.columns:
         raise DataError(f"{ds.name}: no rating column; Yes/No prompts need rated interactions (a like is a rating "
@@ -147,14 +175,12 @@ def temporal_user_split(ds, test_ratio: float = 0.1, like_threshold: float = 4.0
         raise ConfigError(f"split.test_ratio={test_ratio}: give a share between 0 and 1, e.g. 0.1")
     if ds.items is None or "title" not in ds.items.columns:
         raise DataError(f"{ds.name}: no item titles; prompts name items by title (an item table with a title column)")
-    df = inter.select(USER, ITEM, TIME, RATING).with_row_index("_pos")
-    df = df.sort([USER, TIME, "_pos"])
-    n = df.group_by(USER).len().rename({"len": "_n"})
-    df = (df.join(n, on=USER).with_columns(pl.int_range(pl.len()).over(USER).alias("_k"))
-          .with_columns(pl.max_horizontal(pl.lit(1), (pl.col("_n") * float(test_ratio)).round().cast(pl.Int64))
-                        .alias("_n_test"))
-          .with_columns((pl.col("_k") >= pl.col("_n") - pl.col("_n_test")).alias("_test"),
-                        (pl.col(RATING) >= float(like_threshold)).cast(pl.Int8).alias("label")))
+    return inter.select(USER, ITEM, TIME, RATING).with_row_index("_pos")
+
+
+def _prompt_split(ds, df: pl.DataFrame, like_threshold: float, protocol: dict) -> PromptSplit:
+    """The :class:`PromptSplit` of rows sorted by user and time with a boolean ``_test`` column."""
+    df = df.with_columns((pl.col(RATING) >= float(like_threshold)).cast(pl.Int8).alias("label"))
     keep = [USER, ITEM, TIME, RATING, "label"]
     train = df.filter(~pl.col("_test")).select(keep)
     test = df.filter(pl.col("_test")).select(keep)
@@ -172,7 +198,7 @@ def temporal_user_split(ds, test_ratio: float = 0.1, like_threshold: float = 4.0
             u = int(r[USER])
             if 0 <= u < ds.n_users:
                 profiles[u] = _profile(r)
-    protocol = {"method": "temporal_user", "test_ratio": float(test_ratio), "like_threshold": float(like_threshold),
+    protocol = {**protocol, "like_threshold": float(like_threshold),
                 "rows": {"train": train.height, "test": test.height},
                 "like_rate": {"train": round(float(train["label"].mean()), 4), "test": round(float(test["label"].mean()), 4)},
                 "history": "training rows of the target's user strictly before the target's timestamp"}

@@ -11,7 +11,7 @@ same path and is scored on the same test sample, so every run of a comparison sh
     data:  {path: .../movielens-100k, like_threshold: 4, test_prompts: 1000, test_seed: 0,
             train_prompts: 0, train_seed: null, max_train_share: 0.1, min_history: 1,
             forget_users: 0, forget_seed: null, ...reader keys}
-    split: {method: temporal_user, test_ratio: 0.1}
+    split: {method: temporal_user, test_ratio: 0.1}    # or temporal: one global cut-off time
     eval:  {bins: 10, listwise: 0, listwise_targets: 200}
     seed: 0
 
@@ -79,7 +79,8 @@ from recforge.llm import prompts as P
 log = logging.getLogger("recforge")
 
 LLM_MODELS = {"rella": "recforge.llm.rella:ReLLa", "cora": "recforge.llm.cora:CoRA",
-              "e2urec": "recforge.llm.e2urec:E2URec", "reclora": "recforge.llm.reclora:RecLoRA"}
+              "e2urec": "recforge.llm.e2urec:E2URec", "reclora": "recforge.llm.reclora:RecLoRA",
+              "dpo": "recforge.llm.causaldpo:DPO", "causaldpo": "recforge.llm.causaldpo:CausalDPO"}
 LLM_DEFAULTS = {
     "path": None, "dtype": "float32", "max_tokens": 512, "template": P.DEFAULT_TEMPLATE,
     "item_line": P.DEFAULT_ITEM_LINE, "target_line": P.DEFAULT_TARGET_LINE, "chat": True, "system": None,
@@ -88,6 +89,8 @@ LLM_DEFAULTS = {
 DATA_DEFAULTS = {"like_threshold": 4.0, "test_prompts": 1000, "test_seed": 0, "train_prompts": 0, "train_seed": None,
                  "max_train_share": 0.1, "min_history": 1, "forget_users": 0, "forget_seed": None}
 SPLIT_DEFAULTS = {"method": "temporal_user", "test_ratio": 0.1}
+#: split.method -> the prompt split (temporal: one global cut-off time, a test period unlike training)
+SPLITS = {"temporal_user": P.temporal_user_split, "temporal": P.temporal_split}
 EVAL_DEFAULTS = {"bins": 10, "listwise": 0, "listwise_targets": 200}
 SECTIONS = ("model", "llm", "data", "split", "eval")
 LABEL = "like"
@@ -163,15 +166,16 @@ def prepare(cfg: dict, verbose: bool = False):
     test sample every model of a comparison scores."""
     from recforge.pipeline import load_dataset
 
-    if cfg["split"].get("method") != "temporal_user":
-        raise ConfigError(f"split.method={cfg['split'].get('method')!r}: the language-model task splits each user's "
-                          "rows in time (temporal_user)")
+    method = cfg["split"].get("method")
+    if method not in SPLITS:
+        raise ConfigError(f"split.method={method!r}: the language-model task splits each user's rows in time "
+                          "(temporal_user) or the whole log at one time (temporal)")
     d = cfg["data"]
     if not d.get("path"):
         raise ConfigError("no data given: data=PATH (e.g. ../shared/data/movielens-100k)")
     reader = {k: v for k, v in d.items() if k in C.DATA_DEFAULTS}
     ds = load_dataset(reader)
-    split = P.temporal_user_split(ds, cfg["split"]["test_ratio"], d["like_threshold"])
+    split = SPLITS[method](ds, cfg["split"]["test_ratio"], d["like_threshold"])
     test_el = P.eligible(split, "test", d["min_history"])
     if test_el.height == 0:
         raise RecForgeError(f"no test row has {d['min_history']} earlier training rows; lower data.min_history")
