@@ -130,6 +130,14 @@ def test_alignment_prefers_the_liked_items_over_its_sft_start(tiny, split, cls, 
     m.save(tmp_path / cls)
     back = type(m).load(tmp_path / cls)
     assert np.allclose(back.predict(data, chosen)[1], m.predict(data, chosen)[1], atol=1e-6)
+    # starting from the saved SFT model gives the same aligned model as tuning the SFT stage itself
+    sft.save(tmp_path / "sft")
+    resumed = dpo_model(tiny, cls, sft_from=str(tmp_path / "sft"))
+    resumed.fit(PromptData(sp, fmt, train_targets=targets))
+    assert resumed.history_["sft"]["from"] == str(tmp_path / "sft")
+    assert np.allclose(resumed.predict(data, chosen)[1], m.predict(data, chosen)[1], atol=1e-5)
+    with pytest.raises(ConfigError, match="LoRA"):
+        dpo_model(tiny, cls, sft_from=str(tmp_path / "sft"), lora_r=2).fit(PromptData(sp, fmt, train_targets=targets))
 
 
 @needs_llm

@@ -10,6 +10,11 @@ Recommendation", arXiv 2603.22335 (2026). Authors' code: ``user683/CausalDPO``
 the shared trainer). This model is the DPO *reference* and the policy's starting point, as in the
 authors' pipeline (``sft.py``, then ``causal_dpo.py`` resuming from the SFT adapter).
 
+``sft_from`` (a run folder of a tuned ``rella`` model, or its ``model/`` folder) starts from that SFT
+model instead of tuning one (the authors resume from their SFT checkpoint): its adapters must have the
+same LoRA settings and backbone, and the preference pairs are still drawn from this run's training
+sample. The benchmark tunes one SFT model per seed and aligns it twice (DPO, CausalDPO).
+
 **Preference pairs.** Each liked training target (a sampled training row with label 1) is a *chosen*
 prompt; ``negatives`` *rejected* prompts are the same user at the same time (so the same history is
 shown, ``retrieval="recent"`` by default) asking about an item drawn uniformly, with the run seed, from
@@ -73,6 +78,7 @@ Deviations from the paper and the authors' code, and choices they leave open:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -183,7 +189,7 @@ class DPO(ReLLa):
 
     def __init__(self, retrieval: str = "recent", k: int = 10, mix: bool = False, beta: float = 1.0,
                  negatives: int = 1, dpo_epochs: int = 2, dpo_lr: float = 1e-4, dpo_batch_size: int | None = None,
-                 **params):
+                 sft_from: str | None = None, **params):
         super().__init__(retrieval=retrieval, k=k, mix=mix, **params)
         if float(beta) <= 0:
             raise ConfigError(f"beta={beta}: the DPO temperature must be positive (the authors' script: 1)")
@@ -195,12 +201,16 @@ class DPO(ReLLa):
         self.beta, self.negatives = float(beta), int(negatives)
         self.dpo_epochs, self.dpo_lr = int(dpo_epochs), float(dpo_lr)
         self.dpo_batch_size = None if dpo_batch_size is None else int(dpo_batch_size)
+        self.sft_from = None if sft_from in (None, "") else str(sft_from)
 
     def fit(self, data: PromptData, valid=None):
         if data.train_targets is None or data.train_targets.height == 0:
             raise ConfigError(f"{self.name} aligns a tuned model with preferences: give training prompts "
                               "(data.train_prompts=N)")
-        super().fit(data, valid)  # stage 1: SFT, the reference
+        if self.sft_from:
+            self._load_sft(data)
+        else:
+            super().fit(data, valid)  # stage 1: SFT, the reference
         chosen_t, rejected_t = preference_pairs(data.split, data.train_targets, self.negatives, self.seed)
         chosen = self._encode(self.prompts(data, chosen_t)["prompt"].to_list())
         rejected = self._encode(self.prompts(data, rejected_t)["prompt"].to_list())
@@ -219,6 +229,33 @@ class DPO(ReLLa):
         return self
 
     # ---- pieces ------------------------------------------------------------------------------------------
+    def _load_sft(self, data: PromptData) -> None:
+        """Start from the tuned ReLLa model of ``sft_from`` (its adapter weights) instead of tuning one."""
+        folder = Path(self.sft_from)
+        if (folder / "model" / "model.pt").is_file():
+            folder = folder / "model"
+        if not (folder / "model.pt").is_file():
+            raise ConfigError(f"sft_from={self.sft_from}: no model.pt there; give the run folder of a tuned rella "
+                              "model (recforge train rella ... data.train_prompts=N) or its model/ folder")
+        sft = ReLLa.load(folder, device=str(self.device_))
+        if not getattr(sft, "adapted_", False):
+            raise ConfigError(f"sft_from={self.sft_from}: a zero-shot model has no adapters to start from; tune it "
+                              "with data.train_prompts=N")
+        mine = (self.lora_r, self.lora_alpha, sorted(self.lora_targets))
+        theirs = (sft.lora_r, sft.lora_alpha, sorted(sft.lora_targets))
+        if mine != theirs:
+            raise ConfigError(f"sft_from={self.sft_from}: its LoRA (r, alpha, targets) {theirs} differs from this "
+                              f"model's {mine}; give the same lora_* settings")
+        self.backbone_ = dict(sft.backbone_)  # _backbone() refuses other weights than the SFT model's
+        self.adapted_ = True
+        self.n_users_, self.n_items_ = data.n_users, data.n_items
+        self.net_ = self.build()
+        self.net_.load_state_dict(sft.net_.state_dict())
+        self.to_device(self.device_)
+        self.adapter_parameters_ = int(sum(p.numel() for p in self.net_.parameters() if p.requires_grad))
+        self.history_ = {"epochs": [], "sft": {"from": str(folder), "training": sft.history_.get("training")}}
+
+
     def _yes_logps(self, ids: list[list[int]], grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """log P(Yes) over the two answers and the last hidden state of each prompt (the current
         network; without ``grad`` in inference mode and batches of ``score_batch_size``)."""
