@@ -12,7 +12,7 @@
     recforge predict RUN --out topk.parquet [-k 10] [--users FILE] [--nproc N]
     recforge models                                    |  recforge demo
     recforge export RUN --out DIR                      |  recforge serve DIR [--host 127.0.0.1 --port 8000]
-    recforge embed DATA [--template T] [--encoder PATH] [--out FILE]
+    recforge embed DATA [--template T] [--encoder PATH] [--out FILE]  |  --marc [--dim 64] [--llm PATH]
 
 Bad input prints one line naming the problem and the fix, and exits with status 2.
 """
@@ -169,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--quantize", action="store_true", help="int8 weights for the encoder (faster, vectors differ slightly)")
     em.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                     help="run the encoder on PyTorch or on ONNX Runtime (exported once, cached; fastest with --quantize)")
+    mg = em.add_argument_group("MARC (compressed language-model vectors, recforge/semantic/marc.py; needs the 'llm' extra)")
+    mg.add_argument("--marc", action="store_true", help="compress the language model's layer states of the item texts "
+                    "with MARC, trained on the training part of the data's split (--split)")
+    mg.add_argument("--llm", default=None, help="causal language model folder or .gguf (default: packaged SmolLM2-135M)")
+    mg.add_argument("--dim", type=int, default=64, help="size of the compressed vectors (default: 64)")
+    mg.add_argument("--layers", default="auto", help="layers read: auto (1/6..6/6 of the depth), all, mid, final or 5,10,15")
+    mg.add_argument("--split", default="auto", help="split whose training part MARC learns from: the one the sequential "
+                    "model will be evaluated on (default: auto, the data's default, leave-one-out)")
+    mg.add_argument("--epochs", type=int, default=30, help="most epochs of MARC's training (early stopping; default: 30)")
+    mg.add_argument("--seed", type=int, default=0)
     em.add_argument("--json", action="store_true")
     _add_data_flags(em)
 
@@ -263,6 +273,20 @@ def _dispatch(args) -> int | None:
         print(board["folder"])
     elif args.cmd == "data":
         _data_cmd(args)
+    elif args.cmd == "embed" and args.marc:
+        from recforge.errors import ConfigError
+        from recforge.semantic.marc import marc_embed
+
+        if args.encoder or args.quantize or args.backend != "torch":
+            raise ConfigError("--marc reads a language model (--llm PATH), not a sentence encoder: drop --encoder, "
+                              "--quantize and --backend")
+        res = marc_embed(_data_cfg(args, args.input), out=args.out, split_cfg={"method": args.split},
+                         template=args.template, backbone=args.llm, layers=args.layers, progress=not args.json,
+                         dim=args.dim, epochs=args.epochs, seed=args.seed)
+        print(json.dumps(res, indent=2) if args.json else
+              f"{res['items']} items, {res['dim']}-d MARC vectors (layers {res['layers']}, weights "
+              f"{res['layer_weights']}; {res['language_model_texts']} texts read by the language model) in "
+              f"{res['seconds']} s -> {res['out']}")
     elif args.cmd == "embed":
         from recforge.semantic.store import embed
 

@@ -9,6 +9,7 @@ vectors (:mod:`.base`).
 
 Item vectors: a model declares ``needs_items = True``; a runner that has the dataset calls
 ``model.attach_dataset(ds)`` before ``fit`` and the model builds its vectors through the cache
-(:mod:`recforge.semantic.store`). Without it, ``semantic_table=FILE`` names a table written by
-``recforge embed`` on the same data.
+(:mod:`recforge.semantic.store`). ``semantic_table=FILE`` names a table written by ``recforge
+embed`` on the same data instead (with ``--marc``: compressed language-model vectors,
+:mod:`recforge.semantic.marc`); when given, it is used whether or not a dataset is attached.
 """

@@ -15,10 +15,12 @@ add an ``extra_loss``.
 
 Where the item vectors come from (the model sees only the ``Split``, which holds no item text):
 
-* ``attach_dataset(ds)`` before ``fit``: the vectors are built from the dataset's item table
-  (``template``, ``encoder``) through the vector cache, so only new texts are encoded. Models
-  declare ``needs_items = True`` so that a runner can call it;
-* otherwise ``semantic_table=FILE``: a table written by ``recforge embed`` on the same data.
+* ``semantic_table=FILE``: a table written by ``recforge embed`` on the same data (sentence-encoder
+  vectors, or compressed language-model vectors with ``--marc``); when given it is used even if
+  the runner attached the dataset (whose item ids it must then match);
+* otherwise ``attach_dataset(ds)`` before ``fit``: the vectors are built from the dataset's item
+  table (``template``, ``encoder``) through the vector cache, so only new texts are encoded. Models
+  declare ``needs_items = True`` so that a runner can call it.
 
 The frozen vectors are a buffer of the network, so a saved model scores without the table.
 
@@ -169,10 +171,12 @@ class SemanticMixin:
         """The ``(n_items + 1, dim)`` text vectors (row 0 zero)."""
         from recforge.semantic.store import SemanticTable, semantic_table
 
-        if self._dataset is not None:
-            table = semantic_table(self._dataset, self.encoder, self.template, progress=self.verbose)
-        elif self.semantic_table:
+        if self.semantic_table:  # an explicit table wins over building one from the attached dataset
             table = SemanticTable.load(self.semantic_table)
+            if self._dataset is not None:
+                table.check_matches(self._dataset)
+        elif self._dataset is not None:
+            table = semantic_table(self._dataset, self.encoder, self.template, progress=self.verbose)
         else:
             raise ConfigError(f"{self.name} needs item text vectors: pass semantic_table=FILE (written by "
                               "'recforge embed DATA --out FILE' on the same data)")
