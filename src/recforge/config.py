@@ -51,6 +51,7 @@ CTR_DATA_DEFAULTS = {
     "schema": None, "label": None, "categorical": None, "numeric": None, "multi": None, "sequence": None,
     "splitter": "^", "fields": None, "dataset_id": None, "min_count": 1, "max_len": None,
     "negatives": 4, "negatives_seed": 0, "negatives_from": "existing", "history_len": 20,
+    "label_threshold": None, "user_features": False, "text": None,
 }
 CTR_SPLIT_DEFAULTS = {"method": "auto"}
 CTR_EVAL_DEFAULTS = {"bins": 10}

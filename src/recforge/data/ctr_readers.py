@@ -25,7 +25,18 @@ Sources (``data.format``, detected when unset):
   appear in the test period then occur in training only as negatives, and a model learns that
   new items are never clicked (on the Taobao sample every model fell below AUC .5 so). Negatives
   share the positive's user, time and behaviour history (``hist_items``: the user's previous
-  ``data.history_len`` items in time order, sharing the item embedding).
+  ``data.history_len`` items in time order, sharing the item embedding). With explicit ratings,
+  ``data.label_threshold=R`` derives no negatives: every rated interaction is one row, labelled 1
+  when its rating is at least ``R`` (MovieLens with ``R=4``: the "a rating of 4 or 5 is a click"
+  setting of the CTR papers on it), with the same user, time and history. The item table's
+  low-cardinality columns are features (genres multi-valued); ``data.user_features=true`` adds the
+  user table's (MovieLens-100K: age, gender, occupation; a column with more distinct values than
+  half the users, such as the zip code, is left out).
+
+Text: ``data.text`` names columns whose raw values ride with every encoded row
+(``EncodedTable.text``) for models that read a row as text (``flip``, ``clickprompt``); features
+may be among them. For rows derived from a log a name may also be a column of the item or the user
+table, joined to each row (``data.text=user_id,age,gender,occupation,item_id,title,genres``).
 
 Splits (``split.method``): ``presplit`` (the given train/valid/test files), ``random``
 (``split.ratios``, default 7:2:1, ``split.seed``, independent of the run's seed), ``temporal``
@@ -204,7 +215,7 @@ def schema_from_config(d: dict) -> Schema:
     for kind in ("multi", "sequence"):
         specs += [FeatureSpec(n, kind, max_len=d.get("max_len"), splitter=d.get("splitter") or "^", **kw)
                   for n in _as_list(d.get(kind))]
-    return Schema(specs, _as_list(d.get("label")), d.get("user_col"), d.get("time_col"))
+    return Schema(specs, _as_list(d.get("label")), d.get("user_col"), d.get("time_col"), _as_list(d.get("text")))
 
 
 _FUXI_NORMS = {None: "none", "none": "none", "standardscaler": "standard", "minmaxscaler": "minmax",
@@ -262,7 +273,7 @@ def schema_from_spec(spec: dict, data_cfg: dict, where: str) -> tuple[Schema, di
     if skipped:
         notes["inactive_or_meta_columns"] = skipped
     time_col = data_cfg.get("time_col") or spec.get("time_col")
-    return Schema(specs, label_names, user, time_col), notes
+    return Schema(specs, label_names, user, time_col, _as_list(data_cfg.get("text"))), notes
 
 
 def _find_file(ref: str, base: Path) -> Path:
@@ -366,14 +377,18 @@ def existing_negatives(seen, users: np.ndarray, times: np.ndarray, items: np.nda
 
 
 def rows_from_interactions(ds, negatives: int = 4, seed: int = 0, history_len: int = 20,
-                           negatives_from: str = "existing") -> CTRSource:
+                           negatives_from: str = "existing", label_threshold: float | None = None,
+                           user_features: bool = False, text=None) -> CTRSource:
     """Positive rows (every interaction of ``ds``) and ``negatives`` sampled negatives per positive
-    (``negatives_from``: ``existing`` items at the positive's time, or ``all``; module docstring)."""
-    from recforge.data.schema import ITEM, TIME, USER
+    (``negatives_from``: ``existing`` items at the positive's time, or ``all``), or, with
+    ``label_threshold``, one row per rated interaction labelled by its rating; ``user_features``
+    joins the user table's columns as features, ``text`` names columns carried as raw text
+    (module docstring)."""
+    from recforge.data.schema import ITEM, RATING, TIME, USER
     from recforge.data.split import interactions_to_csr
     from recforge.training.samplers import SeenPairs, sample_negatives
 
-    if negatives < 1:
+    if label_threshold is None and negatives < 1:
         raise ConfigError(f"data.negatives={negatives}: rows derived from a log need at least 1 negative per positive")
     if negatives_from not in NEGATIVES_FROM:
         raise ConfigError(f"data.negatives_from={negatives_from!r}: choose existing (items that existed at the "
@@ -390,16 +405,29 @@ def rows_from_interactions(ds, negatives: int = 4, seed: int = 0, history_len: i
     for lag in range(1, H + 1):
         ok = np.arange(n) - lag >= first
         hist[ok, H - lag] = items[np.flatnonzero(ok) - lag]
-    seen = SeenPairs(interactions_to_csr(inter, ds.n_users, ds.n_items))
-    rng = np.random.default_rng(seed)
-    if negatives_from == "existing":
-        neg, fallback = existing_negatives(seen, users, times, items, negatives, ds.n_items, rng)  # (n, negatives)
+    if label_threshold is not None:  # explicit feedback: the rated rows themselves, labelled by their rating
+        if RATING not in inter.columns:
+            raise DataError(f"{ds.name}: data.label_threshold={label_threshold} labels rows by their rating, and the "
+                            "data has no rating column; map it with data.rating_col=NAME, or drop data.label_threshold "
+                            "to derive rows with sampled negatives")
+        rating = inter[RATING].cast(pl.Float64).to_numpy()
+        if np.isnan(rating).any():
+            raise DataError(f"{ds.name}: {int(np.isnan(rating).sum())} interaction(s) have no rating, which "
+                            f"data.label_threshold={label_threshold} needs; drop them or drop data.label_threshold")
+        k, fallback = 1, 0
+        rows_u, rows_i = users, items
+        label = (rating >= float(label_threshold)).astype(np.int8)
     else:
-        neg, fallback = sample_negatives(seen, users, negatives, ds.n_items, rng), 0
-    k = negatives + 1
-    rows_u = np.repeat(users, k)
-    rows_i = np.column_stack([items, neg]).reshape(-1)
-    label = np.tile(np.r_[1, np.zeros(negatives, dtype=np.int64)], n).astype(np.int8)
+        seen = SeenPairs(interactions_to_csr(inter, ds.n_users, ds.n_items))
+        rng = np.random.default_rng(seed)
+        if negatives_from == "existing":
+            neg, fallback = existing_negatives(seen, users, times, items, negatives, ds.n_items, rng)  # (n, negatives)
+        else:
+            neg, fallback = sample_negatives(seen, users, negatives, ds.n_items, rng), 0
+        k = negatives + 1
+        rows_u = np.repeat(users, k)
+        rows_i = np.column_stack([items, neg]).reshape(-1)
+        label = np.tile(np.r_[1, np.zeros(negatives, dtype=np.int64)], n).astype(np.int8)
     raw_items = ds.item_map.sort("idx")["raw"].cast(pl.Utf8).to_numpy()
     raw_users = ds.user_map.sort("idx")["raw"].cast(pl.Utf8).to_numpy()
     item_raw = np.r_[np.array([""], dtype=object), raw_items.astype(object)].astype(str)
@@ -430,18 +458,66 @@ def rows_from_interactions(ds, negatives: int = 4, seed: int = 0, history_len: i
             idx = pl.DataFrame({ITEM: rows_i})
             df = df.with_columns(idx.join(it.select(ITEM, *side), on=ITEM, how="left", maintain_order="left")
                                  .select(side))
+    user_side = []
+    us = ds.users.with_columns(pl.col(USER).cast(pl.Int64)) if ds.users is not None else None
+    if user_features:
+        if us is None:
+            raise DataError(f"{ds.name}: data.user_features=true joins the user table's columns, and this data has "
+                            "no user table; drop data.user_features")
+        for c in us.columns:
+            if c == USER or c in df.columns:
+                continue
+            s = us[c]
+            if s.dtype == pl.Utf8 and s.str.contains("|", literal=True).any():
+                specs.append(FeatureSpec(c, "multi", splitter="|"))
+            elif s.n_unique() <= max(2, ds.n_users // 2):
+                specs.append(FeatureSpec(c))
+            else:
+                continue
+            user_side.append(c)
+    text = _as_list(text)
+    item_cols = [] if ds.items is None else [c for c in ds.items.columns if c != ITEM]
+    user_cols = [] if us is None else [c for c in us.columns if c != USER]
+    from_items = [c for c in text if c not in df.columns and c not in user_side and c in item_cols]
+    from_users = [c for c in text if c not in df.columns and c not in from_items and c not in user_side
+                  and c in user_cols]
+    unknown = [c for c in text if c not in df.columns and c not in from_items and c not in from_users
+               and c not in user_side]
+    if unknown:
+        raise DataError(f"data.text names {', '.join(map(repr, unknown))}, not a column of the rows, the item table or "
+                        f"the user table (rows: {', '.join(df.columns)}; items: {', '.join(item_cols) or 'none'}; "
+                        f"users: {', '.join(user_cols) or 'none'}); fix data.text")
+    if from_items:
+        it = ds.items.with_columns(pl.col(ITEM).cast(pl.Int64))
+        df = df.with_columns(pl.DataFrame({ITEM: rows_i}).join(it.select(ITEM, *from_items), on=ITEM, how="left",
+                                                                 maintain_order="left").select(from_items))
+    if user_side or from_users:
+        cols = [*user_side, *from_users]
+        df = df.with_columns(pl.DataFrame({USER: rows_u}).join(us.select(USER, *cols), on=USER, how="left",
+                                                                maintain_order="left").select(cols))
     specs.append(FeatureSpec("hist_items", "sequence", max_len=H, share="item_id"))
-    pool = ("that already existed at the positive's time (first interacted with at or before it)"
-            + (f"; {fallback:,} draws with no such item left came from the whole catalogue" if fallback else "")
-            if negatives_from == "existing" else "of the whole catalogue (future items included)")
-    notes = {"derived": (f"every interaction is a positive; {negatives} negatives per positive drawn uniformly "
-                         f"(seed {seed}) from the items the user never interacted with in the whole log and "
-                         f"{pool}, with the positive's user, time and history"),
-             "history": f"hist_items: the user's previous {H} items in time order (shares item_id's embedding)",
-             "rows": f"{n:,} positives + {n * negatives:,} negatives"}
+    if label_threshold is not None:
+        pos = int(label.sum())
+        notes = {"derived": (f"every rated interaction is a row, labelled 1 when its rating is >= {label_threshold:g} "
+                             f"(explicit feedback; no negatives are drawn, data.negatives is not used), with the "
+                             "row's user, time and history"),
+                 "rows": f"{n:,} rated interactions: {pos:,} positives + {n - pos:,} negatives"}
+    else:
+        pool = ("that already existed at the positive's time (first interacted with at or before it)"
+                + (f"; {fallback:,} draws with no such item left came from the whole catalogue" if fallback else "")
+                if negatives_from == "existing" else "of the whole catalogue (future items included)")
+        notes = {"derived": (f"every interaction is a positive; {negatives} negatives per positive drawn uniformly "
+                             f"(seed {seed}) from the items the user never interacted with in the whole log and "
+                             f"{pool}, with the positive's user, time and history"),
+                 "rows": f"{n:,} positives + {n * negatives:,} negatives"}
+    notes["history"] = f"hist_items: the user's previous {H} items in time order (shares item_id's embedding)"
     if side:
         notes["item_features"] = ", ".join(side)
-    return CTRSource({"all": df}, Schema(specs, ["label"], "user_id", "timestamp"), "interactions", notes)
+    if user_side:
+        notes["user_features"] = ", ".join(user_side)
+    if text:
+        notes["text"] = f"raw values carried with each row for models that read text: {', '.join(text)}"
+    return CTRSource({"all": df}, Schema(specs, ["label"], "user_id", "timestamp", text), "interactions", notes)
 
 
 # ---- detection -------------------------------------------------------------------------------------
@@ -504,9 +580,19 @@ def _load_source(data_cfg: dict) -> CTRSource:
     from recforge.pipeline import load_dataset
 
     ds = load_dataset(data_cfg)
+    if data_cfg.get("label_threshold") is not None and data_cfg.get("rating_threshold") is not None:
+        raise ConfigError(f"data.label_threshold={data_cfg['label_threshold']} labels rows by their rating and "
+                          f"data.rating_threshold={data_cfg['rating_threshold']} drops the rows below a rating, which "
+                          "would leave no negatives: drop data.rating_threshold")
+    threshold = data_cfg.get("label_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise ConfigError(f"data.label_threshold={threshold!r}: give a rating (a row is a click when its rating is at "
+                          "least this), e.g. 4")
     return rows_from_interactions(ds, int(data_cfg.get("negatives") or 4), seed=int(data_cfg.get("negatives_seed") or 0),
                                   history_len=int(data_cfg.get("history_len") or 20),
-                                  negatives_from=str(data_cfg.get("negatives_from") or "existing"))
+                                  negatives_from=str(data_cfg.get("negatives_from") or "existing"),
+                                  label_threshold=threshold, user_features=bool(data_cfg.get("user_features")),
+                                  text=data_cfg.get("text"))
 
 
 # ---- splits -----------------------------------------------------------------------------------------

@@ -90,12 +90,14 @@ class FeatureSpec:
 class Schema:
     """Features, label column(s) and the roles of two columns: ``user`` groups rows for group
     AUC and per-user tests; ``time`` orders rows for the temporal split. Neither needs to be a
-    feature."""
+    feature. ``text``: columns whose raw values ride with the encoded rows
+    (``EncodedTable.text``) for models that read a row as text; they may be features too."""
 
     features: list[FeatureSpec]
     labels: list[str]
     user: str | None = None
     time: str | None = None
+    text: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.labels:
@@ -130,11 +132,12 @@ class Schema:
 
     def as_dict(self) -> dict:
         return {"features": [{k: v for k, v in asdict(f).items() if v is not None} for f in self.features],
-                "labels": list(self.labels), "user": self.user, "time": self.time}
+                "labels": list(self.labels), "user": self.user, "time": self.time, "text": list(self.text)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schema":
-        return cls([FeatureSpec.from_dict(f) for f in d["features"]], list(d["labels"]), d.get("user"), d.get("time"))
+        return cls([FeatureSpec.from_dict(f) for f in d["features"]], list(d["labels"]), d.get("user"), d.get("time"),
+                   list(d.get("text") or []))
 
 
 @dataclass
@@ -143,12 +146,14 @@ class EncodedTable:
     float32 values for numeric fields), ``y`` the labels ``(n, n_labels)`` (None at serving),
     ``groups`` the raw user key of each row (strings) when the schema has a user column, and
     ``unseen`` per field the number of values mapped to the out-of-vocabulary id although they
-    were present (with up to five examples)."""
+    were present (with up to five examples), ``text`` the raw values (strings, ``""`` when missing)
+    of the schema's text columns that the rows held."""
 
     x: dict[str, np.ndarray]
     y: np.ndarray | None
     groups: np.ndarray | None = None
     unseen: dict = field(default_factory=dict)
+    text: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.x.values())))
@@ -162,7 +167,8 @@ class EncodedTable:
 
     def subset(self, idx) -> "EncodedTable":
         return EncodedTable({k: v[idx] for k, v in self.x.items()}, None if self.y is None else self.y[idx],
-                            None if self.groups is None else self.groups[idx], dict(self.unseen))
+                            None if self.groups is None else self.groups[idx], dict(self.unseen),
+                            {k: v[idx] for k, v in self.text.items()})
 
 
 # ---- labels --------------------------------------------------------------------------------------
@@ -316,7 +322,11 @@ class FeatureEncoder:
         groups = None
         if self.schema.user is not None and self.schema.user in df.columns:
             groups = _as_text(df[self.schema.user]).to_numpy().astype(object)
-        return EncodedTable(x, y, groups, report)
+        text = {}
+        for c in (c for c in self.schema.text if c in df.columns):
+            s = df[c].cast(pl.List(pl.Utf8)).list.join(", ") if isinstance(df[c].dtype, pl.List) else df[c]
+            text[c] = _as_text(s).to_numpy().astype(object)
+        return EncodedTable(x, y, groups, report, text)
 
     def _numeric(self, s: pl.Series, f: FeatureSpec) -> np.ndarray:
         st = self.numeric[f.name]

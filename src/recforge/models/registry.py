@@ -61,6 +61,9 @@ _MODELS: dict[str, str] = {
     "din": "recforge.models.ctr.din:DIN",
     "finalmlp": "recforge.models.ctr.finalmlp:FinalMLP",
     "gem": "recforge.models.ctr.gem:GEM",
+    # a CTR backbone aligned with a pre-trained language model (rows carry text: data.text)
+    "flip": "recforge.models.ctr.flip:FLIP",
+    "clickprompt": "recforge.models.ctr.clickprompt:ClickPrompt",
     # multi-task CTR models (one output per label)
     "sharedbottom": "recforge.models.ctr.sharedbottom:SharedBottom",
     "mmoe": "recforge.models.ctr.mmoe:MMoE",
