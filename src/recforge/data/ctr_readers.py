@@ -376,6 +376,25 @@ def existing_negatives(seen, users: np.ndarray, times: np.ndarray, items: np.nda
     return flat.reshape(len(users), n), int(len(left))
 
 
+def _side_features(table: pl.DataFrame, key: str, skip, n_keys: int, specs: list) -> list[str]:
+    """The columns of a side table (items or users) that become features, their specs appended to
+    ``specs``: ``|``-joined strings as multi-valued fields, columns with at most half as many values
+    as ``n_keys`` as categorical fields; ids, near-unique columns (titles) and ``skip`` are left out."""
+    out = []
+    for c in table.columns:
+        if c == key or c in skip:
+            continue
+        s = table[c]
+        if s.dtype == pl.Utf8 and s.str.contains("|", literal=True).any():
+            specs.append(FeatureSpec(c, "multi", splitter="|"))
+        elif s.n_unique() <= max(2, n_keys // 2):
+            specs.append(FeatureSpec(c))
+        else:
+            continue
+        out.append(c)
+    return out
+
+
 def rows_from_interactions(ds, negatives: int = 4, seed: int = 0, history_len: int = 20,
                            negatives_from: str = "existing", label_threshold: float | None = None,
                            user_features: bool = False, text=None) -> CTRSource:
@@ -443,17 +462,7 @@ def rows_from_interactions(ds, negatives: int = 4, seed: int = 0, history_len: i
     side = []
     if ds.items is not None:
         it = ds.items.with_columns(pl.col(ITEM).cast(pl.Int64))
-        for c in it.columns:
-            if c == ITEM:
-                continue
-            s = it[c]
-            if s.dtype == pl.Utf8 and s.str.contains("|", literal=True).any():
-                specs.append(FeatureSpec(c, "multi", splitter="|"))
-            elif s.n_unique() <= max(2, ds.n_items // 2):
-                specs.append(FeatureSpec(c))
-            else:
-                continue
-            side.append(c)
+        side = _side_features(it, ITEM, (), ds.n_items, specs)
         if side:
             idx = pl.DataFrame({ITEM: rows_i})
             df = df.with_columns(idx.join(it.select(ITEM, *side), on=ITEM, how="left", maintain_order="left")
@@ -464,17 +473,7 @@ def rows_from_interactions(ds, negatives: int = 4, seed: int = 0, history_len: i
         if us is None:
             raise DataError(f"{ds.name}: data.user_features=true joins the user table's columns, and this data has "
                             "no user table; drop data.user_features")
-        for c in us.columns:
-            if c == USER or c in df.columns:
-                continue
-            s = us[c]
-            if s.dtype == pl.Utf8 and s.str.contains("|", literal=True).any():
-                specs.append(FeatureSpec(c, "multi", splitter="|"))
-            elif s.n_unique() <= max(2, ds.n_users // 2):
-                specs.append(FeatureSpec(c))
-            else:
-                continue
-            user_side.append(c)
+        user_side = _side_features(us, USER, df.columns, ds.n_users, specs)
     text = _as_list(text)
     item_cols = [] if ds.items is None else [c for c in ds.items.columns if c != ITEM]
     user_cols = [] if us is None else [c for c in us.columns if c != USER]

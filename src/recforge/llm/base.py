@@ -88,6 +88,17 @@ class AdapterNet(nn.Module):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
+def checked_step(opt, loss: torch.Tensor, problem: str) -> float:
+    """One optimiser step on ``loss``, the loss as a float; a non-finite loss stops first with a
+    :class:`RecForgeError` of ``problem`` (``{loss}`` is replaced by the loss's value)."""
+    if not torch.isfinite(loss):
+        raise RecForgeError(problem.format(loss=float(loss)))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def last_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 last: torch.Tensor) -> torch.Tensor:
     """The final hidden state at position ``last`` of each row (right-padded batch), from the

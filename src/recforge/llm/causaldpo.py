@@ -85,8 +85,8 @@ import polars as pl
 import torch
 
 from recforge.data.schema import ITEM, USER
-from recforge.errors import ConfigError, RecForgeError
-from recforge.llm.base import last_hidden, output_logits
+from recforge.errors import ConfigError
+from recforge.llm.base import checked_step, last_hidden, output_logits
 from recforge.llm.rella import PromptData, ReLLa
 
 
@@ -313,15 +313,11 @@ class DPO(ReLLa):
                     losses = dpo_loss(pc.float(), pr.float(), rc, rr, self.beta)
                     margins = self.beta * ((pc.float() - rc)[:, None] - (pr.float() - rr))
                     loss, mmd = self._pair_loss(losses, q[ti].to(pc.device), margins.mean(1, keepdim=True))
-                    if not torch.isfinite(loss):
-                        raise RecForgeError(f"{self.name}: non-finite preference loss in epoch {epoch}; lower dpo_lr "
-                                            f"(now {self.dpo_lr}) or beta (now {self.beta})")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    value = checked_step(opt, loss, f"{self.name}: preference loss {{loss}} in epoch {epoch}; lower "
+                                                    f"dpo_lr (now {self.dpo_lr}) or beta (now {self.beta})")
                     margin = margins.detach()
                     n = len(idx)
-                    sums["loss"] += float(loss.detach()) * n
+                    sums["loss"] += value * n
                     sums["mmd"] += mmd * n
                     sums["margin"] += float(margin.mean()) * n
                     sums["accuracy"] += float((margin > 0).float().mean()) * n

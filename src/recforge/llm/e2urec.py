@@ -68,7 +68,7 @@ from torch.nn import functional as F
 
 from recforge.data.schema import USER
 from recforge.errors import ConfigError, RecForgeError
-from recforge.llm.base import AdapterNet, last_hidden, linear_shape, output_logits, target_linears
+from recforge.llm.base import AdapterNet, checked_step, last_hidden, linear_shape, output_logits, target_linears
 from recforge.llm.rella import PromptData, ReLLa
 
 TEACHERS = ("augmented", "base")
@@ -235,13 +235,8 @@ class E2URec(ReLLa):
 
     def _step(self, opt, loss: torch.Tensor, where: str = "") -> float:
         """One optimiser step on ``loss`` (stops on a non-finite loss); the loss as a float."""
-        if not torch.isfinite(loss):
-            raise RecForgeError(f"unlearning stopped: the loss is {float(loss)}{where}; lower unlearn_lr "
-                                f"(now {self.unlearn_lr:g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return checked_step(opt, loss, f"unlearning stopped: the loss is {{loss}}{where}; lower unlearn_lr "
+                                       f"(now {self.unlearn_lr:g})")
 
     def _batches(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         order = rng.permutation(n)

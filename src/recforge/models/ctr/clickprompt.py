@@ -207,11 +207,8 @@ class ClickPrompt(PLMAlignedCTR):
                                 self._tokenizer.pad_token_id or 0)
 
     def joint_loss(self, batch) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(self.net_(batch).float(), batch["label"].float())
-        emb = getattr(self.net_.ctr, "embedding", None)
-        if self.embedding_reg and emb is not None:
-            loss = loss + self.embedding_reg * emb.penalty
-        return loss
+        return self.with_embedding_reg(F.binary_cross_entropy_with_logits(self.net_(batch).float(),
+                                                                           batch["label"].float()))
 
     def protocol_notes(self) -> dict:
         notes = super().protocol_notes()

@@ -237,11 +237,7 @@ class FLIP(PLMAlignedCTR):
     def joint_loss(self, batch) -> torch.Tensor:
         y, c, t = self.net_.parts(batch)
         label = batch["label"].float()
-        loss = sum(F.binary_cross_entropy_with_logits(z.float(), label) for z in (y, c, t))
-        emb = getattr(self.net_.ctr, "embedding", None)
-        if self.embedding_reg and emb is not None:
-            loss = loss + self.embedding_reg * emb.penalty
-        return loss
+        return self.with_embedding_reg(sum(F.binary_cross_entropy_with_logits(z.float(), label) for z in (y, c, t)))
 
     def protocol_notes(self) -> dict:
         notes = super().protocol_notes()

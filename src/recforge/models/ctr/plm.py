@@ -573,5 +573,12 @@ class PLMAlignedCTR(CTRModel):
     def make_joint(self, ctr_net, plm) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def with_embedding_reg(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` plus the CTR embeddings' L2 penalty (``embedding_reg``) in joint fine-tuning."""
+        emb = getattr(self.net_.ctr, "embedding", None)
+        if self.embedding_reg and emb is not None:
+            loss = loss + self.embedding_reg * emb.penalty
+        return loss
+
     def joint_loss(self, batch) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
