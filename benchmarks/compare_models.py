@@ -143,9 +143,12 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
     if model not in ("pop", "ease"):
         overrides.update(threads=1, device="cpu", **sets)
     out = run_dir(family, table_label(data, sets)) / f"{name}-s{seed}"
-    shutil.rmtree(out, ignore_errors=True)
+    partial = resumable(out)
+    if partial is None:
+        shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
+    run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
+                         resume=partial)
     wall = time.perf_counter() - t0
     full = run.metrics["test"]
     protocol = run.metrics.get("protocol", {})
@@ -153,7 +156,26 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
             "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
             "full": {k: round(float(full[k]), 4) for k in KEYS if k in full}, "n_users": int(full.get("n_users", 0)),
-            "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes}
+            "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes,
+            **({"resumed": True} if partial is not None else {})}
+
+
+def resumable(out: Path) -> Path | None:
+    """The newest run folder a stopped (model, seed) run left in ``out`` (``.partial-*`` with its config
+    and last checkpoint), which the next call resumes instead of starting again; everything else in
+    ``out`` is removed. None when there is none. A resumed row's ``wall_s`` counts the resumed part only
+    (its epochs and seconds per epoch are the whole run's)."""
+    if not out.is_dir():
+        return None
+    stopped = sorted((p for p in out.glob(".partial-*")
+                      if (p / "config.yaml").is_file() and (p / "checkpoints" / "last.pt").is_file()),
+                     key=lambda p: p.stat().st_mtime)
+    if not stopped:
+        return None
+    for p in out.iterdir():
+        if p != stopped[-1]:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    return stopped[-1]
 
 
 def write(out: Path, family: str, data: str, rows: list[dict], wall: float, sets: dict[str, str]) -> None:
