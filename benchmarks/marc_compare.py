@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ def build_tables(args, seed: int, results: dict, data: str) -> dict:
 
 def _row(run) -> dict:
     m = run.metrics
-    return {"run": str(run.path), "test": {k: m["test"][k] for k in ("ndcg@10", "hr@10", "ndcg@20", "mrr") if k in m["test"]},
+    return {"run": os.path.relpath(run.path, ROOT), "test": {k: m["test"][k] for k in ("ndcg@10", "hr@10", "ndcg@20", "mrr") if k in m["test"]},
             "valid_ndcg@10": m["valid"].get("ndcg@10"), "best_epoch": m.get("training", {}).get("best_epoch"),
             "fit_seconds": m["timing"]["fit_seconds"]}
 
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         print(f"{args.data}: MovieLens-100K not found (the shared data folder sits beside the project)", file=sys.stderr)
         return 2
     out = Path(args.out)
-    settings = {"epochs": args.epochs, "marc_epochs": args.marc_epochs, "dim": args.dim, "data": args.data,
+    settings = {"epochs": args.epochs, "marc_epochs": args.marc_epochs, "dim": args.dim, "data": os.path.relpath(args.data, ROOT),
                 "overrides": list(args.overrides)}
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("settings") != settings:  # finished runs are reused only under the same settings
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
                            for c in results["compare"])
                 if variant == BASE or not base or not other or done:
                     continue
-                cmp = api.compare(base["run"], other["run"], ["ndcg@10", "hr@10"])
+                cmp = api.compare(ROOT / base["run"], ROOT / other["run"], ["ndcg@10", "hr@10"])
                 results["compare"].append({"model": model, "variant": variant, "seed": seed, "rows": cmp["rows"],
                                            "warnings": cmp["warnings"]})
                 save()
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
             common = sorted(set(per_variant.get(BASE, {})) & set(per_variant.get(variant, {})), key=int)
             if variant == BASE or len(common) < 2:
                 continue
-            cmp = api.compare([per_variant[BASE][s]["run"] for s in common],
-                              [per_variant[variant][s]["run"] for s in common], ["ndcg@10", "hr@10"])
+            cmp = api.compare([ROOT / per_variant[BASE][s]["run"] for s in common],
+                              [ROOT / per_variant[variant][s]["run"] for s in common], ["ndcg@10", "hr@10"])
             results["pooled"].append({"model": model, "variant": variant, "seeds": [int(s) for s in common],
                                       "rows": cmp["rows"]})
     save()
