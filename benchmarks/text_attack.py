@@ -64,6 +64,13 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def target_scores(scorer, titles, item: int, title: str, rows) -> np.ndarray:
+    """The scores of ``item`` for ``rows`` when its title is ``title`` (the rest of the table unchanged)."""
+    table = list(titles)
+    table[item] = title
+    return scorer(table, rows, np.full((len(rows), 1), item))[:, 0]
+
+
 def _ranks(own: np.ndarray, others: np.ndarray) -> np.ndarray:
     """1 + competitors scored at least as high (pessimistic ties); NaN/-inf own scores rank last."""
     own = np.where(np.isnan(own), -np.inf, own)
@@ -155,12 +162,8 @@ def run_llmesr(args, ds, titles, targets, pur, encoder) -> dict:
         anchors = np.sort(rng.choice(elig, size=n_anchor, replace=False))
         r = attack.attack(t, titles, scorer, anchors)
         others = np.delete(clean[elig], t - 1, axis=1)
-        col = np.full((len(elig), 1), t)
-
         def own(title):
-            table = list(titles)
-            table[t] = title
-            return scorer(table, elig, col)[:, 0]
+            return target_scores(scorer, titles, t, title, elig)
 
         defended_title = pur.purify(r.adversarial)
         before, after = _ranks(own(titles[t]), others), _ranks(own(r.adversarial), others)
@@ -259,12 +262,8 @@ def run_llm(args, ds, split, test, cfg, titles, targets, pur, encoder) -> dict:
         anchors = np.sort(rng.choice(elig, size=min(args.llm_anchors, len(elig)), replace=False))
         q0 = scorer.prompts_scored
         r = attack.attack(t, titles, scorer, anchors, candidates=items[anchors])
-        col = np.full((len(elig), 1), t)
-
         def own(title):
-            table = list(titles)
-            table[t] = title
-            return scorer(table, elig, col)[:, 0]
+            return target_scores(scorer, titles, t, title, elig)
 
         defended_title = pur.purify(r.adversarial)
         s = {"clean": own(titles[t]), "attacked": own(r.adversarial), "defended": own(defended_title)}
