@@ -40,9 +40,19 @@ MODELS = (("SFT (ReLLa LoRA)", "rella"), ("DPO", "dpo"), ("CausalDPO", "causaldp
 LW = ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr")
 
 
+#: the project whose results file is written: run paths are recorded relative to it (``main`` sets it
+#: from ``--out``, so a results file written from another checkout still holds relative paths)
+BASE = HERE.parent
+
+
+def project_of(out: Path) -> Path:
+    out = Path(out).resolve()
+    return out.parents[2] if out.parent.name == "results" and out.parent.parent.name == "benchmarks" else HERE.parent
+
+
 def _rel(path) -> str:
     try:
-        return str(Path(path).resolve().relative_to(HERE.parent))
+        return str(Path(path).resolve().relative_to(BASE))
     except ValueError:
         return str(path)
 
@@ -85,8 +95,8 @@ def summary(res: dict) -> dict:
         seeds = sorted({r["seed"] for r in ra} & {r["seed"] for r in rb})
         if not seeds:
             continue
-        pa = [HERE.parent / next(r["run"] for r in ra if r["seed"] == s) for s in seeds]
-        pb = [HERE.parent / next(r["run"] for r in rb if r["seed"] == s) for s in seeds]
+        pa = [BASE / next(r["run"] for r in ra if r["seed"] == s) for s in seeds]
+        pb = [BASE / next(r["run"] for r in rb if r["seed"] == s) for s in seeds]
         boot = {x["metric"]: x for x in task.compare(pb, pa, n_boot=1000)["bootstrap"]}  # diff: a - b
         na = np.concatenate([per_target_ndcg(p) for p in pa])
         nb = np.concatenate([per_target_ndcg(p) for p in pb])
@@ -144,6 +154,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    global BASE
+    BASE = project_of(out)
     settings = {k: getattr(args, k) for k in ("data", "seeds", "test_prompts", "train_prompts", "listwise",
                                                "listwise_targets", "k", "epochs", "lr", "max_tokens", "overrides")}
     res = json.loads(out.read_text()) if out.exists() else {}
@@ -160,7 +172,7 @@ def main(argv=None) -> int:
 
     def done(label, seed):
         return next((r for r in res["rows"] if r["model"] == label and r["seed"] == seed
-                     and (HERE.parent / r["run"]).exists()), None)
+                     and (BASE / r["run"]).exists()), None)
 
     def record(label, seed, run, seconds):
         res["rows"] = [r for r in res["rows"] if (r["model"], r["seed"]) != (label, seed)] + [_row(label, seed, run, seconds)]
@@ -187,7 +199,7 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             run = task.train(model, args.data, {**common, **tuned, "seed": seed,
-                                                "model.sft_from": str(HERE.parent / sft["run"])},
+                                                "model.sft_from": str(BASE / sft["run"])},
                              out=runs_dir, verbose=False)
             record(label, seed, run, time.perf_counter() - t0)
     res["summary"] = summary(res)
