@@ -63,6 +63,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from recforge.errors import ConfigError
+from recforge.models.ctr.pretraining import pretrain_epochs
+from recforge.training.device import autocast
 
 METHODS = ("mfp", "rfd")
 DEFAULTS = {"epochs": 10, "mask_ratio": 0.3, "negatives": 25, "lr": None, "weight_decay": 0.0, "batch_size": None,
@@ -278,55 +280,35 @@ class Pretrainer:
             self.net.train(was)
 
     def run(self) -> dict:
-        from recforge.training.device import autocast, to_device
-        from recforge.errors import TrainingError
-
         m, cfg, net = self.model, self.cfg, self.net
         t0 = time.perf_counter()
         params = [p for p in net.parameters() if p.requires_grad] + list(self.head.parameters())
         lr = float(cfg["lr"] or m.lr)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg["weight_decay"]))
         bs = int(cfg["batch_size"] or m.batch_size)
-        n = len(self.split.train)
-        steps_per_epoch = max(1, math.ceil(n / bs))
-        total = cfg["epochs"] * steps_per_epoch
-        rng = np.random.default_rng([int(m.seed), 1])
         alpt = getattr(m, "_alpt", None)
-        epochs, step = [], 0
+        last = {}
+
+        def loss_of(batch):
+            last["prep"] = prep = self.corrupt(batch)
+            return self.loss(prep), {}
+
+        def after_step(f: float) -> None:  # ALPT's learned-precision step reuses the batch's corruption
+            def again(prep=last["prep"]):
+                with autocast(self.device, m.precision):
+                    return self.loss(prep)
+
+            alpt.step(again, lr * f, float(cfg["weight_decay"]))
+
         net.train()
         self.head.train()
-        for epoch in range(1, cfg["epochs"] + 1):
-            te, losses = time.perf_counter(), []
-            order = rng.permutation(n)
-            for s in range(0, n, bs):
-                idx = np.sort(order[s : s + bs])
-                if len(idx) < 2:
-                    continue
-                batch = to_device(self.split.train.batch(idx), self.device)
-                batch.pop("label", None)
-                f = 0.5 * (1 + math.cos(math.pi * step / total))
-                for g in opt.param_groups:
-                    g["lr"] = lr * f
-                prep = self.corrupt(batch)
-                opt.zero_grad(set_to_none=True)
-                with autocast(self.device, m.precision):
-                    loss = self.loss(prep)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"pre-training ({cfg['method']}) of {m.name} stopped: the loss is {value} at "
-                                        f"epoch {epoch}; try a lower pretrain.lr (now {lr:g})")
-                loss.backward()
-                opt.step()
-                if alpt is not None:
-                    def again(prep=prep):
-                        with autocast(self.device, m.precision):
-                            return self.loss(prep)
-
-                    alpt.step(again, lr * f, float(cfg["weight_decay"]))
-                losses.append(value)
-                step += 1
-            epochs.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                           "seconds": round(time.perf_counter() - te, 2)})
+        epochs, _ = pretrain_epochs(
+            rows=np.arange(len(self.split.train)), epochs=cfg["epochs"], batch_size=bs,
+            rng=np.random.default_rng([int(m.seed), 1]), opt=opt, base_lrs=[lr], batch_of=self.split.train.batch,
+            loss_of=loss_of, device=self.device, precision=m.precision,
+            problem=f"pre-training ({cfg['method']}) of {m.name} stopped: the loss is {{loss}} at epoch {{epoch}}; "
+                    f"try a lower pretrain.lr (now {lr:g})",
+            after_step=after_step if alpt is not None else None)
         self.head = None
         return {"method": cfg["method"], "epochs_run": len(epochs), "mask_ratio": cfg["mask_ratio"],
                 "fields_masked": self.k, "categorical_fields": len(self.cats),

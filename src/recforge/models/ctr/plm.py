@@ -52,7 +52,7 @@ Running it needs ``transformers`` and a tokenizer folder (``pip install 'recforg
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from pathlib import Path
 
@@ -63,6 +63,7 @@ from torch.nn import functional as F
 
 from recforge.errors import ConfigError, DataError
 from recforge.models.ctr.base import CTRModel
+from recforge.models.ctr.pretraining import pretrain_epochs
 
 FINETUNE = ("ctr", "joint")
 #: parameters of the aligned model handed to its backbone (``backbone_params`` may not set them)
@@ -429,9 +430,6 @@ class PLMAlignedCTR(CTRModel):
         self._align_record = self.align(split)
 
     def align(self, split) -> dict:
-        from recforge.errors import TrainingError
-        from recforge.training.device import autocast, to_device
-
         t0 = time.perf_counter()
         if self.finetune == "joint":
             plm, tok = self.net_.plm, self._tokenizer
@@ -451,40 +449,15 @@ class PLMAlignedCTR(CTRModel):
         opt = torch.optim.AdamW(groups, weight_decay=float(self.pretrain_weight_decay))
         table = WithText(split.train, self.row_text())
         bs = int(self.pretrain_batch_size)
-        per_epoch = max(1, math.ceil(take / bs))
-        total, step, epochs = int(self.pretrain_epochs) * per_epoch, 0, []
         aligner.train()
-        for epoch in range(1, int(self.pretrain_epochs) + 1):
-            te, sums, count = time.perf_counter(), {}, 0
-            order = rows[rng.permutation(take)]
-            for s in range(0, take, bs):
-                idx = np.sort(order[s : s + bs])
-                if len(idx) < 2:
-                    continue
-                batch = to_device(table.batch(idx), self.device_)
-                batch.pop("label", None)  # self-supervised: the clicks are not used
-                f = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
-                for g, base_lr in zip(opt.param_groups, (self.pretrain_lr, self.plm_lr)):
-                    g["lr"] = float(base_lr) * f
-                opt.zero_grad(set_to_none=True)
-                with autocast(self.device_, self.precision):
-                    loss, parts = aligner.loss(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(f"{self.name}: the alignment loss is {value} at epoch {epoch}; try a lower "
-                                        f"pretrain_lr (now {self.pretrain_lr:g}) or plm_lr (now {self.plm_lr:g})")
-                loss.backward()
-                opt.step()
-                step += 1
-                count += 1
-                for k, v in {"loss": value, **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            epochs.append({"epoch": epoch, **{k: round(v / max(1, count), 5) for k, v in sums.items()},
-                           "steps": count, "seconds": round(time.perf_counter() - te, 2)})
-            if self.verbose:
-                import logging
-
-                logging.getLogger("recforge").info("%s alignment epoch %s", self.name, epochs[-1])
+        epochs, step = pretrain_epochs(
+            rows=rows, epochs=int(self.pretrain_epochs), batch_size=bs, rng=rng, opt=opt,
+            base_lrs=[self.pretrain_lr, self.plm_lr], batch_of=table.batch, loss_of=aligner.loss,
+            device=self.device_, precision=self.precision,
+            problem=f"{self.name}: the alignment loss is {{loss}} at epoch {{epoch}}; try a lower pretrain_lr (now "
+                    f"{self.pretrain_lr:g}) or plm_lr (now {self.plm_lr:g})",
+            on_epoch=(lambda e: logging.getLogger("recforge").info("%s alignment epoch %s", self.name, e))
+            if self.verbose else None)
         del aligner, opt
         if self.finetune != "joint":
             del plm
