@@ -227,3 +227,62 @@ def test_prefix_fills_per_item_fields(fitted):
     aug = m.augment_histories(hist)
     assert aug.behaviors.tolist() == [None] * 3 + ["buy", "view", "view"]
     assert aug.items.tolist() == m.prefix_[u].tolist() + [4, 5, 6]
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+RESUMABLE = FAST | dict(diff_epochs=4, backbone_params=BACKBONE | dict(epochs=2))
+
+
+def test_run_stopped_in_stage_one_resumes_to_the_same_model(data, tmp_path, monkeypatch):
+    from recforge.models.sequential import diffuasr as mod
+
+    split, valid, test = data
+    whole = create("diffuasr", **RESUMABLE, seed=3)
+    whole.checkpoint_dir = tmp_path / "whole"
+    whole.fit(split, valid)
+
+    save = mod.DiffuASR._save_stage1
+
+    def stop_after_epoch_two(self, blob, name):
+        save(self, blob, name)
+        if blob["epoch"] == 2:
+            raise KeyboardInterrupt  # the run is killed right after its second stage-1 epoch
+
+    stopped = create("diffuasr", **RESUMABLE, seed=3)
+    stopped.checkpoint_dir = tmp_path / "a"
+    monkeypatch.setattr(mod.DiffuASR, "_save_stage1", stop_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(split, valid)
+    monkeypatch.setattr(mod.DiffuASR, "_save_stage1", save)
+    assert not (tmp_path / "a" / "diffusion.pt").exists()
+
+    again = create("diffuasr", **RESUMABLE, seed=3)
+    again.checkpoint_dir, again.resume_from = tmp_path / "b", tmp_path / "a" / "last.pt"
+    again.fit(split, valid)
+    assert again.history_["diffusion"]["epochs"] == 4
+    assert np.array_equal(again.prefix_, whole.prefix_)
+    for k, v in whole.diffusion_.state_dict().items():
+        assert torch.equal(v, again.diffusion_.state_dict()[k]), k
+    assert ndcg(again, test) == ndcg(whole, test)
+    assert (tmp_path / "b" / "diffusion.pt").is_file()
+
+
+def test_run_stopped_in_stage_two_reuses_the_denoiser(data, tmp_path, monkeypatch):
+    from recforge.models.sequential import diffuasr as mod
+
+    split, valid, test = data
+    first = create("diffuasr", **RESUMABLE, seed=4)
+    first.checkpoint_dir = tmp_path / "a"
+    first.fit(split, valid)
+    blob = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert blob["model"] == "sasrec"  # the backbone's trainer wrote over stage 1's checkpoint
+
+    def no_stage_one(*args, **kwargs):
+        raise AssertionError("stage 1 trained again although diffusion.pt was there")
+
+    monkeypatch.setattr(mod.DiffuASR, "_train_diffusion", no_stage_one)
+    again = create("diffuasr", **RESUMABLE, seed=4)
+    again.checkpoint_dir, again.resume_from = tmp_path / "b", tmp_path / "a" / "last.pt"
+    again.fit(split, valid)
+    assert np.array_equal(again.prefix_, first.prefix_)
+    assert ndcg(again, test) == ndcg(first, test)

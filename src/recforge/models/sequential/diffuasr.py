@@ -86,8 +86,11 @@ Deviations from the paper and the authors' code, and choices they leave open:
 * The backbone trains with its own defaults (full-softmax cross-entropy, every position a
   target, ``subseq=none``); the authors train SASRec with BCE on prefix samples that skip the
   generated part.
-* Stage 1 is rerun (deterministically) when a stopped run resumes; only the backbone keeps
-  checkpoints.
+* Checkpoints: with a ``checkpoint_dir``, stage 1 writes ``last.pt`` after every epoch (denoiser,
+  optimiser, random generators, loss curve) and ``diffusion.pt`` when it ends; the backbone's
+  trainer then writes its own ``last.pt`` over the first. A run stopped in stage 1 resumes there; a
+  run stopped in stage 2 reloads ``diffusion.pt`` beside its checkpoint (stage 1 is rerun,
+  deterministically, only when that file is missing) and resumes the backbone.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,7 +111,7 @@ from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
 from recforge.models.base import Recommender
 from recforge.training.device import resolve_device
-from recforge.training.trainer import set_seed
+from recforge.training.trainer import CHECKPOINT_VERSION, atomic_save, load_checkpoint, set_seed
 
 log = logging.getLogger("recforge.train")
 
@@ -437,7 +441,14 @@ class DiffuASR(Recommender):
         set_seed(self.seed)
         dev = resolve_device(self.device)
         self.diffusion_ = self._build_diffusion().to(dev)
-        curve, seconds = self._train_diffusion(indptr, items, backbone.max_len, dev)
+        resume, stage1 = self._resume_blobs()
+        if stage1 is not None and stage1.get("done"):  # stage 2 resumes: the denoiser as stage 1 left it
+            self.diffusion_.load_state_dict(stage1["net"])
+            torch.set_rng_state(stage1["rng"]["torch"])
+            curve, seconds = list(stage1["curve"]), float(stage1["seconds"])
+            self._save_stage1(stage1, "diffusion.pt")
+        else:
+            curve, seconds = self._train_diffusion(indptr, items, backbone.max_len, dev, stage1)
 
         limit = np.inf if self.aug_threshold is None else int(self.aug_threshold)
         users = np.flatnonzero((lengths >= 1) & (lengths < limit))
@@ -450,7 +461,7 @@ class DiffuASR(Recommender):
                            "diffusion_training_sequences": int((lengths > self.n_aug + 2).sum())}
         aug_ptr, aug_items, _ = prepend_rows(indptr, items, prefix)
 
-        backbone.checkpoint_dir, backbone.resume_from = self.checkpoint_dir, self.resume_from
+        backbone.checkpoint_dir, backbone.resume_from = self.checkpoint_dir, resume
         backbone.callbacks = list(self.callbacks)
         self.backbone_ = backbone
         backbone.validate = self._validate  # the trainer validates through the prefixes
@@ -468,8 +479,33 @@ class DiffuASR(Recommender):
         return DiffusionNet(self.n_items_, self.n_aug, self.hidden, self.unet_channels, self.unet_mult,
                             self.unet_blocks, self.unet_dropout, self.timesteps, self.beta_schedule)
 
-    def _train_diffusion(self, indptr, items, max_len: int, dev) -> tuple[list[float], float]:
-        """Stage 1: fit the denoiser on every sequence longer than ``n_aug + 2``."""
+    def _resume_blobs(self) -> tuple[str | None, dict | None]:
+        """What ``resume_from`` continues: the backbone's checkpoint to resume (None when the run
+        stopped in stage 1) and the stage-1 state (the checkpoint itself, or ``diffusion.pt`` beside
+        the backbone's; None when there is none to read)."""
+        if not self.resume_from:
+            return None, None
+        blob = load_checkpoint(self.resume_from)
+        if blob.get("stage") == "diffusion":
+            return None, blob
+        beside = Path(self.resume_from)
+        beside = (beside if beside.is_dir() else beside.parent) / "diffusion.pt"
+        if beside.is_file():
+            return self.resume_from, torch.load(beside, map_location="cpu", weights_only=False)
+        log.info("diffuasr: no diffusion.pt beside %s; stage 1 is trained again (deterministically)",
+                 self.resume_from)
+        return self.resume_from, None
+
+    def _save_stage1(self, blob: dict, name: str) -> None:
+        if self.checkpoint_dir is not None:
+            folder = Path(self.checkpoint_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_save(blob, folder / name)
+
+    def _train_diffusion(self, indptr, items, max_len: int, dev,
+                         resume: dict | None = None) -> tuple[list[float], float]:
+        """Stage 1: fit the denoiser on every sequence longer than ``n_aug + 2`` (from the stage-1
+        checkpoint ``resume`` when given)."""
         from recforge.models.sequential.base import pad_windows
 
         k = self.n_aug
@@ -484,10 +520,18 @@ class DiffuASR(Recommender):
         net = self.diffusion_
         opt = torch.optim.Adam(net.parameters(), lr=self.diff_lr)
         rng = np.random.default_rng(self.seed)
+        curve, start, before = [], 0, 0.0
+        if resume is not None:
+            net.load_state_dict(resume["net"])
+            opt.load_state_dict(resume["optimizer"])
+            rng.bit_generator.state = resume["rng"]["numpy"]
+            torch.set_rng_state(resume["rng"]["torch"])
+            curve, start, before = list(resume["curve"]), int(resume["epoch"]), float(resume["seconds"])
         net.train()
-        curve, t0 = [], time.perf_counter()
-        bar = tqdm(range(self.diff_epochs), desc="diffusion", disable=not self.verbose, leave=False)
-        for _ in bar:
+        t0 = time.perf_counter() - before
+        bar = tqdm(range(start, self.diff_epochs), desc="diffusion", disable=not self.verbose, leave=False,
+                   initial=start, total=self.diff_epochs)
+        for epoch in bar:
             order, total = rng.permutation(len(users)), 0.0
             for s in range(0, len(order), self.diff_batch_size):
                 idx = torch.from_numpy(order[s : s + self.diff_batch_size])
@@ -503,6 +547,15 @@ class DiffuASR(Recommender):
                 total += float(loss.detach()) * len(idx)
             curve.append(round(total / len(users), 5))
             bar.set_postfix(loss=curve[-1])
+            done = epoch + 1 == self.diff_epochs
+            if self.checkpoint_dir is not None:
+                blob = {"version": CHECKPOINT_VERSION, "model": self.name, "stage": "diffusion", "epoch": epoch + 1,
+                        "done": done, "net": net.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+                        "curve": list(curve), "seconds": time.perf_counter() - t0}
+                self._save_stage1(blob, "last.pt")
+                if done:
+                    self._save_stage1(blob, "diffusion.pt")
         net.eval()
         seconds = time.perf_counter() - t0
         if self.verbose:
