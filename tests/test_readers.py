@@ -575,3 +575,58 @@ def test_item_tags_lose_the_held_out_pairs_tags_once_split(tmp_path):
     assert not any("spoiler" in t or "cult" in t or "twist" in t for t in texts)
     split_dataset(ds, {"data": data, "split": {"method": "loo"}})  # rebuilt from the file: same column
     assert tags() == after
+
+
+def _tagged_latest(tmp_path):
+    """A tiny ML-latest folder whose users tag their own last (held-out) movies."""
+    d = tmp_path / "ml-latest-small"
+    write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
+                             + "".join(f"1,{m},4.0,{t}\n" for t, m in enumerate((10, 20, 30, 40)))
+                             + "".join(f"2,{m},4.0,{t}\n" for t, m in enumerate((40, 30, 20, 10))))
+    write(d / "movies.csv", "movieId,title,genres\n10,A (1990),Drama\n20,B (1991),Drama\n"
+                            "30,C (1992),Drama\n40,D (1993),Drama\n")
+    write(d / "tags.csv", "userId,movieId,tag,timestamp\n1,40,spoiler-ending,9\n2,10,twist,9\n1,10,slow,9\n")
+    return d
+
+
+def test_precomputed_table_with_held_out_tags_is_refused(tmp_path):
+    """A table written by 'recforge embed' on the unsplit data carries the tags users put on their
+    test items; a text model trained on a split of that data refuses it with the fix, and a table
+    without the tags field is accepted."""
+    from recforge.errors import DataError
+    from recforge.models.registry import create
+    from recforge.pipeline import load_dataset, split_dataset
+    from recforge.semantic.store import semantic_table
+
+    data = {"path": str(_tagged_latest(tmp_path)), "cache": False}
+    ds = load_dataset(data)
+    leaky = semantic_table(ds, "hashing:16")
+    assert any("spoiler" in t for t in leaky.texts)
+    leaky.save(tmp_path / "leaky.parquet")
+    clean = semantic_table(ds, "hashing:16", template="{title}. Genres: {genres}")
+    clean.save(tmp_path / "clean.parquet")
+    split = split_dataset(ds, {"data": data, "split": {"method": "loo"}})
+
+    model = create("llmesr", semantic_table=str(tmp_path / "leaky.parquet"), verbose=False)
+    model.attach_dataset(ds)
+    with pytest.raises(DataError, match="held-out items.*recforge embed DATA --template"):
+        model.load_semantic(split.n_items)
+    model = create("llmesr", semantic_table=str(tmp_path / "clean.parquet"), verbose=False)
+    model.attach_dataset(ds)
+    assert model.load_semantic(split.n_items).shape == (split.n_items + 1, 16)
+
+
+def test_language_model_task_drops_the_test_pairs_tags(tmp_path):
+    """The language-model task's own split (no validation part) removes the tags users gave to
+    their test items before the retrieval vectors read the item text."""
+    from recforge.llm import task
+    from recforge.semantic.text import item_texts
+
+    cfg = task.resolve("lr", str(_tagged_latest(tmp_path)), {"data.cache": False, "split.test_ratio": 0.25,
+                                                              "data.min_history": 1})
+    ds, split, _, record = task.prepare(cfg)
+    held = set(zip(split.test["user_id"].to_list(), split.test["item_id"].to_list()))
+    assert len(held) == 2  # each user's last movie: user 1's 40, user 2's 10
+    assert record["split"]["item_tags"]["dropped_held_out_pairs"] == 2
+    texts = " ".join(item_texts(ds))
+    assert "spoiler" not in texts and "twist" not in texts and "slow" in texts

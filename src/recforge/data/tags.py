@@ -226,7 +226,8 @@ def drop_held_out_item_tags(ds, split) -> dict | None:
     this keeps every other tag row, in the reader's format (unique tags in first-seen order,
     joined by ", "). Replaces ``ds.items`` and returns what the protocol records (rows read,
     dropped); None when the item table has no reader-built tags. Rebuilt from the file on every
-    call, so splitting the same dataset again gives the column of the new split."""
+    call, so splitting the same dataset again gives the column of the new split. ``split`` needs a
+    ``test`` frame and may have a ``valid`` one (the language-model task's split has none)."""
     path = ds.meta.get("item_tags_file") if isinstance(getattr(ds, "meta", None), dict) else None
     if not path or ds.items is None or "tags" not in ds.items.columns:
         return None
@@ -241,7 +242,7 @@ def drop_held_out_item_tags(ds, split) -> dict | None:
             .join(users, on="user", how="left", maintain_order="left")
             .join(items, on="item", how="left", maintain_order="left"))
     held = pl.concat([f.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64))
-                      for f in (split.valid, split.test)]).unique()
+                      for f in (getattr(split, "valid", None), split.test) if f is not None]).unique()
     rows = rows.join(held.with_columns(pl.lit(True).alias("_held")), on=[USER, ITEM], how="left",
                      maintain_order="left")
     dropped = int(rows["_held"].is_not_null().sum())

@@ -176,6 +176,11 @@ def prepare(cfg: dict, verbose: bool = False):
     reader = {k: v for k, v in d.items() if k in C.DATA_DEFAULTS}
     ds = load_dataset(reader)
     split = SPLITS[method](ds, cfg["split"]["test_ratio"], d["like_threshold"])
+    from recforge.data.tags import drop_held_out_item_tags
+
+    item_tags = drop_held_out_item_tags(ds, split)  # the retrieval vectors' text: no tag on a test pair
+    if item_tags is not None:
+        split.protocol["item_tags"] = item_tags
     test_el = P.eligible(split, "test", d["min_history"])
     if test_el.height == 0:
         raise RecForgeError(f"no test row has {d['min_history']} earlier training rows; lower data.min_history")

@@ -191,6 +191,25 @@ class SemanticTable:
             raise DataError(f"the semantic table ({self.n_items} items) does not match dataset {ds.name} "
                             f"({len(raws)} items, or other ids); rewrite it with 'recforge embed' on the same data")
 
+    def check_tags_held_out(self, ds) -> None:
+        """Raise when the table's item texts carry user tags that ``ds`` no longer has: ``recforge
+        embed`` reads the unsplit data, so a table made with the ``{tags}`` field holds the tags
+        users put on their own validation and test items, which a split dataset has dropped
+        (:func:`recforge.data.tags.drop_held_out_item_tags`). Only reader-built tags are checked."""
+        from recforge.semantic.text import item_texts
+
+        meta = getattr(ds, "meta", None)
+        if not isinstance(meta, dict) or not meta.get("item_tags_file") or "{tags}" not in (self.template or ""):
+            return
+        now = item_texts(ds, self.template)
+        differ = sum(a != b for a, b in zip(self.texts, now))
+        if differ:
+            raise DataError(f"the semantic table's item texts differ from this split's on {differ} items: it was "
+                            "written from every user's tags, including the tags users gave to their own held-out "
+                            "items, which would leak the test items into the text vectors. Leave semantic_table "
+                            "unset (the run encodes its own text from the training tags), or write the table "
+                            "without tags: recforge embed DATA --template \"{title}. Genres: {genres}\"")
+
 
 def semantic_table(ds, encoder=None, template: str | None = None, cache: VectorCache | None = None,
                    progress: bool | None = None, batch_size: int = ENCODE_BATCH, quantize: bool = False,

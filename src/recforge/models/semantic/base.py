@@ -175,6 +175,7 @@ class SemanticMixin:
             table = SemanticTable.load(self.semantic_table)
             if self._dataset is not None:
                 table.check_matches(self._dataset)
+                table.check_tags_held_out(self._dataset)
         elif self._dataset is not None:
             table = semantic_table(self._dataset, self.encoder, self.template, progress=self.verbose)
         else:
