@@ -5,10 +5,17 @@ crash loses one row only; ``jobs`` of them run at once (one thread each). The wo
 row as the last line of its standard output; :func:`run_jobs` hands every row to a callback, which
 merges it into the results file at once (an interrupted comparison keeps what finished). The queue
 goes seed by seed, so that a budget that runs out still leaves every model at the first seeds.
+
+Several calls on the same data may run at once (for example one per seed): each merges its rows
+into the rows the file holds when it writes (under a lock on the file), and a worker locks its
+(model, seed) run folder, so a second call asking for the same run fails that row with a message
+instead of emptying a folder the first is training into.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -51,27 +58,68 @@ def run_jobs(script: str, pairs: list[tuple[str, int]], extra_args: list[str], j
         on_row(json.loads(stdout.strip().splitlines()[-1]))
 
 
+@contextlib.contextmanager
+def locked(path: Path, wait: bool = True, what: str | None = None):
+    """Hold an exclusive lock on the file ``path`` (created) for the block. ``wait=False``: another
+    process holding it is a :class:`SystemExit` naming ``what`` instead of a wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise SystemExit(f"{what or path} is in use by another call right now; run each (model, seed) from "
+                             "one call, or give the other call its own --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_lock(out: Path):
+    """The lock a worker holds on its (model, seed) run folder ``out`` while it trains (a file beside
+    the folder, which a resumed run's clean-up never touches)."""
+    return locked(out.parent / f".{out.name}.lock", wait=False, what=f"run folder {out}")
+
+
+def row_key(row: dict) -> tuple:
+    return row["name"], row["seed"]
+
+
 def collect(script: str, out: Path, fresh: bool, pairs: list[tuple[str, int]], extra_args: list[str], jobs: int,
             budget: float | None, write, line) -> None:
     """:func:`run_jobs` whose rows are merged into the results file ``out`` as they finish: the rows
-    already there are kept (``fresh``: dropped), a (name, seed) run again replaces its row;
-    ``write(rows, wall_seconds)`` writes the file, ``line(row)`` is the progress line printed per row."""
-    old = json.loads(out.read_text()) if out.exists() and not fresh else {}
-    rows = old.get("runs", [])
+    already there are kept (``fresh``: those there at the start are dropped), a (name, seed) run
+    again replaces its row, and rows another call adds meanwhile are kept (each write re-reads the
+    file under its lock). ``write(rows, wall_seconds)`` writes the file, ``line(row)`` is the
+    progress line printed per row."""
+    lock = out.with_name(f".{out.name}.lock")
+
+    def on_disk() -> dict:
+        return json.loads(out.read_text()) if out.exists() else {}
+
+    with locked(lock):
+        start = on_disk()
+    stale = {row_key(r) for r in start.get("runs", [])} if fresh else set()
+    wall0 = 0.0 if fresh else start.get("wall_s", 0.0)
+    mine: dict[tuple, dict] = {}
     t0 = time.perf_counter()
 
+    def save() -> None:
+        with locked(lock):
+            rows = [r for r in on_disk().get("runs", []) if row_key(r) not in stale and row_key(r) not in mine]
+            write(rows + list(mine.values()), time.perf_counter() - t0 + wall0)
+
     def on_row(row: dict) -> None:
-        nonlocal rows
-        rows = [r for r in rows if (r["name"], r["seed"]) != (row["name"], row["seed"])] + [row]
+        mine[row_key(row)] = row
         print(line(row), flush=True)
         try:
-            write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+            save()
         except Exception as exc:  # noqa: BLE001 - a failed summary must not lose the finished row or stop the queue
             print(f"could not write {out} ({type(exc).__name__}: {exc}); the row, to merge by hand:\n"
                   f"{json.dumps(row)}", file=sys.stderr, flush=True)
 
     run_jobs(script, pairs, extra_args, jobs, budget, on_row)
-    write(rows, time.perf_counter() - t0 + old.get("wall_s", 0.0))
+    save()
     print(f"wrote {out}")
 
 

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, sampled99, summarise  # noqa: E402
+from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, run_lock, sampled99, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -143,13 +143,14 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
     if model not in ("pop", "ease"):
         overrides.update(threads=1, device="cpu", **sets)
     out = run_dir(family, table_label(data, sets)) / f"{name}-s{seed}"
-    partial = resumable(out)
-    if partial is None:
-        shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
-                         resume=partial)
-    wall = time.perf_counter() - t0
+    with run_lock(out):
+        partial = resumable(out)
+        if partial is None:
+            shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
+                             resume=partial)
+        wall = time.perf_counter() - t0
     full = run.metrics["test"]
     protocol = run.metrics.get("protocol", {})
     notes = {k: v for k, v in protocol.items() if k not in SKIP_NOTES and isinstance(v, (int, float, str, bool))}

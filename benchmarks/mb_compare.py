@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, sampled99, summarise  # noqa: E402
+from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, run_lock, sampled99, summarise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -99,10 +99,11 @@ def worker(name: str, seed: int, data: str) -> dict:
     model, _ = MODELS[name]
     overrides = overrides_of(name, data, seed)
     out = run_dir(data) / f"{name}-s{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
-    wall = time.perf_counter() - t0
+    with run_lock(out):
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False)
+        wall = time.perf_counter() - t0
     full = run.metrics["test"]
     protocol = run.metrics.get("protocol", {})
     pick = lambda m: {k: round(float(m[k]), 4) for k in KEYS if k in m}  # noqa: E731
