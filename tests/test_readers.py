@@ -546,21 +546,29 @@ def test_real_lastfm_split():
     assert dict(raw.interactions.group_by("split").len().rows()) == {"train": 42135, "test": 10533}
 
 
-def test_item_tags_lose_the_held_out_pairs_tags_once_split(tmp_path):
-    """A user's tag on their own held-out movie never reaches the item text; other users' tags
-    on it, and the user's tags on training movies, stay."""
-    from recforge.pipeline import load_dataset, split_dataset
-    from recforge.semantic.text import item_texts
-
+def _tagged_latest(tmp_path, tags: str = "1,40,spoiler-ending,9\n2,10,twist,9\n1,10,slow,9\n"):
+    """A tiny ML-latest folder (users 1 and 2 rate movies 10-40 in opposite orders, so each holds
+    out a different pair) with the tag rows ``tags`` (user 1 tags 40, user 2 tags 10: their test
+    items)."""
     d = tmp_path / "ml-latest-small"
     write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
                              + "".join(f"1,{m},4.0,{t}\n" for t, m in enumerate((10, 20, 30, 40)))
                              + "".join(f"2,{m},4.0,{t}\n" for t, m in enumerate((40, 30, 20, 10))))
     write(d / "movies.csv", "movieId,title,genres\n10,A (1990),Drama\n20,B (1991),Drama\n"
                             "30,C (1992),Drama\n40,D (1993),Drama\n")
+    write(d / "tags.csv", "userId,movieId,tag,timestamp\n" + tags)
+    return d
+
+
+def test_item_tags_lose_the_held_out_pairs_tags_once_split(tmp_path):
+    """A user's tag on their own held-out movie never reaches the item text; other users' tags
+    on it, and the user's tags on training movies, stay."""
+    from recforge.pipeline import load_dataset, split_dataset
+    from recforge.semantic.text import item_texts
+
     # user 1 holds out 30 (validation) and 40 (test); user 2 holds out 20 and 10
-    write(d / "tags.csv", "userId,movieId,tag,timestamp\n1,40,spoiler-ending,9\n2,40,classic,9\n"
-                          "1,10,slow,9\n2,10,twist,9\n1,30,cult,9\n3,20,noir,9\n")
+    d = _tagged_latest(tmp_path, "1,40,spoiler-ending,9\n2,40,classic,9\n1,10,slow,9\n2,10,twist,9\n"
+                                 "1,30,cult,9\n3,20,noir,9\n")
     data = {"path": str(d), "cache": False}
     ds = load_dataset(data)
     code = dict(zip(ds.item_map["raw"].cast(pl.Utf8).to_list(), ds.item_map["idx"].to_list()))
@@ -575,18 +583,6 @@ def test_item_tags_lose_the_held_out_pairs_tags_once_split(tmp_path):
     assert not any("spoiler" in t or "cult" in t or "twist" in t for t in texts)
     split_dataset(ds, {"data": data, "split": {"method": "loo"}})  # rebuilt from the file: same column
     assert tags() == after
-
-
-def _tagged_latest(tmp_path):
-    """A tiny ML-latest folder whose users tag their own last (held-out) movies."""
-    d = tmp_path / "ml-latest-small"
-    write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
-                             + "".join(f"1,{m},4.0,{t}\n" for t, m in enumerate((10, 20, 30, 40)))
-                             + "".join(f"2,{m},4.0,{t}\n" for t, m in enumerate((40, 30, 20, 10))))
-    write(d / "movies.csv", "movieId,title,genres\n10,A (1990),Drama\n20,B (1991),Drama\n"
-                            "30,C (1992),Drama\n40,D (1993),Drama\n")
-    write(d / "tags.csv", "userId,movieId,tag,timestamp\n1,40,spoiler-ending,9\n2,10,twist,9\n1,10,slow,9\n")
-    return d
 
 
 def test_precomputed_table_with_held_out_tags_is_refused(tmp_path):
