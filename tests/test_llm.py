@@ -437,3 +437,12 @@ def test_tuning_moves_scores_towards_the_labels(tiny, split, objective):
         m.fit(PromptData(sp, fmt, train_targets=targets.with_columns(pl.lit(label, pl.Int8).alias("label"))))
         p = m.predict(PromptData(sp, fmt), test)[1]
         assert sign * (p.mean() - p0.mean()) > 0.05
+
+
+def test_recorded_backbone_folder_names_no_machine_path(tmp_path):
+    """A converted GGUF backbone lives in the cache: runs record it relative to the cache; a
+    user's own model folder is recorded as given."""
+    cached = B.BackboneSource("packaged", None, tmp_path / "cache" / "llm" / "SmolLM2-x-abc", "SmolLM2", "abc")
+    assert cached.describe()["folder"] == "$RECFORGE_CACHE/llm/SmolLM2-x-abc"
+    own = B.BackboneSource("folder", str(tmp_path / "m"), tmp_path / "m", "m", "f")
+    assert own.describe()["folder"] == str(tmp_path / "m")

@@ -116,7 +116,10 @@ class BackboneSource:
     fingerprint: str
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "folder": str(self.folder), "name": self.name,
+        """What a run records; a converted GGUF backbone's folder (packaged or given) is named relative to the
+        cache (``$RECFORGE_CACHE/llm/...``), never by this machine's path."""
+        folder = f"$RECFORGE_CACHE/llm/{self.folder.name}" if self.kind != "folder" else str(self.folder)
+        return {"kind": self.kind, "path": self.path, "folder": folder, "name": self.name,
                 "fingerprint": self.fingerprint}
 
 
