@@ -68,14 +68,6 @@ def _row(label: str, seed: int, run, seconds: float) -> dict:
             "peak_mb": m["timing"].get("peak_memory_mb")}
 
 
-def per_target_ndcg(run_path: Path) -> np.ndarray:
-    import polars as pl
-
-    lw = pl.read_parquet(run_path / "listwise_test.parquet").filter(pl.col("is_target"))
-    r = lw.sort("target")["rank"].to_numpy().astype(float)
-    return np.where(r <= 10, 1.0 / np.log2(r + 1), 0.0)
-
-
 def summary(res: dict) -> dict:
     from scipy import stats
 
@@ -98,8 +90,8 @@ def summary(res: dict) -> dict:
         pa = [BASE / next(r["run"] for r in ra if r["seed"] == s) for s in seeds]
         pb = [BASE / next(r["run"] for r in rb if r["seed"] == s) for s in seeds]
         boot = {x["metric"]: x for x in task.compare(pb, pa, n_boot=1000)["bootstrap"]}  # diff: a - b
-        na = np.concatenate([per_target_ndcg(p) for p in pa])
-        nb = np.concatenate([per_target_ndcg(p) for p in pb])
+        na = np.concatenate([task.listwise_per_target(p) for p in pa])
+        nb = np.concatenate([task.listwise_per_target(p) for p in pb])
         t = stats.ttest_rel(na, nb) if np.any(na != nb) else None
         tests.append({"a": a, "b": b, "seeds": seeds, "auc_bootstrap": boot.get("auc"),
                       "listwise_ndcg@10_delta": round(float((na - nb).mean()), 4),

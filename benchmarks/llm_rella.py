@@ -1,5 +1,5 @@
-"""ReLLa on MovieLens-100K: zero-shot recent-K vs retrieved-K, few-shot LoRA tuning, and an ID
-baseline, all on one test sample.
+"""ReLLa on MovieLens (100K by default; ``--data`` for another): zero-shot recent-K vs retrieved-K,
+few-shot LoRA tuning, and an ID baseline, all on one test sample.
 
     python benchmarks/llm_rella.py [--test-prompts 200] [--train-prompts 32] [--seeds 0,1,2] [--k 5]
                                    [--epochs 2] [--threads 2] [key=value ...]
@@ -10,7 +10,9 @@ from those with at least one earlier training row, and every model scores exactl
 A prompt shows the user's profile, ``k`` of the user's training ratings strictly before the
 target (the most recent ones, or the ones closest to the target by all-MiniLM-L6-v2 title+genre
 vectors: ReLLa's semantic retrieval), and the target's title and genres; the score is
-P("Yes") / (P("Yes") + P("No")) of SmolLM2-135M-Instruct's next token. Rows:
+P("Yes") / (P("Yes") + P("No")) of SmolLM2-135M-Instruct's next token. With ``eval.listwise=N``
+every model also ranks the labelled SAMPLED LISTWISE candidate sets (``recforge.llm.task``), and the
+comparisons add a paired t-test of per-target NDCG@10. Rows:
 
 * ``lr (ids)``: logistic regression on one-hot user and item ids (a RecForge CTR model), fitted on
   all training rows (epochs chosen on each user's last training rows first);
@@ -69,6 +71,11 @@ def _row(label: str, runs: list) -> dict:
     p = runs[0].metrics["protocol"]
     out["prompt_tokens_mean"] = p.get("prompt_tokens", {}).get("mean")
     out["train_prompts"] = p.get("train_sample", {}).get("prompts", p.get("train_sample", {}).get("rows"))
+    lw = [r.metrics.get("test_listwise") for r in runs]
+    if all(lw):
+        out["listwise"] = {k: float(np.mean([m[k] for m in lw])) for k in lw[0]}
+        out["listwise_ndcg@10_std"] = float(np.std([m["ndcg@10"] for m in lw]))
+        out["listwise_protocol"] = p.get("listwise")
     return out
 
 
@@ -78,7 +85,7 @@ def _fmt(v, spec=".4f"):
 
 def markdown(res: dict) -> str:
     s = res["settings"]
-    lines = [f"MovieLens-100K, {s['test_prompts']} test prompts (one sample, every model), k={s['k']}, "
+    lines = [f"{Path(s['data']).name}, {s['test_prompts']} test prompts (one sample, every model), k={s['k']}, "
              f"budget {s['max_tokens']} tokens, SmolLM2-135M-Instruct (float32 from Q4_1), {s['threads']} threads",
              "", "| model | runs | AUC | log-loss | GAUC | train prompts | prompt tokens | scoring tok/s | "
                  "training tok/s | fit s | peak MB |",
@@ -90,11 +97,26 @@ def markdown(res: dict) -> str:
                      f"{_fmt(r['prompt_tokens_mean'], '.0f')} | {_fmt(r['scoring_tokens_per_second'], '.0f')} | "
                      f"{_fmt(r['training_tokens_per_second'], '.0f')} | {r['fit_seconds']:.0f} | "
                      f"{r['peak_memory_mb']:.0f} |")
+    lw = [r for r in res["rows"] if r.get("listwise")]
+    if lw:
+        proto = lw[0]["listwise_protocol"] or {}
+        lines += ["", f"{proto.get('label', 'SAMPLED LISTWISE')}: {proto.get('targets')} liked test rows, each with "
+                      f"{proto.get('negatives')} as negatives; pessimistic ties", "",
+                  "| model | runs | HR@1 | HR@5 | HR@10 | NDCG@10 | MRR |", "|---|---|---|---|---|---|---|"]
+        for r in lw:
+            m = r["listwise"]
+            nd = _fmt(m["ndcg@10"]) + (f" ± {r['listwise_ndcg@10_std']:.4f}" if r["n_runs"] > 1 else "")
+            lines.append(f"| {r['model']} | {r['n_runs']} | {_fmt(m['hr@1'])} | {_fmt(m['hr@5'])} | "
+                         f"{_fmt(m['hr@10'])} | {nd} | {_fmt(m['mrr'])} |")
     for c in res.get("compare", []):
         for b in c["bootstrap"]:
             lines.append(f"\n{c['label']}: {b['metric']} {b['a']:.4f} → {b['b']:.4f} ({b['diff']:+.4f}, 95% "
                          f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], bootstrap p {b['bootstrap_p']:.3f}, "
                          f"{b['n_units']} users)")
+        t = c.get("listwise")
+        if t:
+            lines.append(f"\n{c['label']}: {t['metric']} {t['a']:.4f} → {t['b']:.4f} ({t['diff']:+.4f}, paired t "
+                         f"over {t['targets']} targets p {'–' if t['t_p'] is None else format(t['t_p'], '.3f')})")
     return "\n".join(lines)
 
 
@@ -168,15 +190,16 @@ def main(argv=None) -> int:
     res["rows"] = [_row(label, runs) for label, runs in groups.items()]
     res["compare"] = []
     few = [k for k in groups if k.startswith("few-shot")]
-    for other in [k for k in groups if k.startswith("zero-shot retrieved") or k.startswith("lr")]:
-        if few:
-            c = task.compare(groups[other], groups[few[0]], n_boot=1000)
-            res["compare"].append({"label": f"{few[0]} vs {other}", "bootstrap": c["bootstrap"]})
     zr = [k for k in groups if k.startswith("zero-shot recent")]
     zs = [k for k in groups if k.startswith("zero-shot retrieved")]
-    if zr and zs:
-        c = task.compare(groups[zr[0]], groups[zs[0]], n_boot=1000)
-        res["compare"].append({"label": f"{zs[0]} vs {zr[0]}", "bootstrap": c["bootstrap"]})
+    pairs = [(other, few[0]) for other in [k for k in groups if k.startswith("zero-shot retrieved")
+                                            or k.startswith("lr")] if few]
+    pairs += [(zr[0], zs[0])] if zr and zs else []
+    for a, b in pairs:
+        c = {"label": f"{b} vs {a}", "bootstrap": task.compare(groups[a], groups[b], n_boot=1000)["bootstrap"]}
+        if all(r.metrics.get("test_listwise") for r in groups[a] + groups[b]):
+            c["listwise"] = task.compare_listwise(groups[a], groups[b])
+        res["compare"].append(c)
     out.write_text(json.dumps(res, indent=2))
     md = markdown(res)
     out.with_suffix(".md").write_text(md + "\n")

@@ -134,6 +134,18 @@ def test_llm_and_baseline_rank_the_same_sampled_candidates(tiny, ml, tmp_path):
         frames[name] = f
     keys = ["target", "row", "user_id", "item_id", "is_target"]
     assert frames["rella"].select(keys).equals(frames["lr"].select(keys))  # two models, one seed apart: same candidates
+    # per-target NDCG@10 from the recorded ranks, and the paired comparison built on it
+    per = {name: task.listwise_per_target(run) for name, run in (("rella", llm), ("lr", base))}
+    for name, run in (("rella", llm), ("lr", base)):
+        r = frames[name].filter(pl.col("is_target")).sort("target")["rank"].to_numpy()
+        assert per[name] == pytest.approx(1 / np.log2(r + 1)) and per[name].mean() == pytest.approx(
+            run.metrics["test_listwise"]["ndcg@10"])
+    assert task.listwise_per_target([llm, llm]) == pytest.approx(per["rella"])  # seeds of one model: the mean
+    c = task.compare_listwise(base, llm)
+    assert c["targets"] == 5 and c["diff"] == pytest.approx(per["rella"].mean() - per["lr"].mean())
+    assert task.compare_listwise(llm, llm)["t_p"] is None  # identical rankings: no test to run
+    with pytest.raises(Exception, match="eval.listwise=N"):
+        task.listwise_per_target(off)
     # off: no listwise entry nor file, and the pointwise results are unchanged by the listwise pass
     assert "test_listwise" not in off.metrics and "listwise" not in off.metrics["protocol"]
     assert "test_listwise" not in json.loads((off.path / "metrics.json").read_text())

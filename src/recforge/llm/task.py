@@ -596,6 +596,38 @@ def listwise_metrics(ranks: np.ndarray) -> dict:
     return out
 
 
+def listwise_per_target(runs, k: int = 10) -> np.ndarray:
+    """NDCG@k of each SAMPLED LISTWISE target (sorted by target id) of a run, or the mean over several
+    runs that ranked the same candidates (seeds of one model); from ``listwise_test.parquet``."""
+    from recforge.runs import Run
+
+    runs = runs if isinstance(runs, (list, tuple)) else [runs]
+    out = []
+    for r in runs:
+        path = Path(r.path if isinstance(r, Run) else r) / "listwise_test.parquet"
+        if not path.is_file():
+            raise RecForgeError(f"{path.parent}: no listwise_test.parquet; train with eval.listwise=N to rank candidates")
+        ranks = pl.read_parquet(path).filter(pl.col("is_target")).sort("target")["rank"].to_numpy().astype(float)
+        out.append(np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0))
+    if len({len(o) for o in out}) > 1:
+        raise RecForgeError("these runs ranked different numbers of listwise targets; compare runs of one test sample")
+    return np.mean(out, axis=0)
+
+
+def compare_listwise(a, b, k: int = 10) -> dict | None:
+    """A paired t-test of per-target NDCG@k between two models (each side one or more runs on the same
+    candidates, seeds averaged per target): ``{"metric", "a", "b", "diff", "t_p", "targets"}`` with
+    ``diff = b - a`` as in :func:`compare`; None when the two sides agree on every target."""
+    from scipy import stats
+
+    na, nb = listwise_per_target(a, k), listwise_per_target(b, k)
+    if len(na) != len(nb):
+        raise RecForgeError("the two sides ranked different listwise targets; compare runs of one test sample")
+    p = float(stats.ttest_rel(nb, na).pvalue) if np.any(na != nb) else None
+    return {"metric": f"listwise ndcg@{k}", "a": float(na.mean()), "b": float(nb.mean()),
+            "diff": float((nb - na).mean()), "t_p": p, "targets": int(len(na))}
+
+
 def format_listwise(metrics: dict) -> str:
     """The listwise metrics of a run's ``metrics.json`` as text, under the protocol's SAMPLED label
     (empty without them)."""
