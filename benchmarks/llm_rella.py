@@ -16,6 +16,8 @@ comparisons add a paired t-test of per-target NDCG@10. Rows:
 
 * ``lr (ids)``: logistic regression on one-hot user and item ids (a RecForge CTR model), fitted on
   all training rows (epochs chosen on each user's last training rows first);
+* ``SASRec (liked items)``: SASRec on each user's liked training items,
+  its scores Platt-scaled (``recforge.llm.baselines``);
 * ``zero-shot recent-k`` and ``zero-shot retrieved-k``: the backbone alone;
 * ``few-shot ReLLa``: LoRA (r 8, q/v projections) tuned for ``--epochs`` on ``--train-prompts``
   training targets (each as a recent-k and a retrieved-k prompt: ReLLa's mixed instruction set),
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="lr,recent,retrieved,fewshot")
+    ap.add_argument("--only", default="lr,sasrec,recent,retrieved,fewshot")
     ap.add_argument("--out", default=str(RESULTS / "llm_rella.json"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
     plan = []
     if "lr" in only:
         plan.append(("lr (ids)", "lr", {k: v for k, v in common.items() if k != "model.threads"}, [0]))
+    if "sasrec" in only:
+        plan.append(("SASRec (liked items)", "sasrec", common, [0]))
     if "recent" in only:
         plan.append((f"zero-shot recent-{args.k}", "rella", {**llm_common, "model.retrieval": "recent"}, [0]))
     if "retrieved" in only:
@@ -192,8 +196,8 @@ def main(argv=None) -> int:
     few = [k for k in groups if k.startswith("few-shot")]
     zr = [k for k in groups if k.startswith("zero-shot recent")]
     zs = [k for k in groups if k.startswith("zero-shot retrieved")]
-    pairs = [(other, few[0]) for other in [k for k in groups if k.startswith("zero-shot retrieved")
-                                            or k.startswith("lr")] if few]
+    pairs = [(other, few[0]) for other in [k for k in groups if k.startswith(("zero-shot retrieved", "lr", "SASRec"))]
+             if few]
     pairs += [(zr[0], zs[0])] if zr and zs else []
     for a, b in pairs:
         c = {"label": f"{b} vs {a}", "bootstrap": task.compare(groups[a], groups[b], n_boot=1000)["bootstrap"]}

@@ -389,8 +389,14 @@ def test_config_keys_and_budgets_are_checked(tmp_path):
         task.resolve("rella", None, {"nonsense": 1})
     with pytest.raises(ConfigError, match="unknown llm option"):
         task.resolve("rella", None, {"llm.nonsense": 1})
-    with pytest.raises(ConfigError, match="CTR model"):
-        task.resolve("sasrec", None)
+    with pytest.raises(ConfigError, match="CTR model.*sequential model"):
+        task.resolve("ease", None)
+    # model.name on a language-model config: the other model's defaults, the rest of the config kept
+    base = task.resolve("sasrec", "somewhere", {"model.name": "lr", "epochs": 3, "test_prompts": 40})
+    assert base["model"] == {"name": "lr", **task.model_defaults("lr"), "epochs": 3}
+    assert base["data"]["test_prompts"] == 40 and "llm" in base
+    with pytest.raises(ConfigError, match="unknown parameter 'k'"):
+        task.apply_overrides(cfg, {"model.name": "lr", "model.k": 5})
 
 
 @needs_llm

@@ -1,7 +1,8 @@
 """The language-model task: config → rated interactions → per-user temporal split → sampled targets
 → prompts → model (zero-shot, or LoRA-tuned on a few training prompts) → pointwise evaluation →
-run folder. An ID baseline (a RecForge CTR model on one-hot user and item ids) runs through the
-same path and is scored on the same test sample, so every run of a comparison shares its rows.
+run folder. An ID baseline (a RecForge CTR model on one-hot user and item ids, or a sequential model
+on each user's liked items: :mod:`recforge.llm.baselines`) runs through the same path and is scored
+on the same test sample, so every run of a comparison shares its rows.
 
 **Config** (resolved, written to the run folder)::
 
@@ -19,10 +20,12 @@ same path and is scored on the same test sample, so every run of a comparison sh
 causal-LM folder or GGUF file). ``data.test_prompts``: the test sample (drawn with ``test_seed``,
 which no run seed changes). ``data.train_prompts``: training targets for few-shot tuning (0:
 zero-shot), drawn with ``train_seed`` (null: the run seed), at most ``max_train_share`` (10%) of
-the eligible training targets. ``model.name`` may also name a CTR model (``lr``, ``fm``,
-``deepfm``, ...): the ID baseline, fitted on *all* training rows (user id, item id → like): the
-number of epochs is chosen by early stopping on each user's last training rows (the same
-``test_ratio``), then the model is refitted on every training row for that many epochs.
+the eligible training targets. ``model.name`` may also name an ID baseline fitted on *all* training
+rows: a CTR model (``lr``, ``fm``, ``deepfm``, ...; user id, item id → like) or a sequential model
+(``sasrec``, ``gru4rec``, ...; the sequence of each user's liked items, its scores turned into
+probabilities by Platt scaling). The number of epochs is chosen by early stopping on each user's
+last training rows (the same ``test_ratio``), then the model is refitted on every training row for
+that many epochs (:mod:`recforge.llm.baselines`).
 
 **Unlearning** (``data.forget_users``, for a model that can unlearn: ``e2urec``): a count (an integer
 >= 1) or a share (between 0 and 1, at least one user) of the users who have training prompts, drawn
@@ -51,7 +54,7 @@ uniformly without replacement, also with ``data.test_seed`` (never the run seed,
 comparison ranks the same candidates), from the items its user has no rating of anywhere in the data
 (neither training nor test rows). Every candidate is a row of the target's user at the target's
 timestamp, so its prompt shows the same history as the target's; the LLMs score it with ``predict``,
-the ID baseline with its CTR model. The target's rank counts the negatives scored at least as high
+the ID baseline with its own scores. The target's rank counts the negatives scored at least as high
 (ties are pessimistic: a tied negative ranks ahead of the target). ``metrics.json``: ``test_listwise``
 (HR@1, HR@5, HR@10, NDCG@5, NDCG@10, MRR over the targets) and ``protocol.listwise`` (candidates,
 targets, negatives, and the label ``SAMPLED LISTWISE (N candidates)``: a sampled protocol, not a
@@ -116,10 +119,12 @@ def model_class(name: str):
         return getattr(importlib.import_module(module), cls)
     from recforge.models import registry
 
+    from recforge.models.sequential.base import SequentialRecommender
+
     cls = registry.get_model_class(key)
-    if getattr(cls, "task", "ranking") != "ctr":
-        raise ConfigError(f"model {name!r}: the language-model task takes {', '.join(LLM_MODELS)} or a CTR model "
-                          "(lr, fm, deepfm, ...) as the ID baseline")
+    if getattr(cls, "task", "ranking") != "ctr" and not issubclass(cls, SequentialRecommender):
+        raise ConfigError(f"model {name!r}: the language-model task takes {', '.join(LLM_MODELS)}, a CTR model "
+                          "(lr, fm, deepfm, ...) or a sequential model (sasrec, gru4rec, ...) as the ID baseline")
     return cls
 
 
@@ -146,8 +151,15 @@ def base_config(model: str = "rella", data: str | None = None) -> dict:
 def apply_overrides(cfg: dict, overrides) -> dict:
     """``section.key=value`` (``llm.path=DIR``, ``model.k=5``) or a bare key looked up in ``model``,
     ``llm``, ``data``, ``split``, ``eval`` in turn; ``data=PATH``, ``seed=N``. Unknown keys are errors
-    (the rules of :func:`recforge.config.apply_overrides`, with the ``llm`` section)."""
-    return C.apply_overrides(cfg, overrides, model_keys=model_class(cfg["model"]["name"]).param_names(),
+    (the rules of :func:`recforge.config.apply_overrides`, with the ``llm`` section). ``model.name=X``
+    replaces the model section by X's defaults (an ID baseline on a language-model run's config: same
+    data, split and test sample), before the other keys apply."""
+    items = list(overrides.items()) if isinstance(overrides, dict) else [C._split_kv(o) for o in (overrides or [])]
+    names = [str(v) for k, v in items if k == "model.name"]
+    if names:  # another model on the same data, split and test sample: its own defaults, the rest kept
+        cfg = {**copy.deepcopy(cfg), "model": {"name": names[-1].lower(), **model_defaults(names[-1])}}
+        items = [(k, v) for k, v in items if k != "model.name"]
+    return C.apply_overrides(cfg, dict(items), model_keys=model_class(cfg["model"]["name"]).param_names(),
                              sections=SECTIONS)
 
 
@@ -241,8 +253,8 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
             cfg["data"]["path"] = str(data)
     else:
         if not model:
-            raise ConfigError(f"no model given: {', '.join(LLM_MODELS)}, or a CTR model (lr, deepfm, ...) for the ID "
-                              "baseline")
+            raise ConfigError(f"no model given: {', '.join(LLM_MODELS)}, or a CTR model (lr, deepfm, ...) or a "
+                              "sequential model (sasrec, ...) for the ID baseline")
         cfg = resolve(model, data, overrides)
     name = cfg["model"]["name"]
     check_forget(cfg)
@@ -262,7 +274,9 @@ def train(model: str | None = None, data: str | None = None, overrides=None, out
         else:
             cfg.pop("llm", None)
             writer.write_yaml("config.yaml", cfg)
-            result = _fit_baseline(cfg, split, test, writer, verbose, listwise=cands)
+            from recforge.llm.baselines import fit_baseline
+
+            result = fit_baseline(cfg, split, test, writer, verbose, listwise=cands)
         p, protocol, timing, training, cand_scores = result
         metrics = _write_results(writer, cfg, split, test, p, {**record, **protocol}, timing, training, t0,
                                  listwise=None if cands is None else (cands, cand_scores))
@@ -420,63 +434,6 @@ def _unlearn(cfg, est, data, targets, test, ds, writer, verbose):
 
 def _id_table(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(pl.col("user_id"), pl.col("item_id"), pl.col("label").cast(pl.Int64))
-
-
-def _fit_baseline(cfg, split, test, writer, verbose, listwise=None):
-    """The ID baseline: a CTR model on one-hot user and item ids, fitted on all training rows (epochs
-    chosen on each user's last training rows first)."""
-    from recforge.ctr import CTRSplit
-    from recforge.data.features import FeatureEncoder, FeatureSpec, Schema
-    from recforge.models import registry
-
-    schema = Schema([FeatureSpec("user_id"), FeatureSpec("item_id")], [LABEL], user="user_id")
-    rows = split.train.rename({"label": LABEL})
-    inner = (rows.with_columns(pl.int_range(pl.len()).over("user_id").alias("_k"), pl.len().over("user_id").alias("_n"))
-             .with_columns((pl.col("_k") >= pl.col("_n") - pl.max_horizontal(
-                 pl.lit(1), (pl.col("_n") * float(cfg["split"]["test_ratio"])).round().cast(pl.Int64))).alias("_v")))
-    params = {k: v for k, v in cfg["model"].items() if k != "name"}
-    if "verbose" in model_class(cfg["model"]["name"]).param_names():
-        params["verbose"] = verbose
-    if "seed" in model_class(cfg["model"]["name"]).param_names():
-        params["seed"] = cfg["seed"]
-    select = lambda f: f.select("user_id", "item_id", LABEL).with_columns(pl.col(LABEL).cast(pl.Int64))  # noqa: E731
-
-    def make_split(train_rows, valid_rows):
-        enc = FeatureEncoder(schema).fit(select(train_rows), "the training rows")
-        tt = enc.transform(select(train_rows), "the training rows")
-        vt = enc.transform(select(valid_rows), "the validation rows") if valid_rows is not None else None
-        return CTRSplit(tt, vt, None, enc, {"method": "temporal_user"}), enc
-
-    tf = time.perf_counter()
-    s1, _ = make_split(inner.filter(~pl.col("_v")), inner.filter(pl.col("_v")))
-    probe = registry.create(cfg["model"]["name"], **params)
-    probe.fit(s1, s1.valid)
-    best = max(1, int(probe.history_.get("best_epoch") or 1))
-    s2, enc = make_split(rows, None)
-    est = registry.create(cfg["model"]["name"], **{**params, "epochs": best})
-    est.fit(s2, None)
-    fit_seconds = time.perf_counter() - tf
-    tt = time.perf_counter()
-    p = est.predict_proba(enc.transform(select(test.rename({"label": LABEL})), "the test sample"))[:, 0]
-    score_seconds = time.perf_counter() - tt
-    cand_scores = None
-    if listwise is not None:
-        tl = time.perf_counter()
-        cand_scores = est.predict_proba(enc.transform(select(listwise.rename({"label": LABEL})),
-                                                      "the listwise candidates"))[:, 0]
-        listwise_seconds = time.perf_counter() - tl
-    writer.write_json("history.json", {"epoch_search": probe.history_, "refit": est.history_})
-    enc.save(writer.tmp / "encoders")
-    est.save(writer.tmp / "model")
-    protocol = {"baseline": f"{cfg['model']['name']} on one-hot user and item ids, fitted on all "
-                            f"{rows.height} training rows for {best} epochs (chosen by early stopping on each user's "
-                            "last training rows)", "train_sample": {"rows": rows.height, "note": "all training rows"}}
-    timing = {"fit_seconds": round(fit_seconds, 2), "scoring": {"prompts": test.height,
-                                                                "seconds": round(score_seconds, 3)}}
-    if listwise is not None:
-        timing["listwise_scoring"] = {"prompts": listwise.height, "seconds": round(listwise_seconds, 3)}
-    return (p, protocol, timing, {"best_epoch_search": best, "search_valid_auc": probe.history_.get("best_metric")},
-            cand_scores)
 
 
 def _write_results(writer, cfg, split, test, p, protocol, timing, training, t0, listwise=None) -> dict:
