@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short check of RecForge's PyTorch models on one CUDA GPU (under 8 minutes on one GPU):
+# A short check of RecForge's PyTorch models on one CUDA GPU (under 11 minutes on one GPU):
 #
 #   1. the GPU and the PyTorch build (stops here, with a message, when there is no CUDA GPU);
 #   2. SASRec (YAML defaults) on Amazon Beauty with device=cuda, seeds 0, 1, 2 run side by side on
@@ -7,7 +7,9 @@
 #      seconds per epoch and test NDCG@10 / HR@10 against the CPU figures of BENCHMARKS.md;
 #   3. LightGCN on Gowalla with device=cuda, lr 1e-2, batch 8192 and a cosine schedule over as many
 #      epochs as fit in LIGHTGCN_BUDGET seconds of training: Recall@20 / NDCG@20;
-#   4. the evaluation benchmark (benchmarks/bench_eval.py) with the model and the ranking on the GPU.
+#   4. the evaluation benchmark (benchmarks/bench_eval.py) with the model and the ranking on the GPU;
+#   5. language-model scoring and LoRA training tokens/s (benchmarks/llm_speed.py; float32 and
+#      bfloat16; needs the llm extra; at most LLM_LIMIT seconds, default 180).
 #
 # Results: benchmarks/results/gpu_check_<date>.json (the summary) and gpu_check_<date>_*.json (each
 # step), a log beside them. Exit status: 0 all done, 1 a step failed or ran out of time, 3 no GPU.
@@ -113,6 +115,14 @@ step "LightGCN on Gowalla" $((LIGHTGCN_BUDGET + 90)) "$PYTHON" $HELPER lightgcn 
 # 4. evaluation speed with the scores and the ranking on the GPU
 step "evaluation benchmark on the GPU" 120 "$PYTHON" benchmarks/bench_eval.py --device "$DEVICE" \
     --repeats "${EVAL_REPEATS:-5}" --out "${PREFIX}_eval.json"
+
+# 5. language-model scoring and LoRA training tokens/s (needs the llm extra; skipped without it)
+if "$PYTHON" -c "import peft, transformers" 2> /dev/null; then
+    step "language-model tokens/s" "${LLM_LIMIT:-180}" "$PYTHON" benchmarks/llm_speed.py --device "$DEVICE" \
+        --batch-sizes 1,8,32 --dtypes float32,bfloat16 --out "${PREFIX}_llm_speed.json"
+else
+    echo "== language-model tokens/s: skipped (the llm extra is not installed)"
+fi
 
 echo "== summary ($((SECONDS - t0)) s of steps)"
 "$PYTHON" $HELPER summary --out "${PREFIX}.json" $concurrent "${PREFIX}_info.json" "${PREFIX}_sasrec_s0.json" \
