@@ -24,7 +24,9 @@ of SmolLM2-135M-Instruct. Rows:
   retrained without those users; on its own, smaller test sample (``--unlearn-test-prompts``, three
   models score it) with the forgetting measures on the forgotten training prompts.
 
-Results go to ``benchmarks/results/llm_seeds.json`` (updated after every run; finished runs are
+``--summary FILE FILE FILE --out F`` pools one results file per seed (mean ± std, paired bootstraps
+with every seed's runs on each side, unlearning figures averaged). Results go to
+``benchmarks/results/llm_seeds.json`` (updated after every run; finished runs are
 reused when the script is started again with the same settings) and ``.md``; run folders in ``runs/``
 beside the results file (``benchmarks/results/runs/`` by default).
 """
@@ -38,6 +40,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -82,8 +86,87 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(files: list[str]) -> dict:
+    """Several seeds' results files pooled: mean ± std of each row over seeds, paired bootstraps over
+    users with every seed's run on each side (predictions averaged per row), and the unlearning
+    figures averaged over seeds."""
+    from recforge.llm import task
+
+    per = [json.loads(Path(f).read_text()) for f in files]
+    seeds = [r["settings"]["seed"] for r in per]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--summary: the files repeat a seed ({seeds}); give one file per seed")
+    labels = [x["model"] for x in per[0]["rows"]]
+    rows = []
+    for label in labels:
+        got = [next((x for x in r["rows"] if x["model"] == label), None) for r in per]
+        if any(g is None for g in got):
+            continue
+        rows.append({"model": label, "seeds": len(got), "prompts": got[0]["prompts"],
+                     **{k: [float(np.mean([g[k] for g in got])), float(np.std([g[k] for g in got], ddof=1))]
+                        for k in ("auc", "logloss", "fit_seconds")},
+                     "auc_per_seed": [g["auc"] for g in got], "trainable": got[0]["trainable"]})
+    runs = {label: [r["done"][label] for r in per] for label in ("plain LoRA", "CoRA", "RecLoRA")
+            if all(label in r["done"] for r in per)}
+    compare = []
+    for other in ("CoRA", "RecLoRA"):
+        if "plain LoRA" in runs and other in runs:
+            c = task.compare(runs["plain LoRA"], runs[other], n_boot=1000)
+            compare.append({"label": f"{other} vs plain LoRA", "bootstrap": c["bootstrap"]})
+    unlearning = {}
+    us = [r["unlearning"] for r in per if r.get("unlearning")]
+    if len(us) == len(per):
+        def ms(vals):
+            return [float(np.mean(vals)), float(np.std(vals, ddof=1))]
+
+        for k in ("original", "unlearned", "retrained"):
+            unlearning[k] = {"retained_auc": ms([u["retained_test"][k]["auc"] for u in us]),
+                             "retained_logloss": ms([u["retained_test"][k]["logloss"] for u in us]),
+                             "seconds": ms([u[{"original": "fit_seconds", "unlearned": "unlearn_seconds",
+                                                "retrained": "retrain_seconds"}[k]] for u in us])}
+            if k != "retrained":
+                unlearning[k]["jsd_vocab_vs_retrained"] = ms([u["forgetting"][f"jsd_vocab_{k}_vs_retrained"] for u in us])
+                unlearning[k]["jsd_answers_vs_retrained"] = ms([u["forgetting"][f"jsd_answers_{k}_vs_retrained"]
+                                                                for u in us])
+        unlearning["forgotten"] = [{"seed": sd, "users": len(u["users"]), "prompts": u["forgotten_prompts"]}
+                                   for sd, u in zip(seeds, us)]
+    return {"files": [_rel(f) for f in files], "seeds": seeds, "settings": per[0]["settings"], "rows": rows,
+            "compare": compare, "unlearning": unlearning}
+
+
+def summary_markdown(res: dict) -> str:
+    def f(v, spec=".4f"):
+        return f"{v[0]:{spec}} ± {v[1]:{spec}}"
+
+    lines = [f"Seeds {res['seeds']} pooled (mean ± std over seeds)", "",
+             "| model | seeds | test prompts | AUC | AUC per seed | log-loss | fit s | trainable parameters |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['model']} | {r['seeds']} | {r['prompts']} | {f(r['auc'])} | "
+                     f"{' / '.join(f'{a:.4f}' for a in r['auc_per_seed'])} | {f(r['logloss'])} | "
+                     f"{f(r['fit_seconds'], '.0f')} | {r['trainable'] or '–'} |")
+    for c in res["compare"]:
+        for b in c["bootstrap"]:
+            lines.append(f"\n{c['label']} (all seeds' runs per side): {b['metric']} {b['a']:.4f} → {b['b']:.4f} "
+                         f"({b['diff']:+.4f}, 95% [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], bootstrap p "
+                         f"{b['bootstrap_p']:.3f}, {b['n_units']} users)")
+    u = res.get("unlearning")
+    if u:
+        lines += ["", "| E2URec | AUC, retained users' rows | log-loss | JSD to retrained, vocab | JSD, Yes/No | seconds |",
+                  "|---|---|---|---|---|---|"]
+        for k in ("original", "unlearned", "retrained"):
+            q = u[k]
+            jv = f(q["jsd_vocab_vs_retrained"], ".2g") if "jsd_vocab_vs_retrained" in q else "–"
+            ja = f(q["jsd_answers_vs_retrained"], ".2g") if "jsd_answers_vs_retrained" in q else "–"
+            lines.append(f"| {k} | {f(q['retained_auc'])} | {f(q['retained_logloss'])} | {jv} | {ja} | "
+                         f"{f(q['seconds'], '.0f')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--summary", nargs="+", metavar="FILE",
+                    help="pool these per-seed results files (one per seed) into --out; run nothing")
     ap.add_argument("--data", default="../shared/data/movielens-100k")
     ap.add_argument("--test-prompts", type=int, default=200)
     ap.add_argument("--unlearn-test-prompts", type=int, default=100)
@@ -99,6 +182,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "llm_seeds.json"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.summary:
+        res = summary(args.summary)
+        out = Path(args.out)
+        out.write_text(json.dumps(res, indent=2))
+        md = summary_markdown(res)
+        out.with_suffix(".md").write_text(md + "\n")
+        print(md)
+        return 0
 
     import torch
 
