@@ -13,7 +13,9 @@ epoch on ``--train-prompts`` training targets (batch 8) per thread count and dty
 prompts' tokens without padding. Every figure is also given as a ratio to the first scoring setting
 of its device measured in the same run (the baseline), because machines differ. Peak memory: the
 process's resident peak so far on the CPU (it only grows, so a row shows the most any setting up to
-it needed), ``torch.cuda.max_memory_allocated`` per setting on a GPU.
+it needed), ``torch.cuda.max_memory_allocated`` per setting on a GPU. Each scoring row also gives
+the AUC of its scores on these prompts and the largest difference of P(Yes) from the baseline
+setting's, so a faster dtype shows what it costs in the scores.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,6 +58,11 @@ def main(argv=None) -> int:
     from recforge.llm.backbone import require_llm
     from recforge.llm.rella import PromptData, ReLLa
 
+    from recforge.evaluation.pointwise import evaluate_pointwise
+
+    def roc_auc(labels, scores):
+        return evaluate_pointwise(labels.astype(np.float64), scores, ["like"]).metrics["auc"]
+
     require_llm()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
     cfg = task.resolve("rella", args.data, {"data.test_prompts": args.prompts, "data.train_prompts": args.train_prompts,
@@ -74,8 +83,9 @@ def main(argv=None) -> int:
         params.update(device=device, dtype=dtype, threads=threads, **kw)
         return ReLLa(**params)
 
+    y = test["label"].to_numpy()
     for device in devices:
-        base = None
+        base, p_base = None, None
         for dtype in args.dtypes.split(","):
             for threads in (_ints(args.threads) if device == "cpu" else [None]):
                 if threads is not None:
@@ -85,13 +95,17 @@ def main(argv=None) -> int:
                     est.score_batch_size = bs
                     if device.startswith("cuda"):
                         torch.cuda.reset_peak_memory_stats()
-                    est.predict(PromptData(split, fmt, None, None), test)
+                    _, p = est.predict(PromptData(split, fmt, None, None), test)
+                    p = np.asarray(p, dtype=np.float64)
                     s = est.last_scoring_
                     base = base or s["tokens_per_second"]
+                    p_base = p if p_base is None else p_base
                     rows.append({"device": device, "dtype": dtype, "threads": threads, "what": "scoring",
                                  "batch": bs, "prompts": s["prompts"], "tokens": s["tokens"], "seconds": s["seconds"],
                                  "tokens_per_second": s["tokens_per_second"],
-                                 "ratio_to_baseline": round(s["tokens_per_second"] / base, 2), "peak_mb": peak(device)})
+                                 "ratio_to_baseline": round(s["tokens_per_second"] / base, 2), "peak_mb": peak(device),
+                                 "max_abs_p_diff_to_baseline": float(np.abs(p - p_base).max()),
+                                 "auc": float(roc_auc(y, p))})
                     print(json.dumps(rows[-1]), flush=True)
                 del est
                 if device.startswith("cuda"):
@@ -112,11 +126,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    lines = ["| device | dtype | threads | what | batch | prompts | tokens/s | × baseline | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | dtype | threads | what | batch | prompts | tokens/s | × baseline | peak MB | AUC | max abs P(Yes) diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        extra = (f"{r['auc']:.4f} | {r['max_abs_p_diff_to_baseline']:.2g}" if "auc" in r else "– | –")
         lines.append(f"| {r['device']} | {r['dtype']} | {r['threads'] or '–'} | {r['what']} | {r['batch']} | "
-                     f"{r['prompts']} | {r['tokens_per_second']:.0f} | {r['ratio_to_baseline']:.2f} | {r['peak_mb']:.0f} |")
+                     f"{r['prompts']} | {r['tokens_per_second']:.0f} | {r['ratio_to_baseline']:.2f} | {r['peak_mb']:.0f} | "
+                     f"{extra} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
