@@ -15,7 +15,10 @@ of its device measured in the same run (the baseline), because machines differ. 
 process's resident peak so far on the CPU (it only grows, so a row shows the most any setting up to
 it needed), ``torch.cuda.max_memory_allocated`` per setting on a GPU. Each scoring row also gives
 the AUC of its scores on these prompts and the largest difference of P(Yes) from the baseline
-setting's, so a faster dtype shows what it costs in the scores.
+setting's, so a faster dtype shows what it costs in the scores. Listwise scoring (``--listwise-targets``
+liked test rows, 20 candidates each, as ``eval.listwise=20``) is timed with the prefix cache off and
+on (``model.prefix_cache``: each candidate set's shared history runs once), with the largest change
+of P(Yes) between the two.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "movielens-100k"))
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--train-prompts", type=int, default=32)
+    ap.add_argument("--listwise-targets", type=int, default=3, help="listwise targets of 20 candidates each")
     ap.add_argument("--threads", default="1,2", help="CPU intra-op threads to try")
     ap.add_argument("--batch-sizes", default="1,8", help="prompts scored at once")
     ap.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16")
@@ -71,6 +75,8 @@ def main(argv=None) -> int:
     ds, split, test, _ = task.prepare(cfg)
     fmt = P.PromptFormat(cfg["llm"]["template"], cfg["llm"]["item_line"], cfg["llm"]["target_line"])
     targets, _ = task.train_sample(cfg, split)
+    cands = task.listwise_candidates({**cfg, "eval": {**cfg["eval"], "listwise": 20,
+                                                      "listwise_targets": args.listwise_targets}}, split, test)
     rows = []
 
     def peak(device: str) -> float:
@@ -107,6 +113,21 @@ def main(argv=None) -> int:
                                  "max_abs_p_diff_to_baseline": float(np.abs(p - p_base).max()),
                                  "auc": float(roc_auc(y, p))})
                     print(json.dumps(rows[-1]), flush=True)
+                p_cands = None
+                for cache in (False, True):  # one listwise candidate set per target: shared prefixes
+                    est.prefix_cache, est.score_batch_size = cache, 8
+                    _, pc = est.predict(PromptData(split, fmt, None, None), cands)
+                    s = est.last_scoring_
+                    p_cands = pc if p_cands is None else p_cands
+                    rows.append({"device": device, "dtype": dtype, "threads": threads,
+                                 "what": f"listwise scoring, prefix cache {'on' if cache else 'off'}", "batch": 8,
+                                 "prompts": s["prompts"], "tokens": s["tokens"], "seconds": s["seconds"],
+                                 "tokens_per_second": s["tokens_per_second"],
+                                 "ratio_to_baseline": round(s["tokens_per_second"] / base, 2), "peak_mb": peak(device),
+                                 "tokens_computed": s["prefix_cache"]["tokens_computed"],
+                                 "max_abs_p_diff_to_cache_off": float(np.abs(np.asarray(pc) - p_cands).max())})
+                    print(json.dumps(rows[-1]), flush=True)
+                est.prefix_cache = True
                 del est
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
@@ -129,7 +150,8 @@ def main(argv=None) -> int:
     lines = ["| device | dtype | threads | what | batch | prompts | tokens/s | × baseline | peak MB | AUC | max abs P(Yes) diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        extra = (f"{r['auc']:.4f} | {r['max_abs_p_diff_to_baseline']:.2g}" if "auc" in r else "– | –")
+        extra = (f"{r['auc']:.4f} | {r['max_abs_p_diff_to_baseline']:.2g}" if "auc" in r else
+                 f"– | {r['max_abs_p_diff_to_cache_off']:.2g} (to cache off)" if "tokens_computed" in r else "– | –")
         lines.append(f"| {r['device']} | {r['dtype']} | {r['threads'] or '–'} | {r['what']} | {r['batch']} | "
                      f"{r['prompts']} | {r['tokens_per_second']:.0f} | {r['ratio_to_baseline']:.2f} | {r['peak_mb']:.0f} | "
                      f"{extra} |")

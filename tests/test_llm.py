@@ -276,6 +276,41 @@ def test_local_folder_backbone_and_yes_no_scoring(tiny, split):
 
 
 @needs_llm
+def test_shared_prefixes_run_once_with_the_same_scores(tiny, split):
+    from recforge.llm import prompts as P
+    from recforge.llm.base import prefix_groups
+    from recforge.llm.rella import PromptData
+
+    # groups by hand: 40 shared tokens join; a prompt sharing too little starts its own group
+    a = list(range(1, 41))
+    ids = [a + [50, 51], a + [60], a[:10] + [70] * 40, a + [50, 52, 53]]
+    groups = prefix_groups(ids)
+    assert sorted(sorted(g) for _, g in groups) == [[0, 1, 3], [2]]
+    assert dict((tuple(sorted(g)), n) for n, g in groups) == {(0, 1, 3): 40, (2,): 0}
+    assert prefix_groups([a + [1], a + [1]]) == [(40, [0, 1])]  # identical prompts keep a last token each
+    # two candidate sets (80 shared tokens each) that share only a 35-token opening stay two groups
+    head = list(range(100, 135))
+    one = [head + [1] * 45 + [200 + i] for i in range(5)]
+    two = [head + [2] * 45 + [300 + i] for i in range(5)]
+    assert sorted((n, sorted(g)) for n, g in prefix_groups(one + two)) == [(80, [0, 1, 2, 3, 4]),
+                                                                          (80, [5, 6, 7, 8, 9])]
+    # candidates of one user at one time (a listwise set) differ only in the target: same scores, fewer tokens
+    _, sp = split
+    m = model(tiny, k=6, score_batch_size=3)
+    data = PromptData(sp, P.PromptFormat())
+    m.fit(data)
+    row = P.eligible(sp, "test").head(1)
+    cands = pl.concat([row.with_columns(pl.lit(i, row.schema["item_id"]).alias("item_id")) for i in range(1, 10)])
+    _, p_cached = m.predict(data, cands)
+    info = m.last_scoring_["prefix_cache"]
+    assert info["groups"] >= 1 and info["prompts"] >= 2 and info["tokens_computed"] < m.last_scoring_["tokens"]
+    m.prefix_cache = False
+    _, p_plain = m.predict(data, cands)
+    assert m.last_scoring_["prefix_cache"]["groups"] == 0
+    assert np.allclose(p_cached, p_plain, atol=1e-5) and len(np.unique(p_plain.round(6))) > 1
+
+
+@needs_llm
 def test_prompt_over_the_context_length_is_a_clear_error(tmp_path, split):
     from recforge.llm import prompts as P
     from recforge.llm.rella import PromptData

@@ -14,6 +14,11 @@ two: ``p = softmax(logit_yes, logit_no)[0]``, as ReLLa scores. Prompts are token
 by length and run in batches of ``score_batch_size`` padded on the right; only the hidden state
 at each prompt's last token goes through the output layer, and only for the two answer tokens.
 Tokens per second (prompt tokens, no padding) are recorded in ``last_scoring_``.
+With ``prefix_cache`` (default), prompts that share a token prefix (:func:`prefix_groups`: at least
+32 tokens; e.g. the candidates of one listwise target, which differ only in the target lines)
+run that prefix once and its key/value cache is repeated over their suffixes: the same scores up to
+floating-point rounding, for fewer computed tokens (``last_scoring_["prefix_cache"]``). It is off for
+per-example conditioning, whose weights change the prefix's states.
 
 **Training** (``train_prompts`` > 0 in the task): LoRA adapters (``peft``; rank ``lora_r``,
 ``lora_alpha``, ``lora_dropout`` on ``lora_targets``, by default the attention query and value
@@ -109,6 +114,77 @@ def last_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     return h[torch.arange(h.shape[0], device=h.device), last]
 
 
+#: the shortest shared prefix (tokens) worth caching (see :func:`prefix_groups`)
+PREFIX_MIN_TOKENS = 32
+
+
+def prefix_groups(ids: list[list[int]], min_tokens: int = PREFIX_MIN_TOKENS) -> list[tuple[int, list[int]]]:
+    """Prompts that share a token prefix: ``(prefix length, indices)`` groups covering every prompt
+    once. Prompts are sorted by their tokens; a prompt that shares ``k >= min_tokens`` tokens with the
+    current group (``m`` members, prefix ``L``) joins it when that computes fewer tokens than leaving
+    it out, ``m * (L - k) < L`` (the prefix then shrinks to ``k``): a large group with a long prefix
+    (the candidates of one listwise target) is not cut short by a prompt that shares only the
+    template's opening. Every member keeps at least one token after the prefix; groups of one have
+    prefix length 0."""
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = []
+    length = 0
+    for i in order:
+        seq = ids[i]
+        if members:
+            head = ids[members[0]]
+            n = min(length, len(seq) - 1)
+            k = 0
+            while k < n and head[k] == seq[k]:
+                k += 1
+            if k >= min_tokens and len(members) * (length - k) < length:
+                members.append(i)
+                length = k
+                continue
+            groups.append((length if len(members) > 1 else 0, members))
+        members, length = [i], len(seq) - 1
+    if members:
+        groups.append((length if len(members) > 1 else 0, members))
+    return groups
+
+
+def _cache_kwarg(body: nn.Module) -> str:
+    """The forward keyword of the body's key/value cache (``cache`` in newer transformers,
+    ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def prefix_hidden(lm: nn.Module, prefix: list[int], suffixes: list[list[int]], pad: int,
+                  device) -> torch.Tensor:
+    """The final hidden state at the last token of each ``prefix + suffix``, with the prefix run once
+    and its key/value cache repeated over the suffixes (right-padded, positions continuing after the
+    prefix). Equal, up to floating-point rounding, to :func:`last_hidden` on the full prompts."""
+    import copy
+
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    body = getattr(base, base.base_model_prefix)
+    key = _cache_kwarg(body)
+    out = body(input_ids=torch.as_tensor([prefix], dtype=torch.long, device=device), use_cache=True)
+    cache = out.past_key_values
+    n, width, lp = len(suffixes), max(len(x) for x in suffixes), len(prefix)
+    x = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, lp + width), dtype=torch.long)
+    mask[:, :lp] = 1
+    for r, seq in enumerate(suffixes):
+        x[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[r, lp: lp + len(seq)] = 1
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(n)
+    pos = (lp + torch.arange(width, device=device))[None].expand(n, -1)
+    h = body(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos, use_cache=True,
+             **{key: c}).last_hidden_state
+    last = torch.as_tensor([len(s) - 1 for s in suffixes], device=h.device)
+    return h[torch.arange(n, device=h.device), last]
+
+
 def output_logits(lm: nn.Module, h: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the output layer for hidden states ``h`` (n, d): over ``token_ids`` only, or the whole
     vocabulary."""
@@ -162,7 +238,7 @@ class LLMRecommender(TorchRecommender):
                  lora_targets: tuple | list = ("q_proj", "v_proj"), objective: str = "lm", threads: int | None = None,
                  epochs: int = 2, batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  verbose: bool = True, device: str = "cpu", lr_schedule: str = "constant",
-                 warmup_epochs: float = 0.0, **train):
+                 warmup_epochs: float = 0.0, prefix_cache: bool = True, **train):
         train = {"patience": 10**9, "valid_metric": "auc", "precision": "fp32", **train}
         super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                          verbose=verbose, device=device, lr_schedule=lr_schedule, warmup_epochs=warmup_epochs, **train)
@@ -177,6 +253,7 @@ class LLMRecommender(TorchRecommender):
         self.score_batch_size = int(score_batch_size)
         self.lora_r, self.lora_alpha, self.lora_dropout = int(lora_r), float(lora_alpha), float(lora_dropout)
         self.lora_targets, self.objective, self.threads = list(lora_targets), objective, threads
+        self.prefix_cache = bool(prefix_cache)
 
     # ---- backbone and tokenizer ---------------------------------------------------------------
     def _backbone(self):
@@ -306,17 +383,28 @@ class LLMRecommender(TorchRecommender):
         threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(int(self.threads))
+        # shared prefixes (e.g. one history with many candidates) run once; not with per-example weights
+        groups = prefix_groups(ids) if self.prefix_cache and keys is None else []
+        cached = [(n, g) for n, g in groups if n > 0]
+        alone = np.array([i for n, g in groups if n == 0 for i in g], dtype=np.int64) if groups else order
+        alone = alone[np.argsort([-len(ids[i]) for i in alone], kind="stable")]
+        batches = [("plain", alone[s : s + bs]) for s in range(0, len(alone), bs)]
+        batches += [(n, np.asarray(g[s : s + bs])) for n, g in cached for s in range(0, len(g), bs)]
+        pad = 0 if self.tokenizer.pad_token_id is None else int(self.tokenizer.pad_token_id)
+        computed = int(sum(len(ids[i]) for i in alone))
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                bar = tqdm(range(0, len(order), bs), desc="scoring", unit="batch",
-                           disable=not (self.verbose if progress is None else progress), dynamic_ncols=True)
-                for s in bar:
-                    idx = order[s : s + bs]
-                    b = {k: v.to(self.device_) for k, v in self._pad([ids[i] for i in idx]).items()}
-                    kb = None if keys is None else torch.as_tensor(keys[idx], device=self.device_)
-                    with self.conditioning(kb):
-                        h = last_hidden(lm, b["input_ids"], b["attention_mask"], b["last"])
+                for kind, idx in tqdm(batches, desc="scoring", unit="batch", dynamic_ncols=True,
+                                      disable=not (self.verbose if progress is None else progress)):
+                    if kind == "plain":
+                        b = {k: v.to(self.device_) for k, v in self._pad([ids[i] for i in idx]).items()}
+                        kb = None if keys is None else torch.as_tensor(keys[idx], device=self.device_)
+                        with self.conditioning(kb):
+                            h = last_hidden(lm, b["input_ids"], b["attention_mask"], b["last"])
+                    else:
+                        h = prefix_hidden(lm, ids[idx[0]][:kind], [ids[i][kind:] for i in idx], pad, self.device_)
+                        computed += kind + int(sum(len(ids[i]) - kind for i in idx))
                     logits = output_logits(lm, h, answer)
                     out[idx] = torch.softmax(logits, -1)[:, 0].double().cpu().numpy()
         finally:
@@ -325,7 +413,9 @@ class LLMRecommender(TorchRecommender):
         n_tok = int(sum(len(i) for i in ids))
         self.last_scoring_ = {"prompts": len(ids), "tokens": n_tok, "seconds": round(seconds, 3),
                               "tokens_per_second": round(n_tok / seconds, 1) if seconds > 0 else None,
-                              "prompts_per_second": round(len(ids) / seconds, 2) if seconds > 0 else None}
+                              "prompts_per_second": round(len(ids) / seconds, 2) if seconds > 0 else None,
+                              "prefix_cache": {"groups": len(cached), "prompts": int(sum(len(g) for _, g in cached)),
+                                               "tokens_computed": computed}}
         return out
 
     @staticmethod
