@@ -1,5 +1,5 @@
-"""Seed systems of the language-model task on MovieLens-100K: plain LoRA against CoRA on one test
-sample, and E2URec unlearning against retraining.
+"""Seed systems of the language-model task on MovieLens (100K by default; ``--data`` for another):
+plain LoRA against CoRA on one test sample, and E2URec unlearning against retraining.
 
     python benchmarks/llm_seeds.py [--test-prompts 200] [--unlearn-test-prompts 100] [--train-prompts 32]
                                    [--seed 0] [--k 5] [--epochs 1] [--lr 2e-3] [--forget 0.05] [--threads 2]
@@ -60,7 +60,7 @@ def _f(v, spec=".4f"):
 
 def markdown(res: dict) -> str:
     s = res["settings"]
-    lines = [f"MovieLens-100K, seed {s['seed']}, k={s['k']}, {s['train_prompts']} training targets, "
+    lines = [f"{Path(s['data']).name}, seed {s['seed']}, k={s['k']}, {s['train_prompts']} training targets, "
              f"{s['epochs']} epoch(s), lr {s['lr']:g}, SmolLM2-135M-Instruct, {s['threads']} threads", "",
              "| model | test prompts | AUC | log-loss | fit s | scoring tok/s | trainable parameters |",
              "|---|---|---|---|---|---|---|"]
