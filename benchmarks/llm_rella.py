@@ -17,7 +17,7 @@ comparisons add a paired t-test of per-target NDCG@10. Rows:
 * ``lr (ids)``: logistic regression on one-hot user and item ids (a RecForge CTR model), fitted on
   all training rows (epochs chosen on each user's last training rows first);
 * ``SASRec (liked items)``: SASRec on each user's liked training items,
-  its scores Platt-scaled (``recforge.llm.baselines``);
+  its scores Platt-scaled (``recforge.llm.baselines``), one run per seed;
 * ``zero-shot recent-k`` and ``zero-shot retrieved-k``: the backbone alone;
 * ``few-shot ReLLa``: LoRA (r 8, q/v projections) tuned for ``--epochs`` on ``--train-prompts``
   training targets (each as a recent-k and a retrieved-k prompt: ReLLa's mixed instruction set),
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     if "lr" in only:
         plan.append(("lr (ids)", "lr", {k: v for k, v in common.items() if k != "model.threads"}, [0]))
     if "sasrec" in only:
-        plan.append(("SASRec (liked items)", "sasrec", common, [0]))
+        plan.append(("SASRec (liked items)", "sasrec", common, seeds))
     if "recent" in only:
         plan.append((f"zero-shot recent-{args.k}", "rella", {**llm_common, "model.retrieval": "recent"}, [0]))
     if "retrieved" in only:
