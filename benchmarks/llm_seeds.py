@@ -138,7 +138,7 @@ def summary_markdown(res: dict) -> str:
     def f(v, spec=".4f"):
         return f"{v[0]:{spec}} ± {v[1]:{spec}}"
 
-    lines = [f"Seeds {res['seeds']} pooled (mean ± std over seeds)", "",
+    lines = [f"{Path(res['settings']['data']).name}, seeds {res['seeds']} pooled (mean ± std over seeds)", "",
              "| model | seeds | test prompts | AUC | AUC per seed | log-loss | fit s | trainable parameters |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
