@@ -41,7 +41,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "movielens-100k"))
+    ap.add_argument("--data", default="../shared/data/movielens-100k")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--train-prompts", type=int, default=32)
     ap.add_argument("--listwise-targets", type=int, default=3, help="listwise targets of 20 candidates each")
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, PyTorch {torch.__version__}"
            + (f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ""),
            "backbone": "SmolLM2-135M-Instruct (packaged GGUF, dequantised)" if not cfg["llm"].get("path")
-           else cfg["llm"]["path"], "data": Path(args.data).name, "settings": vars(args), "rows": rows}
+           else cfg["llm"]["path"], "data": Path(args.data).name, "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+           "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
