@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recforge.evaluation.pointwise import bootstrap_line
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -112,9 +114,7 @@ def markdown(res: dict) -> str:
                          f"{_fmt(m['hr@10'])} | {nd} | {_fmt(m['mrr'])} |")
     for c in res.get("compare", []):
         for b in c["bootstrap"]:
-            lines.append(f"\n{c['label']}: {b['metric']} {b['a']:.4f} → {b['b']:.4f} ({b['diff']:+.4f}, 95% "
-                         f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], bootstrap p {b['bootstrap_p']:.3f}, "
-                         f"{b['n_units']} users)")
+            lines.append("\n" + bootstrap_line(b, c["label"]))
         t = c.get("listwise")
         if t:
             lines.append(f"\n{c['label']}: {t['metric']} {t['a']:.4f} → {t['b']:.4f} ({t['diff']:+.4f}, paired t "

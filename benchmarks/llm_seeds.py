@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recforge.evaluation.pointwise import bootstrap_line
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -147,9 +149,7 @@ def summary_markdown(res: dict) -> str:
                      f"{f(r['fit_seconds'], '.0f')} | {r['trainable'] or '–'} |")
     for c in res["compare"]:
         for b in c["bootstrap"]:
-            lines.append(f"\n{c['label']} (all seeds' runs per side): {b['metric']} {b['a']:.4f} → {b['b']:.4f} "
-                         f"({b['diff']:+.4f}, 95% [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], bootstrap p "
-                         f"{b['bootstrap_p']:.3f}, {b['n_units']} users)")
+            lines.append("\n" + bootstrap_line(b, f"{c['label']} (all seeds' runs per side)"))
     u = res.get("unlearning")
     if u:
         lines += ["", "| E2URec | AUC, retained users' rows | log-loss | JSD to retrained, vocab | JSD, Yes/No | seconds |",
@@ -263,9 +263,7 @@ def main(argv=None) -> int:
     md = markdown(res)
     for c in res.get("compare", []):
         for b in c["bootstrap"]:
-            md += (f"\n\n{c['label']}: {b['metric']} {b['a']:.4f} → {b['b']:.4f} ({b['diff']:+.4f}, 95% "
-                   f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], bootstrap p {b['bootstrap_p']:.3f}, "
-                   f"{b['n_units']} users)")
+            md += "\n\n" + bootstrap_line(b, c["label"])
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
     return 0

@@ -102,3 +102,17 @@ def test_bootstrap_paired_test(rows):
     # several runs per side: the observed value is the mean over the runs
     two = {r["metric"]: r for r in bootstrap_test(y, [p, better], [better], n_boot=50)}
     assert two["auc"]["a"] == pytest.approx((auc(y, p) + auc(y, better)) / 2)
+
+
+def test_bootstrap_row_reads_as_one_sentence():
+    from recforge.evaluation.pointwise import bootstrap_line, bootstrap_test
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400).astype(float)
+    users = np.repeat(np.arange(40), 10)
+    good, noise = 0.3 * y + 0.7 * rng.random(400), rng.random(400)
+    row = next(r for r in bootstrap_test(y, [noise], [good], users, n_boot=200, seed=0) if r["metric"] == "auc")
+    text = bootstrap_line(row, "B vs A")
+    assert text.startswith(f"B vs A: auc {row['a']:.4f} → {row['b']:.4f} (+")
+    assert f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]" in text and text.endswith("40 users)")
+    assert row["diff"] > 0 and row["bootstrap_p"] < 0.05

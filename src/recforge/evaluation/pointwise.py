@@ -203,3 +203,12 @@ def bootstrap_test(y, p_a: list[np.ndarray], p_b: list[np.ndarray], groups=None,
                      "bootstrap_p": float(min(1.0, max(p_val, 1.0 / max(len(d), 1)))), "n_boot": int(len(d)),
                      "unit": "user" if groups is not None else "row", "n_units": int(n_units)})
     return rows
+
+
+def bootstrap_line(row: dict, label: str = "") -> str:
+    """One row of :func:`bootstrap_test` as a sentence: ``label: metric a → b (diff, 95% [low, high],
+    bootstrap p, units)``."""
+    ci = ("" if row.get("ci_low") is None else
+          f", 95% [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]")
+    return (f"{label + ': ' if label else ''}{row['metric']} {row['a']:.4f} → {row['b']:.4f} ({row['diff']:+.4f}{ci}, "
+            f"bootstrap p {row['bootstrap_p']:.3f}, {row['n_units']} {row.get('unit', 'user')}s)")
