@@ -14,7 +14,8 @@ prompts' tokens without padding. Every figure is also given as a ratio to the fi
 of its device measured in the same run (the baseline), because machines differ. Peak memory: the
 process's resident peak so far on the CPU (it only grows, so a row shows the most any setting up to
 it needed), ``torch.cuda.max_memory_allocated`` per setting on a GPU. Each scoring row also gives
-the AUC of its scores on these prompts and the largest difference of P(Yes) from the baseline
+the AUC of its scores on these prompts (the pointwise rows score with the prefix cache on, the
+default) and the largest difference of P(Yes) from the baseline
 setting's, so a faster dtype shows what it costs in the scores. Listwise scoring (``--listwise-targets``
 liked test rows, 20 candidates each, as ``eval.listwise=20``) is timed with the prefix cache off and
 on (``model.prefix_cache``: each candidate set's shared history runs once), with the largest change
@@ -60,12 +61,8 @@ def main(argv=None) -> int:
     from recforge.llm import prompts as P
     from recforge.llm import task
     from recforge.llm.backbone import require_llm
+    from recforge.evaluation.pointwise import auc
     from recforge.llm.rella import PromptData, ReLLa
-
-    from recforge.evaluation.pointwise import evaluate_pointwise
-
-    def roc_auc(labels, scores):
-        return evaluate_pointwise(labels.astype(np.float64), scores, ["like"]).metrics["auc"]
 
     require_llm()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
@@ -78,6 +75,7 @@ def main(argv=None) -> int:
     cands = task.listwise_candidates({**cfg, "eval": {**cfg["eval"], "listwise": 20,
                                                       "listwise_targets": args.listwise_targets}}, split, test)
     rows = []
+    zero_shot = PromptData(split, fmt, None, None)
 
     def peak(device: str) -> float:
         if device.startswith("cuda"):
@@ -89,56 +87,46 @@ def main(argv=None) -> int:
         params.update(device=device, dtype=dtype, threads=threads, **kw)
         return ReLLa(**params)
 
-    y = test["label"].to_numpy()
+    def record(device, dtype, threads, what, batch, prompts, stats, **extra):
+        rows.append({"device": device, "dtype": dtype, "threads": threads, "what": what, "batch": batch,
+                     "prompts": prompts, "tokens": stats["tokens"], "seconds": stats["seconds"],
+                     "tokens_per_second": stats["tokens_per_second"],
+                     "ratio_to_baseline": round(stats["tokens_per_second"] / base, 2), "peak_mb": peak(device), **extra})
+        print(json.dumps(rows[-1]), flush=True)
+
+    y = test["label"].to_numpy().astype(np.float64)
     for device in devices:
         base, p_base = None, None
         for dtype in args.dtypes.split(","):
             for threads in (_ints(args.threads) if device == "cpu" else [None]):
                 if threads is not None:
                     torch.set_num_threads(threads)
-                est = model(device, dtype, threads).fit(PromptData(split, fmt, None, None))  # zero-shot: loads it
+                est = model(device, dtype, threads).fit(zero_shot)  # zero-shot: loads the backbone
                 for bs in _ints(args.batch_sizes):
                     est.score_batch_size = bs
                     if device.startswith("cuda"):
                         torch.cuda.reset_peak_memory_stats()
-                    _, p = est.predict(PromptData(split, fmt, None, None), test)
+                    _, p = est.predict(zero_shot, test)
                     p = np.asarray(p, dtype=np.float64)
-                    s = est.last_scoring_
-                    base = base or s["tokens_per_second"]
+                    base = base or est.last_scoring_["tokens_per_second"]
                     p_base = p if p_base is None else p_base
-                    rows.append({"device": device, "dtype": dtype, "threads": threads, "what": "scoring",
-                                 "batch": bs, "prompts": s["prompts"], "tokens": s["tokens"], "seconds": s["seconds"],
-                                 "tokens_per_second": s["tokens_per_second"],
-                                 "ratio_to_baseline": round(s["tokens_per_second"] / base, 2), "peak_mb": peak(device),
-                                 "max_abs_p_diff_to_baseline": float(np.abs(p - p_base).max()),
-                                 "auc": float(roc_auc(y, p))})
-                    print(json.dumps(rows[-1]), flush=True)
+                    record(device, dtype, threads, "scoring", bs, len(p), est.last_scoring_,
+                           max_abs_p_diff_to_baseline=float(np.abs(p - p_base).max()), auc=float(auc(y, p)))
                 p_cands = None
                 for cache in (False, True):  # one listwise candidate set per target: shared prefixes
                     est.prefix_cache, est.score_batch_size = cache, 8
-                    _, pc = est.predict(PromptData(split, fmt, None, None), cands)
-                    s = est.last_scoring_
+                    _, pc = est.predict(zero_shot, cands)
                     p_cands = pc if p_cands is None else p_cands
-                    rows.append({"device": device, "dtype": dtype, "threads": threads,
-                                 "what": f"listwise scoring, prefix cache {'on' if cache else 'off'}", "batch": 8,
-                                 "prompts": s["prompts"], "tokens": s["tokens"], "seconds": s["seconds"],
-                                 "tokens_per_second": s["tokens_per_second"],
-                                 "ratio_to_baseline": round(s["tokens_per_second"] / base, 2), "peak_mb": peak(device),
-                                 "tokens_computed": s["prefix_cache"]["tokens_computed"],
-                                 "max_abs_p_diff_to_cache_off": float(np.abs(np.asarray(pc) - p_cands).max())})
-                    print(json.dumps(rows[-1]), flush=True)
+                    record(device, dtype, threads, f"listwise scoring, prefix cache {'on' if cache else 'off'}", 8,
+                           len(pc), est.last_scoring_, tokens_computed=est.last_scoring_["prefix_cache"]["tokens_computed"],
+                           max_abs_p_diff_to_cache_off=float(np.abs(np.asarray(pc) - p_cands).max()))
                 est.prefix_cache = True
                 del est
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                 tuned = model(device, dtype, threads, epochs=1, batch_size=8, lr=1e-3)
                 tuned.fit(PromptData(split, fmt, None, targets))
-                t = tuned.history_["training"]
-                rows.append({"device": device, "dtype": dtype, "threads": threads, "what": "LoRA training",
-                             "batch": 8, "prompts": targets.height, "tokens": t["tokens"], "seconds": t["seconds"],
-                             "tokens_per_second": t["tokens_per_second"],
-                             "ratio_to_baseline": round(t["tokens_per_second"] / base, 2), "peak_mb": peak(device)})
-                print(json.dumps(rows[-1]), flush=True)
+                record(device, dtype, threads, "LoRA training", 8, targets.height, tuned.history_["training"])
                 del tuned
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, PyTorch {torch.__version__}"
            + (f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ""),

@@ -157,32 +157,32 @@ def _cache_kwarg(body: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
-def prefix_hidden(lm: nn.Module, prefix: list[int], suffixes: list[list[int]], pad: int,
-                  device) -> torch.Tensor:
-    """The final hidden state at the last token of each ``prefix + suffix``, with the prefix run once
-    and its key/value cache repeated over the suffixes (right-padded, positions continuing after the
-    prefix). Equal, up to floating-point rounding, to :func:`last_hidden` on the full prompts."""
+def prefix_cache(lm: nn.Module, prefix: list[int], device):
+    """The key/value cache of ``prefix`` (one forward pass of the transformer body), for
+    :func:`prefix_hidden`."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    body = getattr(base, base.base_model_prefix)
+    return body(input_ids=torch.as_tensor([prefix], dtype=torch.long, device=device), use_cache=True).past_key_values
+
+
+def prefix_hidden(lm: nn.Module, cache, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden state at the last token of each ``prefix + suffix``: ``batch`` holds the
+    suffixes right-padded (``LLMRecommender._pad``), ``cache`` the prefix's key/value cache
+    (:func:`prefix_cache`), copied and repeated over the batch, with positions continuing after the
+    prefix. Equal, up to floating-point rounding, to :func:`last_hidden` on the full prompts."""
     import copy
 
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     body = getattr(base, base.base_model_prefix)
-    key = _cache_kwarg(body)
-    out = body(input_ids=torch.as_tensor([prefix], dtype=torch.long, device=device), use_cache=True)
-    cache = out.past_key_values
-    n, width, lp = len(suffixes), max(len(x) for x in suffixes), len(prefix)
-    x = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, lp + width), dtype=torch.long)
-    mask[:, :lp] = 1
-    for r, seq in enumerate(suffixes):
-        x[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[r, lp: lp + len(seq)] = 1
+    x, mask = batch["input_ids"], batch["attention_mask"]
+    n, width, lp = x.shape[0], x.shape[1], cache.get_seq_length()
     c = copy.deepcopy(cache)
     c.batch_repeat_interleave(n)
-    pos = (lp + torch.arange(width, device=device))[None].expand(n, -1)
-    h = body(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos, use_cache=True,
-             **{key: c}).last_hidden_state
-    last = torch.as_tensor([len(s) - 1 for s in suffixes], device=h.device)
-    return h[torch.arange(n, device=h.device), last]
+    full_mask = torch.cat([torch.ones((n, lp), dtype=mask.dtype, device=mask.device), mask], 1)
+    pos = (lp + torch.arange(width, device=x.device))[None].expand(n, -1)
+    h = body(input_ids=x, attention_mask=full_mask, position_ids=pos, use_cache=True,
+             **{_cache_kwarg(body): c}).last_hidden_state
+    return h[torch.arange(n, device=h.device), batch["last"]]
 
 
 def output_logits(lm: nn.Module, h: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -375,7 +375,6 @@ class LLMRecommender(TorchRecommender):
         self._check_context(ids)
         keys = self._check_keys(keys, len(ids))
         answer = torch.as_tensor(self.answer_ids(), device=self.device_)
-        order = np.argsort([-len(i) for i in ids], kind="stable")
         out = np.empty(len(ids))
         lm = self.net_.lm
         lm.eval()
@@ -386,25 +385,26 @@ class LLMRecommender(TorchRecommender):
         # shared prefixes (e.g. one history with many candidates) run once; not with per-example weights
         groups = prefix_groups(ids) if self.prefix_cache and keys is None else []
         cached = [(n, g) for n, g in groups if n > 0]
-        alone = np.array([i for n, g in groups if n == 0 for i in g], dtype=np.int64) if groups else order
-        alone = alone[np.argsort([-len(ids[i]) for i in alone], kind="stable")]
-        batches = [("plain", alone[s : s + bs]) for s in range(0, len(alone), bs)]
-        batches += [(n, np.asarray(g[s : s + bs])) for n, g in cached for s in range(0, len(g), bs)]
-        pad = 0 if self.tokenizer.pad_token_id is None else int(self.tokenizer.pad_token_id)
-        computed = int(sum(len(ids[i]) for i in alone))
+        alone = np.array([i for n, g in groups if n == 0 for i in g] if groups else range(len(ids)), dtype=np.int64)
+        alone = alone[np.argsort([-len(ids[i]) for i in alone], kind="stable")]  # by length: little padding
+        batches = [(0, -1, alone[s : s + bs]) for s in range(0, len(alone), bs)]
+        batches += [(n, j, np.asarray(g[s : s + bs])) for j, (n, g) in enumerate(cached) for s in range(0, len(g), bs)]
+        computed = int(sum(len(ids[i]) for i in alone)) + sum(n + sum(len(ids[i]) - n for i in g) for n, g in cached)
+        cache, cache_group = None, -1
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                for kind, idx in tqdm(batches, desc="scoring", unit="batch", dynamic_ncols=True,
-                                      disable=not (self.verbose if progress is None else progress)):
-                    if kind == "plain":
-                        b = {k: v.to(self.device_) for k, v in self._pad([ids[i] for i in idx]).items()}
+                for n, group, idx in tqdm(batches, desc="scoring", unit="batch", dynamic_ncols=True,
+                                          disable=not (self.verbose if progress is None else progress)):
+                    b = {k: v.to(self.device_) for k, v in self._pad([ids[i][n:] for i in idx]).items()}
+                    if n == 0:
                         kb = None if keys is None else torch.as_tensor(keys[idx], device=self.device_)
                         with self.conditioning(kb):
                             h = last_hidden(lm, b["input_ids"], b["attention_mask"], b["last"])
-                    else:
-                        h = prefix_hidden(lm, ids[idx[0]][:kind], [ids[i][kind:] for i in idx], pad, self.device_)
-                        computed += kind + int(sum(len(ids[i]) - kind for i in idx))
+                    else:  # the group's prefix runs once, before its first batch
+                        if group != cache_group:
+                            cache, cache_group = prefix_cache(lm, ids[idx[0]][:n], self.device_), group
+                        h = prefix_hidden(lm, cache, b)
                     logits = output_logits(lm, h, answer)
                     out[idx] = torch.softmax(logits, -1)[:, 0].double().cpu().numpy()
         finally:

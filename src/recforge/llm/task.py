@@ -544,11 +544,16 @@ def target_ranks(scores: np.ndarray, is_target: np.ndarray) -> np.ndarray:
     return 1 + ((s >= t[:, None]) & ~is_target).sum(1)
 
 
+def _ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k of each target from its rank (one relevant item: 1 / log2(rank + 1) within the top k)."""
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0)
+
+
 def listwise_metrics(ranks: np.ndarray) -> dict:
     """HR@1, HR@5, HR@10, NDCG@5, NDCG@10 and MRR (one relevant item per target) from the targets' ranks."""
     r = np.asarray(ranks, dtype=np.float64)
     out = {f"hr@{k}": float(np.mean(r <= k)) for k in (1, 5, 10)}
-    out.update({f"ndcg@{k}": float(np.mean(np.where(r <= k, 1.0 / np.log2(r + 1), 0.0))) for k in (5, 10)})
+    out.update({f"ndcg@{k}": float(np.mean(_ndcg_at(r, k))) for k in (5, 10)})
     out["mrr"] = float(np.mean(1.0 / r))
     return out
 
@@ -565,16 +570,16 @@ def listwise_per_target(runs, k: int = 10) -> np.ndarray:
         if not path.is_file():
             raise RecForgeError(f"{path.parent}: no listwise_test.parquet; train with eval.listwise=N to rank candidates")
         ranks = pl.read_parquet(path).filter(pl.col("is_target")).sort("target")["rank"].to_numpy().astype(float)
-        out.append(np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0))
+        out.append(_ndcg_at(ranks, k))
     if len({len(o) for o in out}) > 1:
         raise RecForgeError("these runs ranked different numbers of listwise targets; compare runs of one test sample")
     return np.mean(out, axis=0)
 
 
-def compare_listwise(a, b, k: int = 10) -> dict | None:
+def compare_listwise(a, b, k: int = 10) -> dict:
     """A paired t-test of per-target NDCG@k between two models (each side one or more runs on the same
     candidates, seeds averaged per target): ``{"metric", "a", "b", "diff", "t_p", "targets"}`` with
-    ``diff = b - a`` as in :func:`compare`; None when the two sides agree on every target."""
+    ``diff = b - a`` as in :func:`compare`; ``t_p`` is None when the two sides agree on every target."""
     from scipy import stats
 
     na, nb = listwise_per_target(a, k), listwise_per_target(b, k)
