@@ -35,7 +35,7 @@ def test_platt_recovers_a_known_scaling_and_never_reverses_the_ranking():
 
 
 class _Echo(torch.nn.Module):
-    """A stand-in model whose score of every item encodes the history it was given."""
+    """A stand-in model whose score of an item encodes the history it was given and the item."""
 
     def __init__(self):
         super().__init__()
@@ -46,8 +46,8 @@ class _Echo(torch.nn.Module):
         out = torch.zeros(len(hist), hist.n_items + 1)
         for r in range(len(hist)):
             h = hist.items[hist.indptr[r]:hist.indptr[r + 1]].tolist()
-            self.seen.append(h)
-            out[r] = float(len(h))
+            self.seen.append((int(hist.users[r]), h))
+            out[r] = 1000.0 * len(h) + torch.arange(hist.n_items + 1)  # the item, after the history
         return out
 
 
@@ -59,19 +59,22 @@ def test_sequence_baseline_histories_hold_only_earlier_likes(split):  # noqa: F8
     frame = sp.test
     est = _Echo()
     s, fallback = _scores(est, sp, frame, liked)
+    # one pass over the catalogue per (user, time), whatever the number of rows at that time
+    assert len(est.seen) == frame.select("user_id", "timestamp").unique().height < frame.height
+    seen = {}
+    for u, h in est.seen:
+        seen.setdefault(u, []).append(h)
     n_fallback = 0
-    for row, h, score in zip(frame.iter_rows(named=True), est.seen, s):
+    for row, score in zip(frame.iter_rows(named=True), s):
         u, t = row["user_id"], row["timestamp"]
         earlier = sp.train.filter((pl.col("user_id") == u) & (pl.col("timestamp") < t)).sort("timestamp",
                                                                                                maintain_order=True)
         likes = earlier.filter(pl.col("label") == 1)["item_id"].to_list()
-        if likes:
-            assert h == likes
-        else:  # no earlier like: the user's earlier rated items
-            n_fallback += 1
-            assert h == earlier["item_id"].to_list() and h
+        h = likes or earlier["item_id"].to_list()
+        assert h and h in seen[u]  # the earlier likes; with none, the user's earlier rated items
+        n_fallback += not likes
         assert row["item_id"] not in h or row["item_id"] in earlier["item_id"].to_list()  # never the test row itself
-        assert score == len(h)
+        assert score == 1000 * len(h) + row["item_id"]
     assert fallback == n_fallback
     # a training row in the middle of a user's history sees only the likes before it
     mid = sp.train.filter(pl.col("user_id") == 0).sort("timestamp").slice(6, 1)
@@ -79,7 +82,7 @@ def test_sequence_baseline_histories_hold_only_earlier_likes(split):  # noqa: F8
     _scores(est2, sp, mid, liked)
     t = mid["timestamp"][0]
     before = liked.filter((pl.col("user_id") == 0) & (pl.col("timestamp") < t)).sort("timestamp", maintain_order=True)
-    assert est2.seen[0] == (before["item_id"].to_list() or sp.train.filter(
+    assert est2.seen[0][1] == (before["item_id"].to_list() or sp.train.filter(
         (pl.col("user_id") == 0) & (pl.col("timestamp") < t))["item_id"].to_list())
 
 

@@ -28,12 +28,13 @@ import time
 import numpy as np
 import polars as pl
 import torch
+from scipy.special import expit
 
 from recforge.data.schema import ITEM, TIME, USER
 from recforge.errors import ConfigError
 from recforge.llm.task import LABEL, model_class
 
-#: rows scored at once by a sequential baseline (each scores the whole catalogue)
+#: distinct (user, time) histories scored at once by a sequential baseline (each scores the whole catalogue)
 SCORE_BATCH = 256
 #: the smallest Platt slope, per standard deviation of the scores (see :func:`platt`)
 PLATT_MIN_SLOPE = 1e-6
@@ -157,12 +158,12 @@ def fit_sequence_baseline(cfg, split, test, writer, verbose, listwise=None):
     tt = time.perf_counter()
     s, fallback = _scores(est, split, test, all_liked)
     score_seconds = time.perf_counter() - tt
-    p = _sigmoid(a * s + b)
+    p = expit(a * s + b)
     cand_scores = None
     if listwise is not None:
         tl = time.perf_counter()
         cs, cand_fallback = _scores(est, split, listwise, all_liked)
-        cand_scores = _sigmoid(a * cs + b)  # strictly increasing (a > 0): the model's own ranking
+        cand_scores = expit(a * cs + b)  # strictly increasing (a > 0): the model's own ranking
         listwise_seconds = time.perf_counter() - tl
     writer.write_json("history.json", {"epoch_search": probe.history_, "refit": est.history_})
     est.save(writer.tmp / "model")
@@ -183,39 +184,30 @@ def fit_sequence_baseline(cfg, split, test, writer, verbose, listwise=None):
     return p, protocol, timing, training, cand_scores
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-
-
 def platt(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """``(a, b)`` of ``sigmoid(a * s + b)`` by maximum likelihood (Newton's method on the log-loss,
-    scores standardised first). ``a`` is floored at ``PLATT_MIN_SLOPE`` per standard deviation of the
-    scores, so the scaling never ties or reverses the model's ranking: when the held-out rows show no
-    positive relation between score and like, the probabilities are then nearly constant."""
+    """``(a, b)`` of ``sigmoid(a * s + b)`` by maximum likelihood (SciPy's bounded L-BFGS on the
+    log-loss, scores standardised first). ``a`` is bounded below by ``PLATT_MIN_SLOPE`` per standard
+    deviation of the scores, so the scaling never ties or reverses the model's ranking: when the
+    held-out rows show no positive relation between score and like, the probabilities are then nearly
+    constant."""
+    from scipy.optimize import minimize
+
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
     if len(s) == 0 or y.min() == y.max():
         raise ConfigError("Platt scaling needs held-out training rows of both classes (liked and not); "
                           "raise split.test_ratio or change data.like_threshold")
     mu, sd = s.mean(), s.std() or 1.0
-    x = np.stack([(s - mu) / sd, np.ones_like(s)], 1)
-    w = np.zeros(2)
-    for _ in range(50):
-        q = _sigmoid(x @ w)
-        g = x.T @ (q - y)
-        h = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)
-        step = np.linalg.solve(h, g)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    if w[0] < PLATT_MIN_SLOPE:  # refit the intercept alone for the floored slope
-        w[0] = PLATT_MIN_SLOPE
-        for _ in range(50):
-            q = _sigmoid(x @ w)
-            step = (q - y).sum() / max((q * (1 - q)).sum(), 1e-12)
-            w[1] -= step
-            if abs(step) < 1e-10:
-                break
+    z = (s - mu) / sd
+
+    def loss(w):
+        m = w[0] * z + w[1]
+        q = expit(m)
+        return float(np.sum(np.logaddexp(0.0, m) - y * m)), np.array([z @ (q - y), np.sum(q - y)])
+
+    base = np.log(y.mean() / (1 - y.mean()))
+    w = minimize(loss, np.array([1.0, base]), jac=True, method="L-BFGS-B",
+                 bounds=[(PLATT_MIN_SLOPE, None), (None, None)], options={"gtol": 1e-10, "ftol": 1e-14}).x
     a = float(w[0] / sd)
     return a, float(w[1] - a * mu)
 
@@ -223,30 +215,37 @@ def platt(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 def _scores(est, split, frame: pl.DataFrame, liked: pl.DataFrame) -> tuple[np.ndarray, int]:
     """The model's score of each row's item after the user's liked rows of ``liked`` strictly before
     the row's time (after the user's earlier rated training rows when there is none), and how many
-    rows needed that fallback."""
+    rows needed that fallback. Rows of one user at one time (a listwise row's candidates) share one
+    history and one pass over the catalogue."""
     from recforge.evaluation.batch import Histories
 
     liked = liked.sort([USER, TIME], maintain_order=True)
     lu, li, lt = (liked[c].to_numpy() for c in (USER, ITEM, TIME))
     start = np.searchsorted(lu, np.arange(split.n_users + 1))
     users, items, times = (frame[c].to_numpy() for c in (USER, ITEM, TIME))
+    keys, group = np.unique(np.stack([users, times], 1).astype(np.int64), axis=0, return_inverse=True)
+    group = group.reshape(-1)
     train_items = split.train[ITEM].to_numpy()
-    hists, fallback = [], 0
-    for u, t in zip(users, times):
+    hists, fell_back = [], np.zeros(len(keys), dtype=bool)
+    for g, (u, t) in enumerate(keys):
         s, e = start[u], start[u + 1]
         n = int(np.searchsorted(lt[s:e], t, side="left"))
         h = li[s:s + n].tolist()
         if not h:
-            fallback += 1
+            fell_back[g] = True
             h = train_items[split.history_rows(int(u), int(t))].tolist()
         hists.append(h)
+    order = np.argsort(group, kind="stable")  # the rows of each group, groups in order
+    bounds = np.searchsorted(group[order], np.arange(len(keys) + 1))
     out = np.empty(len(users), dtype=np.float64)
     est.net_.eval()
-    for lo in range(0, len(users), SCORE_BATCH):
-        hi = min(lo + SCORE_BATCH, len(users))
-        hist = Histories.from_lists(users[lo:hi], hists[lo:hi], split.n_items)
+    for lo in range(0, len(keys), SCORE_BATCH):
+        hi = min(lo + SCORE_BATCH, len(keys))
+        hist = Histories.from_lists(keys[lo:hi, 0], hists[lo:hi], split.n_items)
         with torch.no_grad():
             sc = est.score(hist)
-        idx = torch.tensor(items[lo:hi], dtype=torch.long, device=sc.device)
-        out[lo:hi] = sc.gather(1, idx[:, None])[:, 0].float().cpu().numpy()
-    return out, fallback
+        rows = order[bounds[lo]:bounds[hi]]
+        r = torch.as_tensor(group[rows] - lo, dtype=torch.long, device=sc.device)
+        c = torch.as_tensor(items[rows], dtype=torch.long, device=sc.device)
+        out[rows] = sc[r, c].float().cpu().numpy()
+    return out, int(fell_back[group].sum())
