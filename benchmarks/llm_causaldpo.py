@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recforge.config import split_kv
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODELS = (("SFT (ReLLa LoRA)", "rella"), ("DPO", "dpo"), ("CausalDPO", "causaldpo"))
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     common = {"split.method": "temporal", "data.test_prompts": args.test_prompts, "model.threads": args.threads,
               "model.k": args.k, "llm.max_tokens": args.max_tokens, "eval.listwise": args.listwise,
               "eval.listwise_targets": args.listwise_targets, "model.verbose": False,
-              **dict(o.split("=", 1) for o in args.overrides)}
+              **dict(map(split_kv, args.overrides))}
     tuned = {"data.train_prompts": args.train_prompts, "model.epochs": args.epochs, "model.lr": args.lr}
     runs_dir = out.parent / "runs" / "llm_causaldpo"
 

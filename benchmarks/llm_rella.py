@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recforge.config import split_kv
 from recforge.evaluation.pointwise import bootstrap_line
 
 HERE = Path(__file__).resolve().parent
@@ -157,8 +158,7 @@ def main(argv=None) -> int:
     res["date"] = time.strftime("%Y-%m-%d")
     from recforge.runs import Run
 
-    common = {"data.test_prompts": args.test_prompts, "model.threads": args.threads, **dict(
-        o.split("=", 1) for o in args.overrides)}
+    common = {"data.test_prompts": args.test_prompts, "model.threads": args.threads, **dict(map(split_kv, args.overrides))}
     llm_common = {**common, "model.k": args.k, "llm.max_tokens": args.max_tokens}
     plan = []
     if "lr" in only:

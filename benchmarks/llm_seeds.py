@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recforge.config import split_kv
 from recforge.evaluation.pointwise import bootstrap_line
 
 HERE = Path(__file__).resolve().parent
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     common = {"data.test_prompts": args.test_prompts, "model.threads": args.threads, "model.k": args.k,
               "llm.max_tokens": args.max_tokens, "model.retrieval": "recent", "model.mix": False,
               "data.train_prompts": args.train_prompts, "model.epochs": args.epochs, "model.lr": args.lr,
-              "seed": args.seed, **dict(o.split("=", 1) for o in args.overrides)}
+              "seed": args.seed, **dict(map(split_kv, args.overrides))}
     plan = []
     if "lora" in only:
         plan.append(("plain LoRA", "rella", common))

@@ -101,7 +101,7 @@ def apply_overrides(cfg: dict, overrides: list[str] | dict | None, model_keys: s
     ``model_keys`` (default: the registered model's parameters) and ``sections`` (a bare key is
     looked up in ``model`` then the others in turn) let another task's config use the same rules."""
     cfg = copy.deepcopy(cfg)
-    items = overrides.items() if isinstance(overrides, dict) else [_split_kv(o) for o in (overrides or [])]
+    items = overrides.items() if isinstance(overrides, dict) else [split_kv(o) for o in (overrides or [])]
     if model_keys is None:
         model_keys = registry.get_model_class(cfg["model"]["name"]).param_names()
     for key, value in items:
@@ -124,7 +124,8 @@ def apply_overrides(cfg: dict, overrides: list[str] | dict | None, model_keys: s
     return cfg
 
 
-def _split_kv(text: str) -> tuple[str, str]:
+def split_kv(text: str) -> tuple[str, str]:
+    """``"key=value"`` as ``(key, value)``, both stripped; anything else is a ConfigError naming the form."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value; write e.g. model.hidden=128 or epochs=20")
     k, v = text.split("=", 1)

@@ -154,7 +154,7 @@ def apply_overrides(cfg: dict, overrides) -> dict:
     (the rules of :func:`recforge.config.apply_overrides`, with the ``llm`` section). ``model.name=X``
     replaces the model section by X's defaults (an ID baseline on a language-model run's config: same
     data, split and test sample), before the other keys apply."""
-    items = list(overrides.items()) if isinstance(overrides, dict) else [C._split_kv(o) for o in (overrides or [])]
+    items = list(overrides.items()) if isinstance(overrides, dict) else [C.split_kv(o) for o in (overrides or [])]
     names = [str(v) for k, v in items if k == "model.name"]
     if names:  # another model on the same data, split and test sample: its own defaults, the rest kept
         cfg = {**copy.deepcopy(cfg), "model": {"name": names[-1].lower(), **model_defaults(names[-1])}}
