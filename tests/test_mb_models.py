@@ -108,6 +108,48 @@ def test_behaviours_change_the_sequence_scores(mb, fitted):
     assert not torch.allclose(fitted["mbsasrec"].score(h), fitted["mbsasrec"].score(plain))
 
 
+def test_mbgcn_loss_and_scores_follow_the_formulas_written_out(mb, fitted):
+    """The batch loss (user side from the batch's own graph rows, the pair's edge left out) and the
+    score (every term in one product) against MBGCN's formulas written out on dense matrices."""
+    m = fitted["mbgcn"]
+    net = m.net_.eval()  # no message dropout
+    d = lambda x: torch.from_numpy(np.asarray(x.todense(), dtype=np.float32))  # noqa: E731
+    e_u, e_i = net.user.weight.detach(), net.item.weight.detach()
+    T, k = len(m.behaviors_), m.behaviors_.index("buy")
+    with torch.no_grad():
+        items = torch.cat([e_i, net.W(d(m.item_users_) @ e_u)], 1)
+        s = [torch.cat([e_i, w(d(a) @ e_i)], 1) for a, w in zip(m.item_graphs_, net.W_item)]
+        w = net.log_w.exp()
+
+        def user_side(ego, R):  # R: per behaviour the (batch, items) binary history
+            n = torch.stack([r.sum(1) for r in R], 1)
+            alpha = n * w / (n * w).sum(1, keepdim=True)
+            p = sum(alpha[:, t : t + 1] * (R[t] @ e_i) / n[:, t : t + 1].clamp(min=1) for t in range(T))
+            z = [net.M[t]((R[t] @ s[t]) / n[:, t : t + 1].clamp(min=1)) for t in range(T)]
+            return torch.cat([ego, net.W(p)], 1), z
+
+        # the loss of a batch: the pair (u, i) is taken out of u's purchases
+        rng = np.random.default_rng(0)
+        pick = rng.choice(len(m._pairs), 64, replace=False)
+        u, i = (torch.from_numpy(m._pairs[pick, c]) for c in (0, 1))
+        j = torch.from_numpy(rng.integers(1, m.n_items_ + 1, 64))
+        R = [d(r)[u] for r in m.user_graphs_]
+        R[k][torch.arange(64), i] = 0.0
+        users, z = user_side(e_u[u], R)
+        pos = (users * items[i]).sum(1) + m.lamb / T * sum((zt * st[i]).sum(1) for zt, st in zip(z, s))
+        neg = (users * items[j]).sum(1) + m.lamb / T * sum((zt * st[j]).sum(1) for zt, st in zip(z, s))
+        l2 = e_u[u].pow(2).sum() + e_i[i].pow(2).sum() + e_i[j].pow(2).sum()
+        expected = torch.nn.functional.softplus(neg - pos).mean() + m.reg * 0.5 * l2 / 64
+        assert float(m.loss({"u": u, "i": i, "j": j})) == pytest.approx(float(expected), rel=1e-4)
+
+        # the scores of ranking-time histories with behaviours
+        h = mb[2].histories.slice(0, 30)
+        R = [d(x) for x in m.history_matrices(h)]
+        users, z = user_side(e_u[torch.from_numpy(np.asarray(h.users, dtype=np.int64))], R)
+        expected = users @ items.T + m.lamb / T * sum(zt @ st.T for zt, st in zip(z, s))
+        torch.testing.assert_close(m.score(h), expected, rtol=1e-4, atol=1e-4)
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mbgcn", "mbsasrec"])
 def test_refuses_data_without_behaviours_or_target(name):

@@ -88,7 +88,7 @@ from torch import nn
 
 from recforge.errors import ConfigError, DataError
 from recforge.models.graph.lightgcn import LightGCN
-from recforge.models.graph.propagation import to_torch
+from recforge.models.graph.propagation import sparse_mm, torch_pair
 
 NORMS = ("row", "sym")
 CHANNELS = ("social", "joint", "purchase")
@@ -187,33 +187,14 @@ def normalize_interactions(r: sp.spmatrix, norm: str) -> tuple[sp.csr_matrix, sp
     return sp.csr_matrix(users, dtype=np.float32), sp.csr_matrix(items, dtype=np.float32)
 
 
-class _SpMM(torch.autograd.Function):
-    """``a @ x`` for a sparse ``a`` whose transpose ``at`` is given; the gradient is ``at @ grad``."""
-
-    @staticmethod
-    def forward(ctx, a, at, x):
-        ctx.at = at
-        return a @ x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, None, ctx.at @ grad.contiguous()
-
-
 class _Sparse:
     """A sparse matrix and its transpose on a device, for differentiable products."""
 
     def __init__(self, m: sp.csr_matrix, device):
-        self.a = to_torch(m, device)
-        self.at = to_torch(sp.csr_matrix(m.T), device)
+        self.a, self.at = torch_pair(m, device)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return self @ x.float()
-        if x.requires_grad:
-            return _SpMM.apply(self.a, self.at, x)
-        return self.a @ x
+        return sparse_mm((self.a, self.at), x)
 
     def to(self, device) -> "_Sparse":
         self.a, self.at = self.a.to(device), self.at.to(device)

@@ -71,6 +71,35 @@ class SymmetricSpMM(torch.autograd.Function):
         return None, ctx.adj @ grad.contiguous()
 
 
+class SparseMM(torch.autograd.Function):
+    """``a @ x`` for a sparse ``a`` whose transpose ``a_t`` is given: the gradient is ``a_t @ grad``
+    (no transpose of ``a`` built at every backward pass, as ``torch.sparse.mm``'s own gradient does)."""
+
+    @staticmethod
+    def forward(ctx, a, a_t, x):
+        ctx.a_t = a_t
+        return a @ x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, ctx.a_t @ grad.contiguous()
+
+
+def torch_pair(m: sp.csr_matrix, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, mᵀ)`` as torch sparse CSR tensors on ``device``: the argument of :func:`sparse_mm`."""
+    return to_torch(m, device), to_torch(sp.csr_matrix(m.T), device)
+
+
+def sparse_mm(pair: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``a @ x`` for ``pair = (a, aᵀ)`` (:func:`torch_pair`), differentiable in ``x``; in fp32 (see
+    :func:`spmm`)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return sparse_mm(pair, x.float())
+    a, a_t = pair
+    return SparseMM.apply(a, a_t, x) if x.requires_grad else a @ x
+
+
 def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``adj @ x`` (symmetric ``adj``), differentiable in ``x``. Always in fp32: under mixed
     precision (``precision=bf16|fp16``) the sparse product leaves autocast, as sparse kernels

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.graph.propagation import to_torch
+from recforge.models.graph.propagation import sparse_mm, to_torch, torch_pair
 from recforge.models.multibehavior.base import BehaviorAware, behavior_graphs, history_graphs, params_version, row_mean
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs, sample_negatives
@@ -90,33 +90,6 @@ SCORE_CHUNK = 1 << 24
 
 
 # ---- shared with CKML ---------------------------------------------------------------------------
-class _SparseMM(torch.autograd.Function):
-    """``a @ x`` for a sparse ``a`` whose transpose ``a_t`` is given: the gradient is ``a_t @ grad``."""
-
-    @staticmethod
-    def forward(ctx, a, a_t, x):
-        ctx.a_t = a_t
-        return a @ x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, None, ctx.a_t @ grad.contiguous()
-
-
-def sparse_mm(pair: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``a @ x`` for ``pair = (a, aᵀ)`` (torch sparse CSR), differentiable in ``x``; in fp32."""
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return sparse_mm(pair, x.float())
-    a, a_t = pair
-    return _SparseMM.apply(a, a_t, x) if x.requires_grad else a @ x
-
-
-def torch_pair(m: sp.csr_matrix, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, mᵀ)`` as torch sparse CSR tensors on ``device``."""
-    return to_torch(m, device), to_torch(sp.csr_matrix(m.T), device)
-
-
 def parse_loss_weights(weights, behaviors: list[str], default: float, model: str) -> list[float]:
     """Per behaviour (in ``behaviors`` order) the weight of its loss: ``weights`` (a mapping
     behaviour → weight, or None) where given, ``default`` elsewhere."""

@@ -93,10 +93,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
+from recforge.models.graph.propagation import sparse_mm, torch_pair
 from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, history_graphs,
                                                 params_version, row_mean)
-from recforge.models.multibehavior.cigf import (LEAKY, SCORE_CHUNK,
-                                                parse_loss_weights, sparse_mm, torch_pair, user_pairs)
+from recforge.models.multibehavior.cigf import LEAKY, SCORE_CHUNK, parse_loss_weights, user_pairs
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs
 

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.graph.propagation import to_torch
+from recforge.models.graph.propagation import sparse_mm, to_torch, torch_pair
 from recforge.models.multibehavior.base import (BehaviorAware, PairBatches, behavior_graphs, binary_rows,
                                                 history_graphs, params_version, row_mean)
 from recforge.models.sequential.modules import Dropout
@@ -125,16 +125,16 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
         self._graphs = self._cache = None
 
     def graphs(self) -> dict:
-        """The training graphs as torch sparse tensors on the model's device (built on first use)."""
+        """The item-side training graphs as (matrix, transpose) pairs of torch sparse tensors on the
+        model's device, and the users' per-behaviour counts (built on first use)."""
         g = getattr(self, "_graphs", None)
         if g is None:
             dev = self.device_
             g = self._graphs = {
-                "user_bin": [to_torch(r, dev) for r in self.user_graphs_],
                 "user_n": torch.from_numpy(np.stack([np.diff(r.indptr) for r in self.user_graphs_], 1)
                                            .astype(np.float32)).to(dev),
-                "item_users": to_torch(self.item_users_, dev),
-                "item_items": [to_torch(r, dev) for r in self.item_graphs_],
+                "item_users": torch_pair(self.item_users_, dev),
+                "item_items": [torch_pair(r, dev) for r in self.item_graphs_],
             }
         return g
 
@@ -165,8 +165,8 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
         """``[e_i, q_i]`` (n_items + 1, 2d) and, per behaviour, ``s_i^t`` (n_items + 1, 2d)."""
         g, net = self.graphs(), self.net_
         e_i, e_u = net.item.weight, net.user.weight
-        items = torch.cat([e_i, net.W(torch.sparse.mm(g["item_users"], e_u))], 1)
-        s = [torch.cat([e_i, w(torch.sparse.mm(a, e_i))], 1) for a, w in zip(g["item_items"], net.W_item)]
+        items = torch.cat([e_i, net.W(sparse_mm(g["item_users"], e_u))], 1)
+        s = [torch.cat([e_i, w(sparse_mm(a, e_i))], 1) for a, w in zip(g["item_items"], net.W_item)]
         return items, s
 
     def user_side(self, ego: torch.Tensor, sums: list[torch.Tensor], s_sums: list[torch.Tensor],
@@ -187,15 +187,18 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
         """BPR of the batch's target pairs. The pair's own edge is left out of the user's target-
         behaviour neighbourhood (sum minus the item, count minus one): at ranking time a target is
         never among the user's past target items (those are excluded), so the model must not learn
-        to find the positive in its own neighbourhood."""
+        to find the positive in its own neighbourhood. The user side is aggregated over the batch's
+        users' rows of the graphs only (not over every user's)."""
         self._cache = None
         g, net = self.graphs(), self.net_
         items, s = self.item_side()
         u, i, j = batch["u"], batch["i"], batch["j"]
         e_i = net.item.weight
         k = self.behaviors_.index(self.target_behavior_)
-        sums = [torch.sparse.mm(r, e_i)[u] for r in g["user_bin"]]
-        s_sums = [torch.sparse.mm(r, st)[u] for r, st in zip(g["user_bin"], s)]
+        rows = u.cpu().numpy()
+        mine = [torch_pair(r[rows], e_i.device) for r in self.user_graphs_]  # (batch, n_items + 1) each
+        sums = [sparse_mm(m, e_i) for m in mine]
+        s_sums = [sparse_mm(m, st) for m, st in zip(mine, s)]
         sums[k] = sums[k] - e_i[i]
         s_sums[k] = s_sums[k] - s[k][i]
         n = g["user_n"][u].clone()
@@ -211,14 +214,16 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
         return bpr_loss(pos, neg) + self.reg * 0.5 * l2 / len(u)
 
     # ---- scoring -------------------------------------------------------------------------------
-    def item_table(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The item side of the current weights, cached until a parameter changes."""
+    def item_table(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The item side of the current weights, cached until a parameter changes: ``s^t`` per
+        behaviour and ``[e_i, q_i, s_i^1 .. s_i^T]`` side by side (n_items + 1, 2d (1 + T)), the
+        right-hand factor of the whole score in one product."""
         key = params_version(self.net_)
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 items, s = self.item_side()
-            cache = self._cache = (key, items, s)
+            cache = self._cache = (key, s, torch.cat([items, *s], 1))
         return cache[1], cache[2]
 
     def history_matrices(self, hist) -> list[sp.csr_matrix]:
@@ -228,7 +233,7 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
     def score(self, hist):
         """Scores (batch, n_items + 1) on the model's device."""
         dev = self.device_
-        items, s = self.item_table()
+        s, table = self.item_table()
         mats = self.history_matrices(hist)
         users = torch.from_numpy(np.asarray(hist.users, dtype=np.int64)).to(dev)
         known = (users >= 0) & (users < self.n_users_)
@@ -240,10 +245,7 @@ class MBGCN(PairBatches, BehaviorAware, TorchRecommender):
             u, z = self.user_side(ego, [torch.sparse.mm(m, e_i) for m in mt],
                                   [torch.sparse.mm(m, st) for m, st in zip(mt, s)], n)
             scale = self.lamb / len(s)
-            out = u @ items.T
-            for zt, st in zip(z, s):
-                out += scale * (zt @ st.T)
-        return out
+            return torch.cat([u, *(scale * zt for zt in z)], 1) @ table.T  # one product, no per-behaviour pass
 
     def protocol_notes(self) -> dict:
         w = self.net_.log_w.detach().exp().cpu().numpy() if getattr(self, "net_", None) is not None else None
