@@ -85,6 +85,23 @@ def row_key(row: dict) -> tuple:
     return row["name"], row["seed"]
 
 
+def merge_rows(out: Path, source: Path, write) -> int:
+    """Merge the JSON rows of the file ``source`` (one per line; other lines, such as a queue's log,
+    are skipped) into the results file ``out``: a (name, seed) already there is replaced. The rows a
+    failed write printed ("the row, to merge by hand") go back in this way. The number of rows merged."""
+    new = {}
+    for line in source.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"name"' in line and '"seed"' in line:
+            row = json.loads(line)
+            new[row_key(row)] = row
+    with locked(out.with_name(f".{out.name}.lock")):
+        old = json.loads(out.read_text()) if out.exists() else {}
+        rows = [r for r in old.get("runs", []) if row_key(r) not in new]
+        write(rows + list(new.values()), old.get("wall_s", 0.0) + sum(r.get("wall_s", 0.0) for r in new.values()))
+    return len(new)
+
+
 def collect(script: str, out: Path, fresh: bool, pairs: list[tuple[str, int]], extra_args: list[str], jobs: int,
             budget: float | None, write, line) -> None:
     """:func:`run_jobs` whose rows are merged into the results file ``out`` as they finish: the rows
@@ -155,27 +172,71 @@ def mean_sd(vals: list[float]) -> list[float]:
     return [round(mean, 4), round(sd, 4)]
 
 
-def paired(rows: list[dict], root: Path, name: str, base: str, parts: dict[str, str],
-           metrics=("hr@10", "ndcg@10")) -> dict:
-    """Paired tests (t-test and Wilcoxon on per-user metrics averaged over the seeds both have) of
-    ``name`` against ``base``; ``parts`` maps a protocol label to the per-user file of a run folder."""
+#: per-user columns kept in the tracked copies (the paired tests' metrics and the user keys)
+PER_USER_COLUMNS = ("user", "user_raw", "hr@10", "ndcg@10", "hr@20", "ndcg@20")
+
+
+def per_user_table(root: Path, row: dict, file: str):
+    """The per-user table ``file`` of a row's run, from its tracked copy (``benchmarks/results/per_user/``,
+    the :data:`PER_USER_COLUMNS` only: run folders are not kept in the repository) or else from the run
+    folder, which is then copied there; None when neither exists (a run folder lost before the copies
+    were kept)."""
     import polars as pl
 
+    run = Path(row["run"])
+    store = root / "benchmarks" / "results" / "per_user" / run.parent.relative_to(Path("benchmarks/results/runs"))
+    kept = store / f"{run.name}.{file}"
+    if kept.is_file():
+        return pl.read_parquet(kept)
+    src = root / run / file
+    if not src.is_file():
+        return None
+    t = pl.read_parquet(src)
+    t = t.select([c for c in PER_USER_COLUMNS if c in t.columns])
+    store.mkdir(parents=True, exist_ok=True)
+    for old in store.glob(f"*.{file}"):  # an earlier run of the same (model, seed)
+        old.unlink()
+    t.write_parquet(kept, compression="zstd")
+    return t
+
+
+def paired(rows: list[dict], root: Path, name: str, base: str, parts: dict[str, str],
+           metrics=("hr@10", "ndcg@10"), recorded: dict | None = None) -> dict:
+    """Paired tests (t-test and Wilcoxon on per-user metrics averaged over the seeds) of ``name``
+    against ``base``; ``parts`` maps a protocol label to the per-user file of a run folder. The seeds
+    are those both have a per-user table of (:func:`per_user_table`), listed in ``seeds``; when no
+    seed has one on both sides, the ``recorded`` result (the results file's earlier one) is kept."""
     from recforge.evaluation.significance import paired_tests, seed_mean
 
-    seeds = sorted({r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == base})
-    if not seeds:
+    both = sorted({r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == base})
+    if not both:
         return {}
-    runs = {n: [root / r["run"] for s in seeds for r in rows if r["name"] == n and r["seed"] == s]
-            for n in (name, base)}
-    out: dict = {"seeds": seeds}
+    out: dict = {}
     for part, file in parts.items():
-        a, b = (seed_mean([pl.read_parquet(p / file) for p in runs[n]]) for n in (name, base))
+        tables = {n: {r["seed"]: per_user_table(root, r, file) for r in rows if r["name"] == n and r["seed"] in both}
+                  for n in (name, base)}
+        seeds = [s for s in both if tables[name].get(s) is not None and tables[base].get(s) is not None]
+        if not seeds:
+            continue
+        out.setdefault("seeds", seeds)
+        if seeds != out["seeds"]:
+            out[f"{part} seeds"] = seeds
+        a, b = (seed_mean([tables[n][s] for s in seeds]) for n in (name, base))
         # paired_tests' diff is b - a: stored as model minus baseline
         out[part] = {t["metric"]: {"model_minus_baseline": round(-t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
                                    "wilcoxon_p": float(f"{t['wilcoxon_p']:.3g}")}
                      for t in paired_tests(a, b, list(metrics))}
+    if not out and recorded:
+        return recorded
     return out
+
+
+def recorded_tests(out: Path) -> dict:
+    """``{model: {baseline: paired result}}`` of the results file ``out`` as it stands (empty when absent):
+    what :func:`paired` keeps where the per-user tables behind a result are gone."""
+    if not out.is_file():
+        return {}
+    return {n: s.get("vs", {}) for n, s in json.loads(out.read_text()).get("summary", {}).items()}
 
 
 def summarise(rows: list[dict], names, parts: list[str]) -> dict:

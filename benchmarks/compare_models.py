@@ -3,7 +3,7 @@ full ranking, paired tests, seconds per epoch and peak memory.
 
     python benchmarks/compare_models.py --family seq|graph [--data NAME|PATH] [--seeds 0,1,2]
                                         [--models NAME,...] [--jobs 2] [--budget SECONDS] [--fresh]
-                                        [--set KEY=VALUE ...] [--sampled] [--table]
+                                        [--set KEY=VALUE ...] [--sampled] [--table] [--merge FILE]
 
 Families (``FAMILIES``): ``seq``, the sequential seed systems against SASRec (GRec, CmnRec with its
 chunk modes (none: the memory network without chunks; pec, tsc: the paper's; gap: ours, by time gaps), MA-GNN, APGL4SR, DiffuASR with two backbones); ``graph``, the graph seed systems against
@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, run_lock, sampled99, summarise  # noqa: E402
+from compare_jobs import (SAMPLED99_FILE, collect, fit_figures, merge_rows, paired, recorded_tests,  # noqa: E402
+                          run_lock, sampled99, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -183,8 +184,10 @@ def write(out: Path, family: str, data: str, rows: list[dict], wall: float, sets
     fam = FAMILIES[family]
     parts = {k: v for k, v in PARTS.items() if all(k in r for r in rows)}
     summary = summarise(rows, fam["models"], list(parts))
+    before = recorded_tests(out)
     for name, s in summary.items():
-        s["vs"] = {b: paired(rows, ROOT, name, b, parts) for b in fam["baselines"] if b != name}
+        s["vs"] = {b: paired(rows, ROOT, name, b, parts, recorded=before.get(name, {}).get(b))
+                   for b in fam["baselines"] if b != name}
     result = {"family": family, "data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT),
               "protocol": "the data's default split (see each run's protocol.split); full ranking over every item, "
                           "the user's history excluded, pessimistic ties; subseq=none; early stopping on validation "
@@ -214,7 +217,8 @@ def add_sampled(out: Path, family: str, data: str, sets: dict[str, str], names: 
 
 def table(result: dict) -> str:
     """The results file as a Markdown table: mean ± sd over seeds, the paired difference to each
-    baseline with its t-test p-value, seconds per epoch and peak memory."""
+    baseline with its t-test p-value (and the seeds it pairs where fewer than the row's), seconds per
+    epoch and peak memory."""
     fam = FAMILIES[result["family"]]
     bases = fam["baselines"]
     sampled = "sampled99_protocol" in result
@@ -226,8 +230,11 @@ def table(result: dict) -> str:
                                                                 if sampled else [])
         cells = [name, str(len(s["seeds"]))] + [f"{s[k][0]:.4f} ± {s[k][1]:.4f}" for k in keys]
         for b in bases:
-            t = s.get("vs", {}).get(b, {}).get("full", {}).get("ndcg@10")
-            cells.append(f"{t['model_minus_baseline']:+.4f} ({t['t_test_p']:.2g})" if t else "–")
+            vs = s.get("vs", {}).get(b, {})
+            t = vs.get("full", {}).get("ndcg@10")
+            only = vs.get("seeds")  # the seeds with per-user tables on both sides, where not every seed
+            note = f"; seeds {','.join(map(str, only))}" if t and only and len(only) < len(s["seeds"]) else ""
+            cells.append(f"{t['model_minus_baseline']:+.4f} ({t['t_test_p']:.2g}{note})" if t else "–")
         cells += [f"{s['s_per_epoch']:.2f}" if s["s_per_epoch"] else "–", f"{s['peak_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -249,6 +256,9 @@ def main(argv=None) -> int:
                     help="evaluate the finished runs of the results file again under the labelled sampled-99 "
                          "protocol (no training) and add it beside full ranking")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of the results file; run nothing")
+    ap.add_argument("--merge", metavar="FILE", default=None,
+                    help="merge the JSON rows in FILE (one per line, e.g. a log's rows that could not be written) "
+                         "into the results file; run nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sets = parse_sets(args.set)
@@ -259,6 +269,10 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")
     if args.table:
         print(table(json.loads(out.read_text())))
+        return 0
+    if args.merge:
+        n = merge_rows(out, Path(args.merge), lambda rows, wall: write(out, args.family, args.data, rows, wall, sets))
+        print(f"merged {n} row(s) into {out}")
         return 0
     if args.sampled:
         add_sampled(out, args.family, args.data, sets, args.models.split(",") if args.models else None)

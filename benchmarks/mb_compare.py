@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_jobs import SAMPLED99_FILE, collect, fit_figures, paired, run_lock, sampled99, summarise  # noqa: E402
+from compare_jobs import (SAMPLED99_FILE, collect, fit_figures, merge_rows, paired, recorded_tests,  # noqa: E402
+                          run_lock, sampled99, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -125,18 +126,25 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
     ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
     ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
+    ap.add_argument("--merge", metavar="FILE", default=None,
+                    help="merge the JSON rows in FILE (one per line, e.g. a log's rows that could not be written) "
+                         "into the results file; run nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.data)))
+        return 0
+    label = args.data if args.data in DATASETS else Path(args.data).name
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mb_{label}.json")
+    if args.merge:
+        n = merge_rows(out, Path(args.merge), lambda rows, wall: write(out, args.data, rows, wall))
+        print(f"merged {n} row(s) into {out}")
         return 0
     path = DATASETS.get(args.data, Path(args.data))
     if not Path(path).exists():
         print(f"{path}: data folder not found (the shared datasets live in ../shared/data); nothing run",
               file=sys.stderr)
         return 2
-    label = args.data if args.data in DATASETS else Path(args.data).name
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"mb_{label}.json")
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
@@ -154,9 +162,10 @@ def main(argv=None) -> int:
 
 def write(out: Path, data: str, rows: list[dict], wall: float) -> None:
     summary = summarise(rows, MODELS, ["full", "sampled99"])
+    before = recorded_tests(out)
     for name, s in summary.items():
         if name not in BASELINES and name != "pop":
-            s["vs"] = {b: paired(rows, ROOT, name, b, PARTS) for b in BASELINES}
+            s["vs"] = {b: paired(rows, ROOT, name, b, PARTS, recorded=before.get(name, {}).get(b)) for b in BASELINES}
     result = {"data": os.path.relpath(DATASETS.get(data, Path(data)), ROOT), "target_behavior": "buy",
               "split": "given train/test files, validation carved from training (each user's last training "
                        "purchase, users with at least two)" if data != "taobao" else
