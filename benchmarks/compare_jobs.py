@@ -98,7 +98,9 @@ def merge_rows(out: Path, source: Path, write) -> int:
     with locked(out.with_name(f".{out.name}.lock")):
         old = json.loads(out.read_text()) if out.exists() else {}
         rows = [r for r in old.get("runs", []) if row_key(r) not in new]
-        write(rows + list(new.values()), old.get("wall_s", 0.0) + sum(r.get("wall_s", 0.0) for r in new.values()))
+        there = {r.get("run") for r in old.get("runs", [])}  # a row merged twice counts its time once
+        added = sum(r.get("wall_s", 0.0) for r in new.values() if r.get("run") not in there)
+        write(rows + list(new.values()), old.get("wall_s", 0.0) + added)
     return len(new)
 
 

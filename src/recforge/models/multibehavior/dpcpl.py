@@ -108,6 +108,7 @@ from recforge.models.multibehavior.base import BehaviorAware, history_windows, t
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import ACTIVATIONS, Dropout, init_weights
 from recforge.models.torch_base import TorchRecommender
+from recforge.training.losses import ce_loss
 from recforge.training.trainer import Trainer
 
 FINETUNE_MODES = ("prompt", "full")
@@ -389,9 +390,7 @@ class DPCPL(BehaviorAware, TorchRecommender):
     def loss(self, batch) -> torch.Tensor:
         prompted = self._stage == "tune"
         h = self.net_(batch["inp"], batch["beh"], prompted)
-        logits = h @ self.net_.item.weight.T
-        logits[:, 0] = -torch.inf
-        loss = F.cross_entropy(logits, batch["tgt"])
+        loss = ce_loss(h, self.net_.item.weight, batch["tgt"])
         if prompted and self.prompt_reg:
             loss = loss + self.prompt_reg * self.net_.prompts.diversity()
         return loss

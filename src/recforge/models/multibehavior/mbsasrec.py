@@ -45,6 +45,7 @@ from recforge.models.multibehavior.base import BehaviorAware, WindowBatches, his
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import (Block, Dropout, Layout, init_weights, set_transformer_params)
 from recforge.models.torch_base import TorchRecommender
+from recforge.training.losses import ce_loss
 
 SUBSEQ_MODES = ("none", "window")
 
@@ -142,9 +143,7 @@ class MBSASRec(WindowBatches, BehaviorAware, TorchRecommender):
         hidden = self.net_(batch["inp"], batch["beh"])
         tgt = batch["tgt"]
         sel = tgt > 0
-        logits = hidden[sel] @ self.net_.item.weight.T
-        logits[:, 0] = -torch.inf
-        return nn.functional.cross_entropy(logits, tgt[sel])
+        return ce_loss(hidden[sel], self.net_.item.weight, tgt[sel])  # fused: no (P, n_items) logits kept
 
     def score(self, hist) -> torch.Tensor:
         """Scores (batch, n_items + 1) on the model's device."""

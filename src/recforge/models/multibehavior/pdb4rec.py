@@ -80,6 +80,7 @@ from recforge.models.multibehavior.mbsasrec import next_target_items
 from recforge.models.sequential.base import pad_windows
 from recforge.models.sequential.modules import ACTIVATIONS, Dropout, init_weights
 from recforge.models.torch_base import TorchRecommender
+from recforge.training.losses import ce_loss
 
 SUBSEQ_MODES = ("target", "none", "prefix")
 
@@ -229,7 +230,7 @@ class PDB4Rec(WindowBatches, BehaviorAware, TorchRecommender):
         hp, hd, g = self.net_(batch["inp"], batch["beh"])
         tgt = batch["tgt"]
         a = torch.sigmoid(g).unsqueeze(-1)
-        loss = F.cross_entropy(self.logits(a * hp + (1 - a) * hd), tgt)
+        loss = ce_loss(a * hp + (1 - a) * hd, self.net_.item.weight, tgt)
         if self.balance_weight:
             with torch.no_grad():
                 lp = torch.log_softmax(self.logits(hp).float(), -1).gather(1, tgt.view(-1, 1)).squeeze(1)
