@@ -186,7 +186,9 @@ def per_user_table(root: Path, row: dict, file: str):
     import polars as pl
 
     run = Path(row["run"])
-    store = root / "benchmarks" / "results" / "per_user" / run.parent.relative_to(Path("benchmarks/results/runs"))
+    parts = run.parent.parts
+    sub = parts[len(parts) - parts[::-1].index("runs"):] if "runs" in parts else parts  # below runs/
+    store = root / "benchmarks" / "results" / "per_user" / Path(*sub)
     kept = store / f"{run.name}.{file}"
     if kept.is_file():
         return pl.read_parquet(kept)

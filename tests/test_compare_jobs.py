@@ -1,5 +1,6 @@
 """The comparison benchmarks' shared machinery (benchmarks/compare_jobs.py): calls running at once
-on the same data keep each other's rows, and a (model, seed) run folder has one writer at a time."""
+on the same data keep each other's rows, a (model, seed) run folder has one writer at a time, paired
+tests outlive the run folders (tracked per-user tables), and rows a failed write printed merge back."""
 
 from __future__ import annotations
 
@@ -68,3 +69,56 @@ def test_a_run_folder_has_one_writer(tmp_path):
     with compare_jobs.run_lock(folder):  # released: the next call takes it
         pass
     assert not folder.exists()  # the lock lives beside the folder, never inside it
+
+
+def _per_user_run(root: Path, name: str, seed: int, ndcg: list[float]) -> dict:
+    """A row whose run folder holds a per-user test table (users 0..n-1)."""
+    import polars as pl
+
+    run = Path("benchmarks/results/runs/seq/x") / f"{name}-s{seed}" / f"2026-{name}-s{seed}"
+    (root / run).mkdir(parents=True)
+    n = len(ndcg)
+    pl.DataFrame({"user": list(range(n)), "history_length": [3] * n, "mrr": ndcg, "hr@10": [float(v > 0) for v in ndcg],
+                  "ndcg@10": ndcg, "user_raw": [f"u{i}" for i in range(n)]}).write_parquet(root / run / "per_user_test.parquet")
+    return {"name": name, "seed": seed, "run": str(run)}
+
+
+def test_paired_tests_survive_lost_run_folders(tmp_path):
+    """Per-user tables are copied (their paired-test columns) to the tracked per_user/ folder; a lost
+    run folder then changes nothing, and seeds with no table on one side are left out, by name."""
+    import shutil
+
+    rng = __import__("numpy").random.default_rng(0)
+    base = [_per_user_run(tmp_path, "sasrec", s, list(rng.random(40))) for s in (0, 1)]
+    model = [_per_user_run(tmp_path, "grec", s, list(rng.random(40) * 0.5)) for s in (0, 1)]
+    rows, parts = base + model, {"full": "per_user_test.parquet"}
+    first = compare_jobs.paired(rows, tmp_path, "grec", "sasrec", parts)
+    assert first["seeds"] == [0, 1] and first["full"]["ndcg@10"]["model_minus_baseline"] < 0
+    kept = sorted((tmp_path / "benchmarks/results/per_user/seq/x").rglob("*.parquet"))
+    assert len(kept) == 4
+    assert __import__("polars").read_parquet(kept[0]).columns == ["user", "user_raw", "hr@10", "ndcg@10"]
+    shutil.rmtree(tmp_path / "benchmarks/results/runs")  # a fresh checkout: no run folders
+    assert compare_jobs.paired(rows, tmp_path, "grec", "sasrec", parts) == first
+    # a new seed whose baseline table never existed: paired over the seeds that have both, by name
+    rows = rows + [_per_user_run(tmp_path, "grec", 2, list(rng.random(40))), {"name": "sasrec", "seed": 2, "run": "gone/x"}]
+    assert compare_jobs.paired(rows, tmp_path, "grec", "sasrec", parts)["seeds"] == [0, 1]
+    # no seed with tables on both sides: the recorded result is kept, an empty one otherwise
+    lost = [{"name": "ease", "seed": 0, "run": "gone/e"}, *model]
+    recorded = {"seeds": [0], "full": {"ndcg@10": {"model_minus_baseline": -0.1, "t_test_p": 0.01, "wilcoxon_p": 0.02}}}
+    assert compare_jobs.paired(lost, tmp_path, "grec", "ease", parts, recorded=recorded) == recorded
+    assert compare_jobs.paired(lost, tmp_path, "grec", "ease", parts) == {}
+
+
+def test_merge_puts_back_printed_rows_and_counts_their_time_once(tmp_path):
+    out = tmp_path / "seq_x.json"
+    out.write_text(json.dumps({"runs": [{"name": "pop", "seed": 0, "run": "a"}, {"name": "grec", "seed": 1, "run": "b"}],
+                               "wall_s": 10.0}))
+    log = tmp_path / "queue.log"
+    row = {"name": "grec", "seed": 1, "run": "c", "wall_s": 5.0}
+    log.write_text("== start grec seed 1\ncould not write seq_x.json; the row, to merge by hand:\n"
+                   f"{json.dumps(row)}\nTraceback (most recent call last):\n")
+    assert compare_jobs.merge_rows(out, log, write_rows(out)) == 1
+    data = json.loads(out.read_text())
+    assert {(r["name"], r["run"]) for r in data["runs"]} == {("pop", "a"), ("grec", "c")} and data["wall_s"] == 15.0
+    compare_jobs.merge_rows(out, log, write_rows(out))  # the same log again: the same file
+    assert json.loads(out.read_text()) == data
