@@ -208,8 +208,9 @@ def paired(rows: list[dict], root: Path, name: str, base: str, parts: dict[str, 
            metrics=("hr@10", "ndcg@10"), recorded: dict | None = None) -> dict:
     """Paired tests (t-test and Wilcoxon on per-user metrics averaged over the seeds) of ``name``
     against ``base``; ``parts`` maps a protocol label to the per-user file of a run folder. The seeds
-    are those both have a per-user table of (:func:`per_user_table`), listed in ``seeds``; when no
-    seed has one on both sides, the ``recorded`` result (the results file's earlier one) is kept."""
+    are those both have a per-user table of (:func:`per_user_table`), listed in ``seeds``. Where the
+    ``recorded`` result (the results file's earlier one) pairs more seeds, it stays the result and the
+    new one is kept under ``other`` (and the other way round), so a lost table never loses a result."""
     from recforge.evaluation.significance import paired_tests, seed_mean
 
     both = sorted({r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in rows if r["name"] == base})
@@ -230,9 +231,10 @@ def paired(rows: list[dict], root: Path, name: str, base: str, parts: dict[str, 
         out[part] = {t["metric"]: {"model_minus_baseline": round(-t["diff"], 4), "t_test_p": float(f"{t['t_test_p']:.3g}"),
                                    "wilcoxon_p": float(f"{t['wilcoxon_p']:.3g}")}
                      for t in paired_tests(a, b, list(metrics))}
-    if not out and recorded:
-        return recorded
-    return out
+    recorded = {k: v for k, v in (recorded or {}).items() if k != "other"}
+    if len(recorded.get("seeds", [])) > len(out.get("seeds", [])):  # an earlier result over more seeds
+        return {**recorded, "other": out} if out else recorded
+    return {**out, "other": recorded} if recorded and recorded.get("seeds") != out.get("seeds") else out
 
 
 def recorded_tests(out: Path) -> dict:

@@ -107,6 +107,13 @@ def test_paired_tests_survive_lost_run_folders(tmp_path):
     recorded = {"seeds": [0], "full": {"ndcg@10": {"model_minus_baseline": -0.1, "t_test_p": 0.01, "wilcoxon_p": 0.02}}}
     assert compare_jobs.paired(lost, tmp_path, "grec", "ease", parts, recorded=recorded) == recorded
     assert compare_jobs.paired(lost, tmp_path, "grec", "ease", parts) == {}
+    # a recorded result over more seeds than the tables left stays the result; the new one beside it
+    wider = {**recorded, "seeds": [0, 1, 2]}
+    got = compare_jobs.paired(rows, tmp_path, "grec", "sasrec", parts, recorded=wider)
+    assert got["seeds"] == [0, 1, 2] and got["other"] == first
+    narrow = {**recorded, "seeds": [5]}
+    got = compare_jobs.paired(rows, tmp_path, "grec", "sasrec", parts, recorded=narrow)
+    assert got["seeds"] == [0, 1] and got["other"] == narrow
 
 
 def test_merge_puts_back_printed_rows_and_counts_their_time_once(tmp_path):
