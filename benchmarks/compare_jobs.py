@@ -178,6 +178,10 @@ def mean_sd(vals: list[float]) -> list[float]:
 PER_USER_COLUMNS = ("user", "user_raw", "hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
 
+#: per-user tables read so far, by (root, run, file): a baseline's tables serve every model it is paired with
+_TABLES: dict[tuple[str, str, str], object] = {}
+
+
 def per_user_table(root: Path, row: dict, file: str):
     """The per-user table ``file`` of a row's run, from its tracked copy (``benchmarks/results/per_user/``,
     the :data:`PER_USER_COLUMNS` only: run folders are not kept in the repository) or else from the run
@@ -185,22 +189,27 @@ def per_user_table(root: Path, row: dict, file: str):
     were kept)."""
     import polars as pl
 
+    key = (str(root), row["run"], file)
+    if key in _TABLES:
+        return _TABLES[key]
     run = Path(row["run"])
     parts = run.parent.parts
     sub = parts[len(parts) - parts[::-1].index("runs"):] if "runs" in parts else parts  # below runs/
     store = root / "benchmarks" / "results" / "per_user" / Path(*sub)
     kept = store / f"{run.name}.{file}"
-    if kept.is_file():
-        return pl.read_parquet(kept)
     src = root / run / file
-    if not src.is_file():
-        return None
-    t = pl.read_parquet(src)
-    t = t.select([c for c in PER_USER_COLUMNS if c in t.columns])
-    store.mkdir(parents=True, exist_ok=True)
-    for old in store.glob(f"*.{file}"):  # an earlier run of the same (model, seed)
-        old.unlink()
-    t.write_parquet(kept, compression="zstd")
+    if kept.is_file():
+        t = pl.read_parquet(kept)
+    elif src.is_file():
+        t = pl.read_parquet(src)
+        t = t.select([c for c in PER_USER_COLUMNS if c in t.columns])
+        store.mkdir(parents=True, exist_ok=True)
+        for old in store.glob(f"*.{file}"):  # an earlier run of the same (model, seed)
+            old.unlink()
+        t.write_parquet(kept, compression="zstd")
+    else:
+        return None  # not remembered: the table may appear later (a run still writing it)
+    _TABLES[key] = t
     return t
 
 

@@ -98,6 +98,7 @@ def test_paired_tests_survive_lost_run_folders(tmp_path):
     assert len(kept) == 4
     assert __import__("polars").read_parquet(kept[0]).columns == ["user", "user_raw", "hr@10", "ndcg@10"]
     shutil.rmtree(tmp_path / "benchmarks/results/runs")  # a fresh checkout: no run folders
+    compare_jobs._TABLES.clear()  # and a fresh process: nothing read yet
     assert compare_jobs.paired(rows, tmp_path, "grec", "sasrec", parts) == first
     # a new seed whose baseline table never existed: paired over the seeds that have both, by name
     rows = rows + [_per_user_run(tmp_path, "grec", 2, list(rng.random(40))), {"name": "sasrec", "seed": 2, "run": "gone/x"}]

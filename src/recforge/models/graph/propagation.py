@@ -7,7 +7,7 @@ normalisation ``D^-1/2 A D^-1/2`` (``D`` the degrees; isolated nodes get 0).
 
 Propagation multiplies a dense (n_nodes, d) matrix by the normalised adjacency, a SciPy CSR
 matrix turned into a torch sparse CSR tensor. Because that matrix is symmetric, the backward pass
-is the same product (:class:`SymmetricSpMM`), so torch never transposes it.
+is the same product (:class:`SparseMM` with ``adj`` as its own transpose), so torch never transposes it.
 """
 
 from __future__ import annotations
@@ -58,19 +58,6 @@ def to_torch(a: sp.csr_matrix, device: torch.device | str | None = None) -> torc
         return t if device is None or torch.device(device).type == "cpu" else t.to(device)
 
 
-class SymmetricSpMM(torch.autograd.Function):
-    """``adj @ x`` for a symmetric sparse ``adj``; the gradient is ``adj @ grad``."""
-
-    @staticmethod
-    def forward(ctx, adj, x):
-        ctx.adj = adj
-        return adj @ x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, ctx.adj @ grad.contiguous()
-
-
 class SparseMM(torch.autograd.Function):
     """``a @ x`` for a sparse ``a`` whose transpose ``a_t`` is given: the gradient is ``a_t @ grad``
     (no transpose of ``a`` built at every backward pass, as ``torch.sparse.mm``'s own gradient does)."""
@@ -108,7 +95,7 @@ def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return spmm(adj, x.float())
     if x.requires_grad:
-        return SymmetricSpMM.apply(adj, x)
+        return SparseMM.apply(adj, adj, x)  # symmetric: the transpose is adj itself
     return adj @ x
 
 
