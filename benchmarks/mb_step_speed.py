@@ -1,10 +1,11 @@
 """Training and scoring cost of a multi-behaviour model, this checkout against an earlier revision.
 
     python benchmarks/mb_step_speed.py --model mbgcn --data tmall --against REV [--rounds 2]
-                                       [--users 2048] [--set key=value ...]
+                                       [--users 2048] [--steps N] [--set key=value ...]
 
 Each side (this checkout's ``src`` and ``REV``'s, exported by ``git archive`` into a temporary folder)
-trains the model for one epoch on the data set's training part (no validation) and scores the first
+trains the model for one epoch on the data set's training part (no validation; with ``--steps N``, the
+epoch's first N optimiser steps only, for models whose epoch is long) and scores the first
 ``--users`` test histories over the whole catalogue, in a fresh process with one PyTorch thread. The
 figures are process CPU seconds (not wall time: the machine may be shared), the median over
 ``--rounds`` rounds that alternate which side runs first; the ratio ``REV / this checkout`` is the
@@ -16,6 +17,7 @@ overrides), so a change that keeps the model's arithmetic must show the same los
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -33,7 +35,7 @@ from mb_compare import DATASETS  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(model: str, data: str, users: int, sets: list[str]) -> dict:
+def worker(model: str, data: str, users: int, sets: list[str], steps: int | None = None) -> dict:
     """One epoch of training and one scoring pass in this process (the ``recforge`` on the path)."""
     import torch
 
@@ -53,6 +55,10 @@ def worker(model: str, data: str, users: int, sets: list[str]) -> dict:
     params["verbose"] = False
     torch.manual_seed(0)
     est = registry.create(model, **params)
+    if steps:  # the epoch's first ``steps`` batches
+        batches, count = est.train_batches, est.n_train_batches
+        est.train_batches = lambda split, rng: itertools.islice(batches(split, rng), steps)
+        est.n_train_batches = lambda split: min(steps, count(split))
     t0 = time.process_time()
     est.fit(split, None)
     fit_cpu = time.process_time() - t0
@@ -81,7 +87,8 @@ def export(rev: str, into: Path) -> Path:
 def run_side(src: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--data", args.data,
-           "--users", str(args.users)] + [f"--set={s}" for s in args.set]
+           "--users", str(args.users)] + (["--steps", str(args.steps)] if args.steps else [])
+    cmd += [f"--set={s}" for s in args.set]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"worker on {src} failed:\n{out.stderr[-3000:]}")
@@ -95,11 +102,12 @@ def main(argv=None) -> int:
     ap.add_argument("--against", help="the earlier revision (a git commit or ref)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--users", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=None, help="train the first N steps of the epoch only")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.model, args.data, args.users, args.set)))
+        print(json.dumps(worker(args.model, args.data, args.users, args.set, args.steps)))
         return 0
     if not args.against:
         ap.error("--against REV is required (the revision to compare with)")
@@ -120,14 +128,14 @@ def main(argv=None) -> int:
            for name, v in rows.items()}
     new, old = med["this checkout"], med[args.against]
     res = {"model": args.model, "data": args.data, "against": args.against, "rounds": args.rounds,
-           "users_scored": rows["this checkout"][0]["users_scored"], "sets": args.set,
+           "users_scored": rows["this checkout"][0]["users_scored"], "sets": args.set, "steps": args.steps,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, one PyTorch thread per side",
            "date": time.strftime("%Y-%m-%d"), "runs": rows, "median": med,
            "speedup": {"fit": round(old["fit_cpu_s"] / new["fit_cpu_s"], 2),
                        "score": round(old["score_cpu_s"] / new["score_cpu_s"], 2)}}
     out = ROOT / "benchmarks" / "results" / f"mb_step_speed_{args.model}_{args.data}.json"
     out.write_text(json.dumps(res, indent=1))
-    print(f"one training epoch: {old['fit_cpu_s']:.1f} -> {new['fit_cpu_s']:.1f} CPU s "
+    print(f"{f'{args.steps} training steps' if args.steps else 'one training epoch'}: {old['fit_cpu_s']:.1f} -> {new['fit_cpu_s']:.1f} CPU s "
           f"({res['speedup']['fit']:.2f}x); scoring {res['users_scored']} users: {old['score_cpu_s']:.1f} -> "
           f"{new['score_cpu_s']:.1f} CPU s ({res['speedup']['score']:.2f}x)\nwrote {out}")
     return 0

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 import recforge.models.multibehavior.cigf as cigf_module
@@ -21,7 +22,7 @@ from recforge.data.split import leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
-from recforge.models.multibehavior.ckml import BehaviorAttention, route
+from recforge.models.multibehavior.ckml import BehaviorAttention, edges_of, route
 from recforge.models.multibehavior.mbgcn import row_mean
 from recforge.models.registry import create
 from recforge.pipeline import eval_sets
@@ -132,11 +133,16 @@ def test_mesi_gates_by_hand(tiny, monkeypatch):
 
 
 def test_dynamic_routing_by_hand():
-    """Two interests, three edges into target 0 (two) and 1 (one), target 2 without edges."""
-    src = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]],
-                        [[0.0, 1.0], [1.0, 1.0], [-1.0, 2.0]]])  # (K=2, E=3, d=2)
-    tgt = torch.tensor([0, 0, 1])
-    one = route(src, tgt, 3, iterations=1, temperature=1.0)
+    """Two interests, three edges into target 0 (two) and 1 (one), target 2 without edges; the
+    sources are nodes 0..3 (node 3 sends nothing), node 1 sending to both targets 0 and 1."""
+    z = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [5.0, 5.0]],
+                      [[0.0, 1.0], [1.0, 1.0], [-1.0, 2.0], [5.0, -5.0]]])  # (K=2, m=4, d=2)
+    src_of, tgt_of = [0, 1, 1], [0, 0, 1]  # edges (source → target)
+    m = sp.csr_matrix((np.ones(3, dtype=np.float32), (tgt_of, src_of)), shape=(3, 4))
+    args = edges_of(m, "cpu")
+    src = z[:, src_of]  # (K, E=3, d): each edge's source embeddings
+    tgt = torch.tensor(tgt_of)
+    one = route(z, *args, iterations=1, temperature=1.0)
     # one iteration: uniform routing, the plain mean of each target's sources
     torch.testing.assert_close(one[:, 0], src[:, :2].mean(1))
     torch.testing.assert_close(one[:, 1], src[:, 2])
@@ -155,11 +161,15 @@ def test_dynamic_routing_by_hand():
         for v in range(2):
             es = [e for e in range(3) if tgt[e] == v]
             expect[k, v] = sum(p[k, e] * s[k, e] for e in es) / sum(p[k, e] for e in es)
-    two = route(src, tgt, 3, iterations=2, temperature=0.5).numpy()
+    two = route(z, *args, iterations=2, temperature=0.5).numpy()
     np.testing.assert_allclose(two, expect, rtol=1e-5, atol=1e-6)
     assert not np.allclose(two[:, 0], m1[:, 0])  # the routing moved the mean of target 0
     # a very high temperature keeps the routing uniform
-    torch.testing.assert_close(route(src, tgt, 3, iterations=3, temperature=1e6), one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(route(z, *args, iterations=3, temperature=1e6), one, atol=1e-5, rtol=1e-5)
+    # the gradient reaches the sources that send, and only them
+    zg = z.clone().requires_grad_(True)
+    route(zg, *args, iterations=2, temperature=0.5).sum().backward()
+    assert zg.grad[:, :3].abs().sum() > 0 and zg.grad[:, 3].abs().sum() == 0
 
 
 def test_attention_across_behaviours_by_hand():

@@ -105,22 +105,43 @@ KNOWLEDGE_FIX = ("set data.knowledge=co-interaction (item pairs that several use
                  "training part) or data.knowledge=category (items sharing a category), or give a triple file")
 
 
-def route(src: torch.Tensor, tgt: torch.Tensor, n: int, iterations: int, temperature: float) -> torch.Tensor:
-    """Dynamic routing of edges among interests. ``src`` (K, E, d): the interest embeddings of each
-    edge's source node; ``tgt`` (E,): each edge's target node among ``n``. Returns (K, n, d): per
-    interest, the routing-weighted mean of each target's incoming sources (0 without any)."""
-    k, e, d = src.shape
-    logits = src.new_zeros(k, e)
-    src_n = F.normalize(src, dim=-1)
-    val = src.new_zeros(k, n, d)
-    for it in range(iterations):
+def route(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, mean: tuple, iterations: int,
+          temperature: float) -> torch.Tensor:
+    """Dynamic routing of edges among interests. ``z`` (K, m, d): the interest embeddings of the
+    source nodes; edge ``e`` goes from source ``src[e]`` to target ``tgt[e]``; ``mean``: the
+    :func:`sparse_mm` pair of the row-mean (targets x sources) matrix of those edges. Returns
+    (K, n, d): per interest, the routing-weighted mean of each target's incoming sources (0 without
+    any).
+
+    The first iteration's routing weights are uniform, so its message is the plain mean of the
+    neighbours (a sparse product); the later ones gather per edge. The edge-level terms are kept to
+    what varies per edge: ``⟨ẑ_w, tanh(m̂_v)⟩`` is ``⟨z_w, tanh(m̂_v)⟩ / ‖z_w‖`` with ``tanh(m̂)``
+    computed per target node and ``‖z‖`` per source node, not per edge."""
+    val = torch.stack([sparse_mm(mean, z[k]) for k in range(z.shape[0])], 0)
+    if iterations == 1:
+        return val
+    k, n, d = val.shape
+    zs = z.index_select(1, src)  # (K, E, d)
+    inv_norm = z.norm(dim=-1).clamp_min(1e-12).reciprocal().index_select(1, src)  # (K, E)
+    logits = None
+    for _ in range(iterations - 1):
+        agree = (zs * torch.tanh(F.normalize(val, dim=-1)).index_select(1, tgt)).sum(-1) * inv_norm
+        logits = agree if logits is None else logits + agree
         p = torch.softmax(logits / temperature, 0)
-        den = src.new_zeros(k, n).index_add(1, tgt, p)
-        w = p / den[:, tgt].clamp_min(1e-12)
-        val = src.new_zeros(k, n, d).index_add(1, tgt, w.unsqueeze(-1) * src)
-        if it + 1 < iterations:
-            logits = logits + (src_n * torch.tanh(F.normalize(val[:, tgt], dim=-1))).sum(-1)
+        den = p.new_zeros(k, n).index_add(1, tgt, p)
+        w = p / den.index_select(1, tgt).clamp_min(1e-12)
+        val = zs.new_zeros(k, n, d).index_add(1, tgt, w.unsqueeze(-1) * zs)
     return val
+
+
+def edges_of(m: sp.csr_matrix, device) -> tuple:
+    """The routing arguments of a binary (targets x sources) matrix: ``(src, tgt, mean)`` (see :func:`route`)."""
+    m = sp.csr_matrix(m, copy=True)
+    m.eliminate_zeros()  # a stored 0 is no edge
+    coo = m.tocoo()
+    tgt = torch.from_numpy(coo.row.astype(np.int64)).to(device)
+    src = torch.from_numpy(coo.col.astype(np.int64)).to(device)
+    return src, tgt, torch_pair(row_mean(m), device)
 
 
 class BehaviorAttention(nn.Module):
@@ -211,18 +232,14 @@ class CKML(BehaviorAware, TorchRecommender):
         return rels, graphs
 
     def graphs(self) -> dict:
-        """Torch sparse graphs on the model's device (built on first use): per behaviour the
-        row-mean user → item and item → user blocks with their transposes, and per relation the
-        row-mean item → tail (and, for entity relations, entity → item) matrices."""
+        """Torch graphs on the model's device (built on first use): per behaviour the routing
+        arguments (:func:`edges_of`) into users and into items, and per relation the row-mean
+        item → tail (and, for entity relations, entity → item) matrices."""
         g = getattr(self, "_graphs", None)
         if g is None:
             dev = self.device_
-            beh = []
-            for r in self.user_graphs_:
-                coo = r.tocoo()
-                u = torch.from_numpy(coo.row.astype(np.int64)).to(dev)
-                i = torch.from_numpy(coo.col.astype(np.int64)).to(dev)
-                beh.append((u, i))
+            # per behaviour: into users (sources: items) and into items (sources: users)
+            beh = [(edges_of(r, dev), edges_of(sp.csr_matrix(r.T), dev)) for r in self.user_graphs_]
             kg = []
             for (_, kind, _), m in zip(self.relations_, self.relation_graphs_):
                 hops = [torch_pair(row_mean(m), dev)]
@@ -295,7 +312,6 @@ class CKML(BehaviorAware, TorchRecommender):
         """Over the training graph: per behaviour the users' and items' ``r^{b,·}`` (K, n, d), the
         items' layer inputs ``z_0..z_{L-1}`` per behaviour, and the knowledge embeddings ``x^r``."""
         g, net = self.graphs(), self.net_
-        n_u, n_i = self.n_users_, self.n_items_ + 1
         kg = self.knowledge_items()
         zi = self.initial_items(kg)
         zu = [net.user.weight.unsqueeze(0).expand(self.n_interests, -1, -1)] * len(zi)
@@ -303,9 +319,9 @@ class CKML(BehaviorAware, TorchRecommender):
         out_u = out_i = None
         for layer in range(self.n_layers):
             mu, mi = [], []
-            for b, (u, i) in enumerate(g["edges"]):
-                mu.append(self.act(route(zi[b][:, i], u, n_u, self.n_iterations, self.temperature)))
-                mi.append(self.act(route(zu[b][:, u], i, n_i, self.n_iterations, self.temperature)))
+            for b, (into_users, into_items) in enumerate(g["edges"]):
+                mu.append(self.act(route(zi[b], *into_users, self.n_iterations, self.temperature)))
+                mi.append(self.act(route(zu[b], *into_items, self.n_iterations, self.temperature)))
             yu, yi = self.across_behaviors(layer, mu, "user"), self.across_behaviors(layer, mi, "item")
             zu = [z + y for z, y in zip(zu, yu)]
             zi = [z + y for z, y in zip(zi, yi)]
@@ -319,17 +335,11 @@ class CKML(BehaviorAware, TorchRecommender):
     def history_users(self, mats: list[sp.csr_matrix], item_layers: list) -> list[torch.Tensor]:
         """Per behaviour the ``r^{b,·}`` (K, batch, d) of history rows (``mats``: per behaviour the
         binary batch x items matrix)."""
-        dev = self.device_
-        edges = []
-        for m in mats:
-            coo = m.tocoo()
-            edges.append((torch.from_numpy(coo.row.astype(np.int64)).to(dev),
-                          torch.from_numpy(coo.col.astype(np.int64)).to(dev)))
-        n = mats[0].shape[0]
+        edges = [edges_of(m, self.device_) for m in mats]
         out = None
         for layer in range(self.n_layers):
-            msgs = [self.act(route(item_layers[b][layer][:, i], r, n, self.n_iterations, self.temperature))
-                    for b, (r, i) in enumerate(edges)]
+            msgs = [self.act(route(item_layers[b][layer], *e, self.n_iterations, self.temperature))
+                    for b, e in enumerate(edges)]
             y = self.across_behaviors(layer, msgs, "user")
             out = y if out is None else [o + v for o, v in zip(out, y)]
         return out
