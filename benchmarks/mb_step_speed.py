@@ -111,6 +111,11 @@ def main(argv=None) -> int:
         return 0
     if not args.against:
         ap.error("--against REV is required (the revision to compare with)")
+    try:  # recorded as the commit it names now (HEAD, a branch... move)
+        args.against = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.against], check=True,
+                                      capture_output=True, text=True).stdout.strip()
+    except subprocess.CalledProcessError:
+        ap.error(f"--against {args.against}: not a revision of this repository (git rev-parse failed)")
     path = DATASETS.get(args.data, Path(args.data))
     if not Path(path).exists():
         print(f"{path}: data not found (the shared datasets live in ../shared/data); nothing run", file=sys.stderr)
