@@ -170,6 +170,11 @@ def test_dynamic_routing_by_hand():
     zg = z.clone().requires_grad_(True)
     route(zg, *args, iterations=2, temperature=0.5).sum().backward()
     assert zg.grad[:, :3].abs().sum() > 0 and zg.grad[:, 3].abs().sum() == 0
+    # sources whose interests are one shared vector (expanded): the routing stays the plain mean,
+    # as the edge-by-edge computation on a materialised copy gives
+    same = z[0].unsqueeze(0).expand(2, -1, -1)
+    torch.testing.assert_close(route(same, *args, iterations=3, temperature=0.5),
+                               route(same.contiguous(), *args, iterations=3, temperature=0.5))
 
 
 def test_attention_across_behaviours_by_hand():

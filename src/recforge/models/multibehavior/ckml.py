@@ -116,7 +116,11 @@ def route(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, mean: tuple, it
     The first iteration's routing weights are uniform, so its message is the plain mean of the
     neighbours (a sparse product); the later ones gather per edge. The edge-level terms are kept to
     what varies per edge: ``⟨ẑ_w, tanh(m̂_v)⟩`` is ``⟨z_w, tanh(m̂_v)⟩ / ‖z_w‖`` with ``tanh(m̂)``
-    computed per target node and ``‖z‖`` per source node, not per edge."""
+    computed per target node and ``‖z‖`` per source node, not per edge. Where every interest of the
+    sources is the same vector (``z`` expanded along K, as the users' first layer is), every edge
+    agrees equally with every interest, so the routing stays uniform: the mean, computed once."""
+    if z.shape[0] > 1 and z.stride(0) == 0:
+        return sparse_mm(mean, z[0]).unsqueeze(0).expand(z.shape[0], -1, -1)
     val = torch.stack([sparse_mm(mean, z[k]) for k in range(z.shape[0])], 0)
     if iterations == 1:
         return val
