@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(model: str, data: str, users: int, sets: list[str], steps: int | None = None) -> dict:
-    """One epoch of training and one scoring pass in this process (the ``recforge`` on the path)."""
+    """One epoch of training (its first ``steps`` batches where given) and one scoring pass in this
+    process (the ``recforge`` on the path)."""
     import torch
 
     from recforge import api
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
                        "score": round(old["score_cpu_s"] / new["score_cpu_s"], 2)}}
     out = ROOT / "benchmarks" / "results" / f"mb_step_speed_{args.model}_{args.data}.json"
     out.write_text(json.dumps(res, indent=1))
-    print(f"{f'{args.steps} training steps' if args.steps else 'one training epoch'}: {old['fit_cpu_s']:.1f} -> {new['fit_cpu_s']:.1f} CPU s "
+    trained = f"{args.steps} training steps" if args.steps else "one training epoch"
+    print(f"{trained}: {old['fit_cpu_s']:.1f} -> {new['fit_cpu_s']:.1f} CPU s "
           f"({res['speedup']['fit']:.2f}x); scoring {res['users_scored']} users: {old['score_cpu_s']:.1f} -> "
           f"{new['score_cpu_s']:.1f} CPU s ({res['speedup']['score']:.2f}x)\nwrote {out}")
     return 0
