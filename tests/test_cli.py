@@ -298,3 +298,15 @@ def test_separator_overrides_stay_text():
     assert [parse_value(v) for v in ("|", ">", "#", ";", "a|b")] == ["|", ">", "#", ";", "a|b"]
     assert [parse_value(v) for v in ("null", "~", "", "3", "1e-3", "[64, 64]", "true")] == [
         None, None, None, 3, 1e-3, [64, 64], True]
+
+
+def test_python_dash_m_runs_the_command():
+    """``python -m recforge`` is the ``recforge`` command: same listing, same exit status on bad input."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "recforge", "models"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "sasrec" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "recforge", "train", "no-such-model", "--data", "synthetic"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no-such-model" in bad.stderr
