@@ -35,6 +35,11 @@ def test_lr_factor_by_hand():
     assert lr_factor(warm, 6.0) == pytest.approx(0.5)  # half of the 8 remaining epochs
     step = _Sched(lr_schedule="step")
     assert [lr_factor(step, t) for t in (0.0, 2.9, 3.0, 6.5)] == pytest.approx([1.0, 1.0, 0.5, 0.25])
+    # every 3 optimiser updates, 4 updates an epoch: after 2, 3, 5, 6 and 12 updates
+    per_update = _Sched(lr_schedule="step", lr_step_unit="update")
+    assert [lr_factor(per_update, u / 4, 4) for u in (2, 3, 5, 6, 12)] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.0625])
+    # the epoch unit ignores the number of updates an epoch
+    assert lr_factor(step, 1.5, 4) == lr_factor(step, 1.5) == 1.0
 
 
 def _model(name="sasrec", **kw):
@@ -54,6 +59,17 @@ def test_schedule_changes_the_learning_rate_in_training(synthetic_loo):
     assert lrs[0] > lrs[1] > lrs[2]
     with pytest.raises(ConfigError, match="lr_schedule"):
         _model(lr_schedule="linear").fit(split, valid)
+
+
+def test_step_schedule_counts_optimiser_updates(synthetic_loo):
+    split, valid, _ = synthetic_loo
+    m = _model(lr_schedule="step", lr_step_unit="update", lr_step=3, lr_gamma=0.5, epochs=3).fit(split, valid)
+    n = m.n_train_batches(split)
+    # an epoch's row carries the rate of its last update, taken after (e - 1) * n + n - 1 updates
+    want = [m.lr * 0.5 ** (((e - 1) * n + n - 1) // 3) for e in (1, 2, 3)]
+    assert n > 3 and [row["lr"] for row in m.history_["epochs"]] == pytest.approx(want)
+    with pytest.raises(ConfigError, match="lr_step_unit"):
+        _model(lr_schedule="step", lr_step_unit="steps").fit(split, valid)
 
 
 def test_callbacks_see_every_epoch_and_can_stop_training(synthetic_loo):

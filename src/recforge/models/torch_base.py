@@ -22,10 +22,11 @@ class TorchRecommender(Recommender):
     Where it runs: ``device`` (``auto``: CUDA when present; ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and
     ``precision`` (``fp32``, ``bf16``, ``fp16``: mixed precision of the loss computation). The learning
     rate follows ``lr_schedule``: ``constant``, ``cosine`` (from ``lr`` to 0 over ``epochs``),
-    ``step`` (times ``lr_gamma`` every ``lr_step`` epochs) or ``plateau`` (times ``lr_gamma`` after
-    every validation that does not improve on the best, as Keras's and FuxiCTR's reduce-on-plateau
-    with ``lr_gamma=0.1``; early stopping still counts such validations), after a linear warm-up of
-    ``warmup_epochs`` (fractions allowed), updated at every batch. Models that hold tensors outside
+    ``step`` (times ``lr_gamma`` every ``lr_step`` epochs, or every ``lr_step`` optimiser updates with
+    ``lr_step_unit=update``, as TensorFlow's staircase ``exponential_decay``) or ``plateau`` (times
+    ``lr_gamma`` after every validation that does not improve on the best, as Keras's and FuxiCTR's
+    reduce-on-plateau with ``lr_gamma=0.1``; early stopping still counts such validations), after a
+    linear warm-up of ``warmup_epochs`` (fractions allowed), updated at every batch. Models that hold tensors outside
     their network move them in :meth:`on_device`.
 
     Attributes that are not hyper-parameters, set before ``fit`` by the caller: ``checkpoint_dir``
@@ -37,12 +38,13 @@ class TorchRecommender(Recommender):
                  patience: int = 5, eval_every: int = 1, valid_metric: str = "ndcg@10",
                  eval_batch_size: int = 1024, seed: int = 0, verbose: bool = True, device: str = "auto",
                  precision: str = "fp32", lr_schedule: str = "constant", warmup_epochs: float = 0.0,
-                 lr_step: int = 10, lr_gamma: float = 0.5):
+                 lr_step: int = 10, lr_gamma: float = 0.5, lr_step_unit: str = "epoch"):
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.patience, self.eval_every, self.valid_metric = patience, eval_every, valid_metric
         self.eval_batch_size, self.seed, self.verbose = eval_batch_size, seed, verbose
         self.device, self.precision = device, precision
         self.lr_schedule, self.warmup_epochs, self.lr_step, self.lr_gamma = lr_schedule, warmup_epochs, lr_step, lr_gamma
+        self.lr_step_unit = lr_step_unit
         self.checkpoint_dir = self.resume_from = None
         self.callbacks: list = []
 
@@ -132,6 +134,11 @@ class TorchRecommender(Recommender):
             from recforge.errors import ConfigError
 
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if getattr(self, "lr_step_unit", "epoch") not in ("epoch", "update"):
+            from recforge.errors import ConfigError
+
+            raise ConfigError(f"lr_step_unit={self.lr_step_unit!r}: choose epoch (lr_step counts epochs) or update "
+                              "(lr_step counts optimiser updates)")
         check_precision(self.precision, self.device_)
         set_seed(self.seed)
         self.n_users_, self.n_items_ = split.n_users, split.n_items

@@ -65,8 +65,9 @@ class TrainHistory:
                 "seconds": round(self.seconds, 2), "epochs": self.epochs}
 
 
-def lr_factor(model, t: float) -> float:
-    """The multiplier of ``model.lr`` at training time ``t`` (in epochs, 0 = start)."""
+def lr_factor(model, t: float, updates_per_epoch: int = 1) -> float:
+    """The multiplier of ``model.lr`` at training time ``t`` (in epochs, 0 = start); an epoch is
+    ``updates_per_epoch`` optimiser updates (``lr_step_unit=update`` counts those)."""
     warm = float(model.warmup_epochs or 0.0)
     f = min(1.0, (t + 1e-12) / warm) if warm > 0 else 1.0
     if model.lr_schedule == "cosine":
@@ -74,7 +75,10 @@ def lr_factor(model, t: float) -> float:
         progress = min(max(t - warm, 0.0) / span, 1.0)
         f *= 0.5 * (1.0 + math.cos(math.pi * progress))
     elif model.lr_schedule == "step":
-        f *= float(model.lr_gamma) ** int(max(t, 0.0) // max(int(model.lr_step), 1))
+        x = max(t, 0.0)
+        if getattr(model, "lr_step_unit", "epoch") == "update":
+            x = math.floor(x * updates_per_epoch + 1e-6)  # updates done so far
+        f *= float(model.lr_gamma) ** int(x // max(int(model.lr_step), 1))
     return f
 
 
@@ -230,7 +234,7 @@ class Trainer:
                 drop = float(m.lr_gamma) ** plateau_drops(hist.epochs, metric) if m.lr_schedule == "plateau" else 1.0
                 for batch in bar:
                     if m.lr_schedule != "constant" or m.warmup_epochs:
-                        f = lr_factor(m, epoch - 1 + min(n_batches / n_expected, 1.0)) * drop
+                        f = lr_factor(m, epoch - 1 + min(n_batches / n_expected, 1.0), n_expected) * drop
                         for group in opt.param_groups:
                             group["lr"] = m.lr * f
                     batch = to_device(batch, device)

@@ -58,8 +58,10 @@ Deviations from the paper and design choices its text leaves open:
 * the authors initialise the embedding tables with Xavier (very small values on large tables)
   and multiply every score by ``mult=300``; we start from N(0, 0.1²) and use no multiplier;
   the L2 term is on the ego embeddings of the step's pairs rather than on every table and
-  layer; the authors' decay of the learning rate (0.96 an epoch) is ``lr_schedule=step``,
-  ``lr_step=1``, ``lr_gamma=0.96`` in the YAML defaults;
+  layer; the authors decay the learning rate by 0.96 every ``trnNum // batch`` = 39 updates of
+  256 users (every 10,000 users trained, whatever the data set's size), as the YAML defaults do
+  (``lr_schedule=step``, ``lr_step_unit=update``, ``lr_step=39``, ``lr_gamma=0.96``; decaying per
+  epoch instead decays too slowly on large sets and too fast on small ones);
 * the graph used during training includes the pair being scored (as the authors' code: no edge
   is left out), and each epoch visits every user with a training row once (the authors draw
   ``trnNum=10000`` users an epoch);
