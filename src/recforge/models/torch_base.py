@@ -7,7 +7,7 @@ import torch
 
 from recforge.models.base import Recommender
 from recforge.training.device import check_precision, resolve_device
-from recforge.training.trainer import LR_SCHEDULES, Trainer, set_seed
+from recforge.training.trainer import LR_SCHEDULES, LR_STEP_UNITS, Trainer, set_seed
 
 
 class TorchRecommender(Recommender):
@@ -26,8 +26,8 @@ class TorchRecommender(Recommender):
     ``lr_step_unit=update``, as TensorFlow's staircase ``exponential_decay``) or ``plateau`` (times
     ``lr_gamma`` after every validation that does not improve on the best, as Keras's and FuxiCTR's
     reduce-on-plateau with ``lr_gamma=0.1``; early stopping still counts such validations), after a
-    linear warm-up of ``warmup_epochs`` (fractions allowed), updated at every batch. Models that hold tensors outside
-    their network move them in :meth:`on_device`.
+    linear warm-up of ``warmup_epochs`` (fractions allowed), updated at every batch. Models that hold
+    tensors outside their network move them in :meth:`on_device`.
 
     Attributes that are not hyper-parameters, set before ``fit`` by the caller: ``checkpoint_dir``
     (a folder: ``last.pt`` after every epoch, ``best.pt`` at every new best), ``resume_from`` (a
@@ -130,13 +130,11 @@ class TorchRecommender(Recommender):
             torch.set_num_threads(before)
 
     def _fit(self, split, valid):
+        from recforge.errors import ConfigError
+
         if self.lr_schedule not in LR_SCHEDULES:
-            from recforge.errors import ConfigError
-
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-        if getattr(self, "lr_step_unit", "epoch") not in ("epoch", "update"):
-            from recforge.errors import ConfigError
-
+        if getattr(self, "lr_step_unit", "epoch") not in LR_STEP_UNITS:
             raise ConfigError(f"lr_step_unit={self.lr_step_unit!r}: choose epoch (lr_step counts epochs) or update "
                               "(lr_step counts optimiser updates)")
         check_precision(self.precision, self.device_)

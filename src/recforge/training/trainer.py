@@ -38,6 +38,7 @@ from recforge.training import distributed
 from recforge.training.device import autocast, grad_scaler, to_device
 
 LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
+LR_STEP_UNITS = ("epoch", "update")  # what lr_step counts under lr_schedule=step
 CHECKPOINT_VERSION = 1
 
 log = logging.getLogger("recforge.train")
