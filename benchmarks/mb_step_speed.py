@@ -11,7 +11,8 @@ figures are process CPU seconds (not wall time: the machine may be shared), the 
 ``--rounds`` rounds that alternate which side runs first; the ratio ``REV / this checkout`` is the
 speed-up. Both sides run the same config (model defaults, ``epochs=1``, ``threads=1``, ``--set``
 overrides), so a change that keeps the model's arithmetic must show the same loss on both sides
-(printed). Results: ``benchmarks/results/mb_step_speed_<model>_<data>.json``.
+(printed). Each side's peak resident memory (the worker process's, data loading included) is recorded
+as well. Results: ``benchmarks/results/mb_step_speed_<model>_<data>.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,8 +72,9 @@ def worker(model: str, data: str, users: int, sets: list[str], steps: int | None
             est.score(hist.slice(lo, min(lo + 512, len(hist))))
     score_cpu = time.process_time() - t0
     epochs = (getattr(est, "history_", None) or {}).get("epochs") or [{}]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
     return {"fit_cpu_s": round(fit_cpu, 2), "score_cpu_s": round(score_cpu, 2), "users_scored": len(hist),
-            "epoch_loss": epochs[-1].get("loss")}
+            "epoch_loss": epochs[-1].get("loss"), "peak_mb": round(peak_mb, 1)}
 
 
 def export(rev: str, into: Path) -> Path:
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
             for name in order:
                 rows[name].append(run_side(sides[name], args))
                 print(f"round {r + 1} {name:>14s}: {rows[name][-1]}", flush=True)
-    med = {name: {k: statistics.median(x[k] for x in v) for k in ("fit_cpu_s", "score_cpu_s")}
+    keys = ("fit_cpu_s", "score_cpu_s", "peak_mb")
+    med = {name: {k: statistics.median(x[k] for x in v) for k in keys if all(k in x for x in v)}
            for name, v in rows.items()}
     new, old = med["this checkout"], med[args.against]
     res = {"model": args.model, "data": args.data, "against": args.against, "rounds": args.rounds,
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
     trained = f"{args.steps} training steps" if args.steps else "one training epoch"
     print(f"{trained}: {old['fit_cpu_s']:.1f} -> {new['fit_cpu_s']:.1f} CPU s "
           f"({res['speedup']['fit']:.2f}x); scoring {res['users_scored']} users: {old['score_cpu_s']:.1f} -> "
-          f"{new['score_cpu_s']:.1f} CPU s ({res['speedup']['score']:.2f}x)\nwrote {out}")
+          f"{new['score_cpu_s']:.1f} CPU s ({res['speedup']['score']:.2f}x); peak resident memory "
+          f"{old.get('peak_mb', float('nan')):.0f} -> {new.get('peak_mb', float('nan')):.0f} MB\nwrote {out}")
     return 0
 
 

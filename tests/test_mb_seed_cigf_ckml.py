@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 import recforge.models.multibehavior.cigf as cigf_module
 from mb_contract import assert_beats_popularity, assert_round_trip, ndcg
@@ -22,7 +23,8 @@ from recforge.data.split import leave_one_out
 from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
-from recforge.models.multibehavior.ckml import BehaviorAttention, edges_of, route
+from recforge.models.graph.propagation import EdgeList, edge_dot, edge_mm
+from recforge.models.multibehavior.ckml import BehaviorAttention, route
 from recforge.models.multibehavior.mbgcn import row_mean
 from recforge.models.registry import create
 from recforge.pipeline import eval_sets
@@ -139,10 +141,10 @@ def test_dynamic_routing_by_hand():
                       [[0.0, 1.0], [1.0, 1.0], [-1.0, 2.0], [5.0, -5.0]]])  # (K=2, m=4, d=2)
     src_of, tgt_of = [0, 1, 1], [0, 0, 1]  # edges (source → target)
     m = sp.csr_matrix((np.ones(3, dtype=np.float32), (tgt_of, src_of)), shape=(3, 4))
-    args = edges_of(m, "cpu")
+    args = EdgeList(m, "cpu")
     src = z[:, src_of]  # (K, E=3, d): each edge's source embeddings
     tgt = torch.tensor(tgt_of)
-    one = route(z, *args, iterations=1, temperature=1.0)
+    one = route(z, args, iterations=1, temperature=1.0)
     # one iteration: uniform routing, the plain mean of each target's sources
     torch.testing.assert_close(one[:, 0], src[:, :2].mean(1))
     torch.testing.assert_close(one[:, 1], src[:, 2])
@@ -161,20 +163,92 @@ def test_dynamic_routing_by_hand():
         for v in range(2):
             es = [e for e in range(3) if tgt[e] == v]
             expect[k, v] = sum(p[k, e] * s[k, e] for e in es) / sum(p[k, e] for e in es)
-    two = route(z, *args, iterations=2, temperature=0.5).numpy()
+    two = route(z, args, iterations=2, temperature=0.5).numpy()
     np.testing.assert_allclose(two, expect, rtol=1e-5, atol=1e-6)
     assert not np.allclose(two[:, 0], m1[:, 0])  # the routing moved the mean of target 0
     # a very high temperature keeps the routing uniform
-    torch.testing.assert_close(route(z, *args, iterations=3, temperature=1e6), one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(route(z, args, iterations=3, temperature=1e6), one, atol=1e-5, rtol=1e-5)
     # the gradient reaches the sources that send, and only them
     zg = z.clone().requires_grad_(True)
-    route(zg, *args, iterations=2, temperature=0.5).sum().backward()
+    route(zg, args, iterations=2, temperature=0.5).sum().backward()
     assert zg.grad[:, :3].abs().sum() > 0 and zg.grad[:, 3].abs().sum() == 0
     # sources whose interests are one shared vector (expanded): the routing stays the plain mean,
     # as the edge-by-edge computation on a materialised copy gives
     same = z[0].unsqueeze(0).expand(2, -1, -1)
-    torch.testing.assert_close(route(same, *args, iterations=3, temperature=0.5),
-                               route(same.contiguous(), *args, iterations=3, temperature=0.5))
+    torch.testing.assert_close(route(same, args, iterations=3, temperature=0.5),
+                               route(same.contiguous(), args, iterations=3, temperature=0.5))
+
+
+def _random_edges(seed: int, n: int = 7, m: int = 9, density: float = 0.35):
+    rng = np.random.default_rng(seed)
+    mat = sp.random(n, m, density=density, format="csr", random_state=rng, dtype=np.float32)
+    mat.data[:] = 1.0
+    keep = np.ones(n, dtype=np.float32)
+    keep[-1] = 0.0  # a target without edges
+    mat = sp.csr_matrix(sp.diags(keep) @ mat)
+    mat.eliminate_zeros()
+    mat.sort_indices()
+    coo = mat.tocoo()
+    return mat, torch.from_numpy(coo.col.astype(np.int64)), torch.from_numpy(coo.row.astype(np.int64))
+
+
+def test_edge_products_match_gathers_with_gradients():
+    """edge_mm and edge_dot against the same sums written with per-edge gathers, values and
+    gradients in every argument."""
+    mat, src, tgt = _random_edges(0)
+    edges = EdgeList(mat, "cpu")
+    assert torch.equal(edges.src, src) and torch.equal(edges.tgt, tgt)  # CSR order, as scipy's COO
+    gen = torch.Generator().manual_seed(0)
+    n, m = mat.shape
+    w = torch.rand(len(edges), generator=gen, requires_grad=True)
+    x = torch.randn(m, 3, generator=gen, requires_grad=True)
+    a = torch.randn(n, 3, generator=gen, requires_grad=True)
+    got = edge_mm(edges, w, x)
+    ref = torch.zeros(n, 3).index_add(0, tgt, w.unsqueeze(1) * x[src])
+    torch.testing.assert_close(got, ref)
+    up = torch.randn(n, 3, generator=gen)
+    g_got = torch.autograd.grad((got * up).sum(), (w, x))
+    g_ref = torch.autograd.grad((ref * up).sum(), (w, x))
+    for g1, g2 in zip(g_got, g_ref):
+        torch.testing.assert_close(g1, g2)
+    dots = edge_dot(edges, a, x)
+    ref = (a[tgt] * x[src]).sum(1)
+    torch.testing.assert_close(dots, ref)
+    up = torch.randn(len(edges), generator=gen)
+    g_got = torch.autograd.grad((dots * up).sum(), (a, x))
+    g_ref = torch.autograd.grad((ref * up).sum(), (a, x))
+    for g1, g2 in zip(g_got, g_ref):
+        torch.testing.assert_close(g1, g2)
+    # the row-mean weights: each target's sources averaged; the empty target stays 0
+    mean = edge_mm(edges, edges.mean, x.detach())
+    torch.testing.assert_close(mean, torch.from_numpy(row_mean(mat) @ x.detach().numpy()))
+    assert mean[-1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("iterations", [2, 3])
+def test_dynamic_routing_matches_per_edge_reference(iterations):
+    """route on a random graph against the routing written edge by edge with gathers (the sources'
+    (K, E, d) embeddings materialised), in value and in the gradient of the sources."""
+    mat, src, tgt = _random_edges(1)
+    n = mat.shape[0]
+    z = torch.randn(3, mat.shape[1], 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def reference(z):
+        zs = z[:, src]  # (K, E, d)
+        deg = torch.zeros(n).index_add(0, tgt, torch.ones(len(src))).clamp_min(1.0)
+        val = torch.zeros(3, n, 4).index_add(1, tgt, zs) / deg[:, None]
+        logits = torch.zeros(3, len(src))
+        for _ in range(iterations - 1):
+            logits = logits + (F.normalize(zs, dim=-1) * torch.tanh(F.normalize(val, dim=-1))[:, tgt]).sum(-1)
+            p = torch.softmax(logits / 0.7, 0)
+            den = torch.zeros(3, n).index_add(1, tgt, p)
+            val = torch.zeros(3, n, 4).index_add(1, tgt, (p / den[:, tgt].clamp_min(1e-12)).unsqueeze(-1) * zs)
+        return val
+
+    got, ref = route(z, EdgeList(mat, "cpu"), iterations, 0.7), reference(z)
+    torch.testing.assert_close(got, ref)
+    up = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(torch.autograd.grad((got * up).sum(), z)[0], torch.autograd.grad((ref * up).sum(), z)[0])
 
 
 def test_attention_across_behaviours_by_hand():

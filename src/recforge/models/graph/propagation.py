@@ -87,6 +87,116 @@ def sparse_mm(pair: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch
     return SparseMM.apply(a, a_t, x) if x.requires_grad else a @ x
 
 
+class EdgeList:
+    """The edges of a binary sparse (targets x sources) matrix, for products whose weights vary per
+    edge and per call (attention, routing): :func:`edge_mm` and :func:`edge_dot` work on torch
+    sparse CSR tensors built on these edges, so no (edges x dim) tensor is ever materialised.
+
+    ``src``/``tgt`` (E,): each edge's source and target, in CSR order (targets ascending);
+    ``mean`` (E,): ``1 / in-degree`` of the edge's target (the row-mean weights). The transposed
+    layout, needed only by backward passes, is built on first use."""
+
+    def __init__(self, m: sp.spmatrix, device=None):
+        m = sp.csr_matrix(m, dtype=np.float32, copy=True)
+        m.sum_duplicates()
+        m.eliminate_zeros()  # a stored 0 is no edge
+        m.sort_indices()
+        self.shape = m.shape
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.crow = torch.from_numpy(m.indptr.astype(np.int64)).to(dev)
+        self.src = torch.from_numpy(m.indices.astype(np.int64)).to(dev)
+        deg = np.diff(m.indptr)
+        tgt = np.repeat(np.arange(m.shape[0], dtype=np.int64), deg)
+        self.tgt = torch.from_numpy(tgt).to(dev)
+        self.mean = torch.from_numpy((1.0 / np.maximum(deg, 1)).astype(np.float32)[tgt]).to(dev)
+        self._pattern = self._t = None
+
+    def __len__(self) -> int:
+        return int(self.src.numel())
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The (targets x sources) CSR tensor with ``values`` (E,) on the edges."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(self.crow, self.src, values, size=self.shape)
+
+    def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        """The transposed (sources x targets) CSR tensor with ``values`` (E, in edge order) on the edges."""
+        if self._t is None:
+            perm = torch.argsort(self.src, stable=True)
+            crow = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=self.src.device)
+            crow[1:] = torch.cumsum(torch.bincount(self.src, minlength=self.shape[1]), 0)
+            self._t = (perm, crow, self.tgt[perm])
+        perm, crow, col = self._t
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(crow, col, values[perm], size=(self.shape[1], self.shape[0]))
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``⟨a[tgt[e]], b[src[e]]⟩`` per edge (E,), without gradient (a sampled dense-dense product)."""
+        if self._pattern is None:
+            self._pattern = self.matrix(torch.ones(len(self), dtype=a.dtype, device=a.device))
+        return torch.sparse.sampled_addmm(self._pattern, a.contiguous(), b.contiguous().T, beta=0.0).values()
+
+
+class EdgeMM(torch.autograd.Function):
+    """``out[v] = Σ_{e: tgt[e] = v} values[e] · x[src[e]]``, differentiable in ``values`` and ``x``."""
+
+    @staticmethod
+    def forward(ctx, edges, values, x):
+        ctx.edges = edges
+        ctx.save_for_backward(values, x)
+        return edges.matrix(values) @ x
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, x = ctx.saved_tensors
+        edges, grad = ctx.edges, grad.contiguous()
+        g_values = edges.dot(grad, x) if ctx.needs_input_grad[1] else None
+        g_x = edges.matrix_t(values) @ grad if ctx.needs_input_grad[2] else None
+        return None, g_values, g_x
+
+
+class EdgeDot(torch.autograd.Function):
+    """``⟨a[tgt[e]], b[src[e]]⟩`` per edge, differentiable in ``a`` and ``b``."""
+
+    @staticmethod
+    def forward(ctx, edges, a, b):
+        ctx.edges = edges
+        ctx.save_for_backward(a, b)
+        return edges.dot(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        edges, grad = ctx.edges, grad.contiguous()
+        g_a = edges.matrix(grad) @ b if ctx.needs_input_grad[1] else None
+        g_b = edges.matrix_t(grad) @ a if ctx.needs_input_grad[2] else None
+        return None, g_a, g_b
+
+
+def edge_mm(edges: EdgeList, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(targets, d): per target the sum of its sources' rows of ``x`` (sources, d) weighted by the
+    edges' ``values`` (E,); in fp32 (see :func:`spmm`)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return edge_mm(edges, values.float(), x.float())
+    if values.requires_grad or x.requires_grad:
+        return EdgeMM.apply(edges, values, x)
+    return edges.matrix(values) @ x
+
+
+def edge_dot(edges: EdgeList, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(E,): per edge the dot product of its target's row of ``a`` and its source's row of ``b``;
+    in fp32."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return edge_dot(edges, a.float(), b.float())
+    if a.requires_grad or b.requires_grad:
+        return EdgeDot.apply(edges, a, b)
+    return edges.dot(a, b)
+
+
 def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``adj @ x`` (symmetric ``adj``), differentiable in ``x``. Always in fp32: under mixed
     precision (``precision=bf16|fp16``) the sparse product leaves autocast, as sparse kernels

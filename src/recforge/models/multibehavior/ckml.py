@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recforge.errors import ConfigError
-from recforge.models.graph.propagation import sparse_mm, torch_pair
+from recforge.models.graph.propagation import EdgeList, edge_dot, edge_mm, sparse_mm, torch_pair
 from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, history_graphs,
                                                 params_version, row_mean)
 from recforge.models.multibehavior.cigf import LEAKY, SCORE_CHUNK, parse_loss_weights, user_pairs
@@ -109,47 +109,35 @@ KNOWLEDGE_FIX = ("set data.knowledge=co-interaction (item pairs that several use
                  "training part) or data.knowledge=category (items sharing a category), or give a triple file")
 
 
-def route(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, mean: tuple, iterations: int,
-          temperature: float) -> torch.Tensor:
+def route(z: torch.Tensor, edges: EdgeList, iterations: int, temperature: float) -> torch.Tensor:
     """Dynamic routing of edges among interests. ``z`` (K, m, d): the interest embeddings of the
-    source nodes; edge ``e`` goes from source ``src[e]`` to target ``tgt[e]``; ``mean``: the
-    :func:`sparse_mm` pair of the row-mean (targets x sources) matrix of those edges. Returns
-    (K, n, d): per interest, the routing-weighted mean of each target's incoming sources (0 without
-    any).
+    source nodes; ``edges``: the (targets x sources) :class:`EdgeList`. Returns (K, n, d): per
+    interest, the routing-weighted mean of each target's incoming sources (0 without any).
 
     The first iteration's routing weights are uniform, so its message is the plain mean of the
-    neighbours (a sparse product); the later ones gather per edge. The edge-level terms are kept to
-    what varies per edge: ``⟨ẑ_w, tanh(m̂_v)⟩`` is ``⟨z_w, tanh(m̂_v)⟩ / ‖z_w‖`` with ``tanh(m̂)``
-    computed per target node and ``‖z‖`` per source node, not per edge. Where every interest of the
-    sources is the same vector (``z`` expanded along K, as the users' first layer is), every edge
-    agrees equally with every interest, so the routing stays uniform: the mean, computed once."""
+    neighbours. The later ones need per-edge terms: the agreement ``⟨ẑ_w, tanh(m̂_v)⟩`` is a sampled
+    dense-dense product over the edges (:func:`edge_dot`) and the weighted mean a sparse product
+    with per-edge weights (:func:`edge_mm`), so only (K, E) logits are stored, never a (K, E, d)
+    gather of the sources. Where every interest of the sources is the same vector (``z`` expanded
+    along K, as the users' first layer is), every edge agrees equally with every interest, so the
+    routing stays uniform: the mean, computed once."""
     if z.shape[0] > 1 and z.stride(0) == 0:
-        return sparse_mm(mean, z[0]).unsqueeze(0).expand(z.shape[0], -1, -1)
-    val = torch.stack([sparse_mm(mean, z[k]) for k in range(z.shape[0])], 0)
+        return edge_mm(edges, edges.mean, z[0]).unsqueeze(0).expand(z.shape[0], -1, -1)
+    k = z.shape[0]
+    val = torch.stack([edge_mm(edges, edges.mean, z[i]) for i in range(k)], 0)
     if iterations == 1:
         return val
-    k, n, d = val.shape
-    zs = z.index_select(1, src)  # (K, E, d)
-    inv_norm = z.norm(dim=-1).clamp_min(1e-12).reciprocal().index_select(1, src)  # (K, E)
+    unit = F.normalize(z, dim=-1)
     logits = None
     for _ in range(iterations - 1):
-        agree = (zs * torch.tanh(F.normalize(val, dim=-1)).index_select(1, tgt)).sum(-1) * inv_norm
+        pull = torch.tanh(F.normalize(val, dim=-1))
+        agree = torch.stack([edge_dot(edges, pull[i], unit[i]) for i in range(k)], 0)  # (K, E)
         logits = agree if logits is None else logits + agree
         p = torch.softmax(logits / temperature, 0)
-        den = p.new_zeros(k, n).index_add(1, tgt, p)
-        w = p / den.index_select(1, tgt).clamp_min(1e-12)
-        val = zs.new_zeros(k, n, d).index_add(1, tgt, w.unsqueeze(-1) * zs)
+        den = p.new_zeros(k, edges.shape[0]).index_add(1, edges.tgt, p)
+        w = p / den.index_select(1, edges.tgt).clamp_min(1e-12)
+        val = torch.stack([edge_mm(edges, w[i], z[i]) for i in range(k)], 0)
     return val
-
-
-def edges_of(m: sp.csr_matrix, device) -> tuple:
-    """The routing arguments of a binary (targets x sources) matrix: ``(src, tgt, mean)`` (see :func:`route`)."""
-    m = sp.csr_matrix(m, copy=True)
-    m.eliminate_zeros()  # a stored 0 is no edge
-    coo = m.tocoo()
-    tgt = torch.from_numpy(coo.row.astype(np.int64)).to(device)
-    src = torch.from_numpy(coo.col.astype(np.int64)).to(device)
-    return src, tgt, torch_pair(row_mean(m), device)
 
 
 class BehaviorAttention(nn.Module):
@@ -241,13 +229,13 @@ class CKML(BehaviorAware, TorchRecommender):
 
     def graphs(self) -> dict:
         """Torch graphs on the model's device (built on first use): per behaviour the routing
-        arguments (:func:`edges_of`) into users and into items, and per relation the row-mean
+        edges (:class:`EdgeList`) into users and into items, and per relation the row-mean
         item → tail (and, for entity relations, entity → item) matrices."""
         g = getattr(self, "_graphs", None)
         if g is None:
             dev = self.device_
             # per behaviour: into users (sources: items) and into items (sources: users)
-            beh = [(edges_of(r, dev), edges_of(sp.csr_matrix(r.T), dev)) for r in self.user_graphs_]
+            beh = [(EdgeList(r, dev), EdgeList(r.T, dev)) for r in self.user_graphs_]
             kg = []
             for (_, kind, _), m in zip(self.relations_, self.relation_graphs_):
                 hops = [torch_pair(row_mean(m), dev)]
@@ -328,8 +316,8 @@ class CKML(BehaviorAware, TorchRecommender):
         for layer in range(self.n_layers):
             mu, mi = [], []
             for b, (into_users, into_items) in enumerate(g["edges"]):
-                mu.append(self.act(route(zi[b], *into_users, self.n_iterations, self.temperature)))
-                mi.append(self.act(route(zu[b], *into_items, self.n_iterations, self.temperature)))
+                mu.append(self.act(route(zi[b], into_users, self.n_iterations, self.temperature)))
+                mi.append(self.act(route(zu[b], into_items, self.n_iterations, self.temperature)))
             yu, yi = self.across_behaviors(layer, mu, "user"), self.across_behaviors(layer, mi, "item")
             zu = [z + y for z, y in zip(zu, yu)]
             zi = [z + y for z, y in zip(zi, yi)]
@@ -343,10 +331,10 @@ class CKML(BehaviorAware, TorchRecommender):
     def history_users(self, mats: list[sp.csr_matrix], item_layers: list) -> list[torch.Tensor]:
         """Per behaviour the ``r^{b,·}`` (K, batch, d) of history rows (``mats``: per behaviour the
         binary batch x items matrix)."""
-        edges = [edges_of(m, self.device_) for m in mats]
+        edges = [EdgeList(m, self.device_) for m in mats]
         out = None
         for layer in range(self.n_layers):
-            msgs = [self.act(route(item_layers[b][layer], *e, self.n_iterations, self.temperature))
+            msgs = [self.act(route(item_layers[b][layer], e, self.n_iterations, self.temperature))
                     for b, e in enumerate(edges)]
             y = self.across_behaviors(layer, msgs, "user")
             out = y if out is None else [o + v for o, v in zip(out, y)]
