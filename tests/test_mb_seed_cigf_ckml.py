@@ -251,6 +251,15 @@ def test_dynamic_routing_matches_per_edge_reference(iterations):
     torch.testing.assert_close(torch.autograd.grad((got * up).sum(), z)[0], torch.autograd.grad((ref * up).sum(), z)[0])
 
 
+def test_routing_over_no_edges_is_zero():
+    """A batch whose histories hold no row of a behaviour: no edge, a zero message, a zero gradient."""
+    z = torch.randn(2, 6, 3, requires_grad=True)
+    out = route(z, EdgeList(sp.csr_matrix((4, 6), dtype=np.float32), "cpu"), iterations=2, temperature=1.0)
+    assert out.shape == (2, 4, 3) and out.abs().sum() == 0
+    out.sum().backward()
+    assert z.grad.abs().sum() == 0
+
+
 def test_attention_across_behaviours_by_hand():
     att = BehaviorAttention(2, heads=1)
     with torch.no_grad():
