@@ -50,12 +50,16 @@ def normalized_adjacency(r: sp.spmatrix) -> sp.csr_matrix:
 def to_torch(a: sp.csr_matrix, device: torch.device | str | None = None) -> torch.Tensor:
     """A SciPy CSR matrix as a torch sparse CSR tensor (float32), on ``device`` (None: the CPU)."""
     a = sp.csr_matrix(a, dtype=np.float32)
+    t = csr_tensor(torch.from_numpy(a.indptr.astype(np.int64)), torch.from_numpy(a.indices.astype(np.int64)),
+                   torch.from_numpy(a.data), a.shape)
+    return t if device is None or torch.device(device).type == "cpu" else t.to(device)
+
+
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without its "sparse CSR support is in beta" warning."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        t = torch.sparse_csr_tensor(torch.from_numpy(a.indptr.astype(np.int64)),
-                                    torch.from_numpy(a.indices.astype(np.int64)),
-                                    torch.from_numpy(a.data), size=a.shape)
-        return t if device is None or torch.device(device).type == "cpu" else t.to(device)
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, size=size)
 
 
 class SparseMM(torch.autograd.Function):
@@ -116,9 +120,7 @@ class EdgeList:
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """The (targets x sources) CSR tensor with ``values`` (E,) on the edges."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self.crow, self.src, values, size=self.shape)
+        return csr_tensor(self.crow, self.src, values, self.shape)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
         """The transposed (sources x targets) CSR tensor with ``values`` (E, in edge order) on the edges."""
@@ -128,9 +130,7 @@ class EdgeList:
             crow[1:] = torch.cumsum(torch.bincount(self.src, minlength=self.shape[1]), 0)
             self._t = (perm, crow, self.tgt[perm])
         perm, crow, col = self._t
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.sparse_csr_tensor(crow, col, values[perm], size=(self.shape[1], self.shape[0]))
+        return csr_tensor(crow, col, values[perm], (self.shape[1], self.shape[0]))
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``⟨a[tgt[e]], b[src[e]]⟩`` per edge (E,), without gradient (a sampled dense-dense product)."""
