@@ -81,6 +81,13 @@ def run_lock(out: Path):
     return locked(out.parent / f".{out.name}.lock", wait=False, what=f"run folder {out}")
 
 
+def resumable(out: Path) -> Path | None:
+    """The ``.partial-*`` folder that a killed run of the (model, seed) run folder ``out`` left with a
+    checkpoint after some epoch (``checkpoints/last.pt``; the newest if several), or None."""
+    found = sorted(out.glob(".partial-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
+    return found[-1].parents[1] if found else None
+
+
 def row_key(row: dict) -> tuple:
     return row["name"], row["seed"]
 

@@ -5,6 +5,7 @@ tests outlive the run folders (tracked per-user tables), and rows a failed write
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -130,3 +131,47 @@ def test_merge_puts_back_printed_rows_and_counts_their_time_once(tmp_path):
     assert {(r["name"], r["run"]) for r in data["runs"]} == {("pop", "a"), ("grec", "c")} and data["wall_s"] == 15.0
     compare_jobs.merge_rows(out, log, write_rows(out))  # the same log again: the same file
     assert json.loads(out.read_text()) == data
+
+
+def test_resumable_finds_the_newest_partial_with_a_checkpoint(tmp_path):
+    out = tmp_path / "ckml-s0"
+    assert compare_jobs.resumable(out) is None  # no folder yet
+    (out / ".partial-ckml-aaa").mkdir(parents=True)  # killed before its first epoch ended: nothing to resume
+    assert compare_jobs.resumable(out) is None
+    for name, mtime in ((".partial-ckml-bbb", 100), (".partial-ckml-ccc", 200)):
+        ckpt = out / name / "checkpoints" / "last.pt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (mtime, mtime))
+    assert compare_jobs.resumable(out) == out / ".partial-ckml-ccc"
+
+
+def test_a_killed_comparison_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """mb_compare's worker with ``resume``: a run folder killed after epoch 2 (its partial folder, as a
+    kill leaves it) continues to epoch 3 and ends with the metrics of a run never interrupted; its row
+    says where it resumed, and no partial folder is left."""
+    import mb_compare
+    from recforge.data.synthetic import make_synthetic
+
+    log = tmp_path / "shop.csv"
+    make_synthetic(n_users=200, n_items=120, seed=3, behaviors=True).interactions.select(
+        "user_id", "item_id", "timestamp", "behavior").write_csv(log)
+    data = str(log)
+    monkeypatch.setattr(mb_compare, "run_dir", lambda data: tmp_path / "runs")
+    monkeypatch.setitem(mb_compare.CAPS, "lightgcn-buy", 2)
+    first = mb_compare.worker("lightgcn-buy", 0, data)
+    folder = tmp_path / "runs" / "lightgcn-buy-s0"
+    done = next(p for p in folder.iterdir() if p.is_dir())
+    assert (done / "checkpoints" / "last.pt").is_file() and first["epochs_run"] == 2
+    done.rename(folder / ".partial-lightgcn-killed")
+    (folder / ".partial-lightgcn-early").mkdir()  # a second kill, before any checkpoint: cleared
+
+    monkeypatch.setitem(mb_compare.CAPS, "lightgcn-buy", 3)
+    resumed = mb_compare.worker("lightgcn-buy", 0, data, resume=True)
+    assert resumed["resumed"]["after_epoch"] == 2 and resumed["epochs_run"] == 3
+    assert resumed["wall_s"] >= resumed["resumed"]["seconds_before"] > 0
+    assert [p.name for p in folder.iterdir()] == [Path(resumed["run"]).name]  # the partials are gone
+
+    fresh = mb_compare.worker("lightgcn-buy", 0, data, resume=True)  # nothing left to resume: starts over
+    assert "resumed" not in fresh and fresh["epochs_run"] == 3
+    assert fresh["full"] == resumed["full"] and fresh["sampled99"] == resumed["sampled99"]
