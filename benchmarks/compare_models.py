@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_jobs import (SAMPLED99_FILE, collect, fit_figures, merge_rows, paired, recorded_tests,  # noqa: E402
-                          run_lock, sampled99, summarise)
+                          resumable, resumed_from, run_lock, sampled99, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -148,6 +148,7 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
         partial = resumable(out)
         if partial is None:
             shutil.rmtree(out, ignore_errors=True)
+        earlier = resumed_from(partial)
         t0 = time.perf_counter()
         run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
                              resume=partial)
@@ -156,28 +157,9 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
     protocol = run.metrics.get("protocol", {})
     notes = {k: v for k, v in protocol.items() if k not in SKIP_NOTES and isinstance(v, (int, float, str, bool))}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
-            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall, earlier),
             "full": {k: round(float(full[k]), 4) for k in KEYS if k in full}, "n_users": int(full.get("n_users", 0)),
-            "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes,
-            **({"resumed": True} if partial is not None else {})}
-
-
-def resumable(out: Path) -> Path | None:
-    """The newest run folder a stopped (model, seed) run left in ``out`` (``.partial-*`` with its config
-    and last checkpoint), which the next call resumes instead of starting again; everything else in
-    ``out`` is removed. None when there is none. A resumed row's ``wall_s`` counts the resumed part only
-    (its epochs and seconds per epoch are the whole run's)."""
-    if not out.is_dir():
-        return None
-    stopped = sorted((p for p in out.glob(".partial-*")
-                      if (p / "config.yaml").is_file() and (p / "checkpoints" / "last.pt").is_file()),
-                     key=lambda p: p.stat().st_mtime)
-    if not stopped:
-        return None
-    for p in out.iterdir():
-        if p != stopped[-1]:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-    return stopped[-1]
+            "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes}
 
 
 def write(out: Path, family: str, data: str, rows: list[dict], wall: float, sets: dict[str, str]) -> None:

@@ -2,7 +2,7 @@
 full ranking and the labelled sampled-99 protocol, with paired tests.
 
     python benchmarks/mb_compare.py [--data retailrocket|tmall|taobao|PATH] [--seeds 0,1,2]
-                                    [--models NAME,...] [--budget SECONDS] [--fresh] [--resume]
+                                    [--models NAME,...] [--budget SECONDS] [--fresh]
 
 Data (``../shared/data``): ``retailrocket`` (``retailrocket-mb``: views, carts, purchases; the given
 ``train.csv``/``test.csv`` split), ``tmall`` (``tmall-mb``: favourites, carts, purchases, page views
@@ -28,10 +28,10 @@ Each (model, seed) runs in its own process (its peak resident memory is its own;
 at once, one thread each, so seconds per epoch are two-process figures) and keeps its run
 folder under ``benchmarks/results/runs/mb/<data>/`` (ignored by git), so a later call with other
 ``--models`` adds to the same table; ``--fresh`` starts over. Seconds per epoch are training only.
-A run killed part-way (a call stopped before its end) leaves its checkpoint after the last
-finished epoch; ``--resume`` continues it from there (the trainer's resumed runs end as uninterrupted
-ones would), and its row says so (``resumed``: the epoch, and the training seconds before the kill,
-which its wall time includes; its peak memory is the resumed process's).
+A run stopped part-way leaves its checkpoint after the last finished epoch, and the next call for the
+same (model, seed) resumes it from there (``compare_jobs.resumable``: the trainer's resumed runs end
+as uninterrupted ones would); its row says so (``resumed``: the epoch, and the training seconds before
+the stop, which its wall time includes; its peak memory is the resumed process's).
 
 Writes ``benchmarks/results/mb_<data>.json``.
 """
@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_jobs import (SAMPLED99_FILE, collect, fit_figures, merge_rows, paired, recorded_tests,  # noqa: E402
-                          resumable, run_lock, sampled99, summarise)
+                          resumable, resumed_from, run_lock, sampled99, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -97,42 +97,33 @@ def overrides_of(name: str, data: str, seed: int) -> dict:
     return o
 
 
-def worker(name: str, seed: int, data: str, resume: bool = False) -> dict:
-    """Train and evaluate one (model, seed) in this process; its row, and per-user tables on disk.
-    ``resume``: continue the run a killed call left (its ``.partial-*`` folder's last checkpoint)
-    instead of starting over; the row's ``resumed`` names the epoch, and its wall time adds the
-    training seconds done before the kill (the data loading and the epoch cut short are not counted)."""
+def worker(name: str, seed: int, data: str) -> dict:
+    """Train and evaluate one (model, seed) in this process; its row, and per-user tables on disk. A run
+    a stopped call left part-trained resumes from its last checkpoint (``resumable``)."""
     import recforge
-    from recforge.training.trainer import load_checkpoint
 
     model, _ = MODELS[name]
     overrides = overrides_of(name, data, seed)
     out = run_dir(data) / f"{name}-s{seed}"
     with run_lock(out):
-        partial = resumable(out) if resume else None
-        earlier = None
-        for old in out.iterdir() if out.is_dir() else ():
-            if old != partial:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        if partial is not None:
-            blob = load_checkpoint(partial)
-            earlier = {"after_epoch": int(blob["epoch"]), "seconds_before": round(blob["history"]["seconds"], 2)}
-            del blob
+        partial = resumable(out)
+        if partial is None:
+            shutil.rmtree(out, ignore_errors=True)
+        earlier = resumed_from(partial)
         t0 = time.perf_counter()
         run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
                              resume=partial)
-        wall = time.perf_counter() - t0 + (earlier["seconds_before"] if earlier else 0.0)
+        wall = time.perf_counter() - t0
     full = run.metrics["test"]
     protocol = run.metrics.get("protocol", {})
     pick = lambda m: {k: round(float(m[k]), 4) for k in KEYS if k in m}  # noqa: E731
     notes = {k: protocol[k] for k in ("knowledge", "subsequence_split", "params_tuned", "params_total",
                                       "tuned_share", "pretrain_seconds", "tune_train_seconds") if k in protocol}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
-            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall, earlier),
             "full": pick(full), "n_users": int(full.get("n_users", 0)), "sampled99": sampled99(run, KEYS),
             "protocol": {k: protocol.get(k) for k in ("exclude", "target_behavior", "ties", "behaviors")},
-            "split": protocol.get("split", {}).get("valid"), "notes": notes,
-            **({"resumed": earlier} if earlier else {})}
+            "split": protocol.get("split", {}).get("valid"), "notes": notes}
 
 
 def main(argv=None) -> int:
@@ -147,13 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", metavar="FILE", default=None,
                     help="merge the JSON rows in FILE (one per line, e.g. a log's rows that could not be written) "
                          "into the results file; run nothing")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue each (model, seed) that a killed call left part-trained from its last checkpoint "
-                         "(a run with none starts over)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.data, args.resume)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.data)))
         return 0
     label = args.data if args.data in DATASETS else Path(args.data).name
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"mb_{label}.json")
@@ -173,8 +161,7 @@ def main(argv=None) -> int:
         print(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
         return 2
     # seed by seed: an interrupted budget still has every model at the first seeds
-    collect(__file__, out, args.fresh, [(name, seed) for seed in seeds for name in names],
-            ["--data", args.data, *(["--resume"] if args.resume else [])],
+    collect(__file__, out, args.fresh, [(name, seed) for seed in seeds for name in names], ["--data", args.data],
             args.jobs, args.budget, lambda rows, wall: write(out, args.data, rows, wall),
             lambda r: f"{r['name']:13s} seed {r['seed']}  HR@10 {r['full']['hr@10']:.4f}  NDCG@10 {r['full']['ndcg@10']:.4f}  "
                       f"sampled-99 HR@10 {r['sampled99']['hr@10']:.4f}  {r['epochs_run']} epochs "

@@ -133,23 +133,27 @@ def test_merge_puts_back_printed_rows_and_counts_their_time_once(tmp_path):
     assert json.loads(out.read_text()) == data
 
 
-def test_resumable_finds_the_newest_partial_with_a_checkpoint(tmp_path):
+def test_resumable_takes_the_newest_stopped_run_and_clears_the_rest(tmp_path):
     out = tmp_path / "ckml-s0"
     assert compare_jobs.resumable(out) is None  # no folder yet
-    (out / ".partial-ckml-aaa").mkdir(parents=True)  # killed before its first epoch ended: nothing to resume
+    (out / ".partial-ckml-aaa").mkdir(parents=True)  # stopped before its first epoch ended: nothing to resume
     assert compare_jobs.resumable(out) is None
     for name, mtime in ((".partial-ckml-bbb", 100), (".partial-ckml-ccc", 200)):
         ckpt = out / name / "checkpoints" / "last.pt"
         ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(b"x")
+        (out / name / "config.yaml").write_text("model: {name: ckml}\n")
         os.utime(ckpt, (mtime, mtime))
+    (out / "2026-finished-run").mkdir()
     assert compare_jobs.resumable(out) == out / ".partial-ckml-ccc"
+    assert [p.name for p in out.iterdir()] == [".partial-ckml-ccc"]  # the rest is cleared
+    assert compare_jobs.resumed_from(None) == {}
 
 
 def test_a_killed_comparison_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    """mb_compare's worker with ``resume``: a run folder killed after epoch 2 (its partial folder, as a
-    kill leaves it) continues to epoch 3 and ends with the metrics of a run never interrupted; its row
-    says where it resumed, and no partial folder is left."""
+    """mb_compare's worker: a run folder killed after epoch 2 (its partial folder, as a kill leaves it)
+    continues to epoch 3 and ends with the metrics of a run never interrupted; its row says where it
+    resumed and counts the seconds before the stop, and no partial folder is left."""
     import mb_compare
     from recforge.data.synthetic import make_synthetic
 
@@ -167,11 +171,11 @@ def test_a_killed_comparison_run_resumes_to_the_uninterrupted_result(tmp_path, m
     (folder / ".partial-lightgcn-early").mkdir()  # a second kill, before any checkpoint: cleared
 
     monkeypatch.setitem(mb_compare.CAPS, "lightgcn-buy", 3)
-    resumed = mb_compare.worker("lightgcn-buy", 0, data, resume=True)
+    resumed = mb_compare.worker("lightgcn-buy", 0, data)
     assert resumed["resumed"]["after_epoch"] == 2 and resumed["epochs_run"] == 3
     assert resumed["wall_s"] >= resumed["resumed"]["seconds_before"] > 0
     assert [p.name for p in folder.iterdir()] == [Path(resumed["run"]).name]  # the partials are gone
 
-    fresh = mb_compare.worker("lightgcn-buy", 0, data, resume=True)  # nothing left to resume: starts over
+    fresh = mb_compare.worker("lightgcn-buy", 0, data)  # nothing left to resume: starts over
     assert "resumed" not in fresh and fresh["epochs_run"] == 3
     assert fresh["full"] == resumed["full"] and fresh["sampled99"] == resumed["sampled99"]
