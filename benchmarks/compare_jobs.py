@@ -85,30 +85,16 @@ def run_lock(out: Path):
 def resumable(out: Path) -> Path | None:
     """The newest run folder a stopped (model, seed) run left in ``out`` (``.partial-*`` with its config
     and last checkpoint), which the next call resumes instead of starting again (the trainer's resumed
-    runs end as uninterrupted ones would); everything else in ``out`` is removed. None when there is none."""
-    if not out.is_dir():
-        return None
+    runs end as uninterrupted ones would); everything else in ``out`` is removed, all of it when there
+    is none to resume (then None)."""
     stopped = sorted((p for p in out.glob(".partial-*")
                       if (p / "config.yaml").is_file() and (p / "checkpoints" / "last.pt").is_file()),
-                     key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime)
-    if not stopped:
-        return None
-    for p in out.iterdir():
-        if p != stopped[-1]:
+                     key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime) if out.is_dir() else []
+    keep = stopped[-1] if stopped else None
+    for p in out.iterdir() if out.is_dir() else ():
+        if p != keep:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-    return stopped[-1]
-
-
-def resumed_from(partial: Path | None) -> dict:
-    """For a run resumed from ``partial`` (:func:`resumable`): the epoch of its last checkpoint and the
-    training seconds done before the stop (training and validation, as the trainer counts them; the
-    data loading and the epoch cut short are not). Empty for None."""
-    if partial is None:
-        return {}
-    from recforge.training.trainer import load_checkpoint
-
-    blob = load_checkpoint(partial)
-    return {"after_epoch": int(blob["epoch"]), "seconds_before": round(float(blob["history"]["seconds"]), 2)}
+    return keep
 
 
 def row_key(row: dict) -> tuple:
@@ -186,13 +172,14 @@ def sampled99(run, keys) -> dict:
     return {k: round(float(res["test"][k]), 4) for k in keys if k in res["test"]}
 
 
-def fit_figures(run, wall: float, resumed: dict | None = None) -> dict:
+def fit_figures(run, wall: float) -> dict:
     """Epochs, best epoch, training seconds per epoch (training only), wall seconds and this
     process's peak resident memory (MB) of a finished :class:`recforge.Run`. A run resumed after a
-    stop (``resumed``, :func:`resumed_from`) adds the seconds before the stop to its wall time and
-    keeps ``resumed`` in its row; its peak memory is the resumed process's."""
+    stop (its history's ``resumed``: the epoch, and the trainer's seconds before the stop) adds those
+    seconds to its wall time and keeps ``resumed`` in its row; its peak memory is the resumed process's."""
     hist_path = Path(run.path) / "history.json"
-    epochs = json.loads(hist_path.read_text()).get("epochs", []) if hist_path.exists() else []
+    hist = json.loads(hist_path.read_text()) if hist_path.exists() else {}
+    epochs, resumed = hist.get("epochs", []), hist.get("resumed")
     train_s = sum(e.get("train_seconds", 0.0) for e in epochs)
     return {"epochs_run": len(epochs), "best_epoch": run.metrics.get("training", {}).get("best_epoch"),
             "s_per_epoch": round(train_s / max(len(epochs), 1), 3),

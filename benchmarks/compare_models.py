@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_jobs import (SAMPLED99_FILE, collect, fit_figures, merge_rows, paired, recorded_tests,  # noqa: E402
-                          resumable, resumed_from, run_lock, sampled99, summarise)
+                          resumable, run_lock, sampled99, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -146,9 +145,6 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
     out = run_dir(family, table_label(data, sets)) / f"{name}-s{seed}"
     with run_lock(out):
         partial = resumable(out)
-        if partial is None:
-            shutil.rmtree(out, ignore_errors=True)
-        earlier = resumed_from(partial)
         t0 = time.perf_counter()
         run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
                              resume=partial)
@@ -157,7 +153,7 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
     protocol = run.metrics.get("protocol", {})
     notes = {k: v for k, v in protocol.items() if k not in SKIP_NOTES and isinstance(v, (int, float, str, bool))}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
-            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall, earlier),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
             "full": {k: round(float(full[k]), 4) for k in KEYS if k in full}, "n_users": int(full.get("n_users", 0)),
             "protocol": {k: protocol.get(k) for k in ("exclude", "ties", "split")}, "notes": notes}
 

@@ -41,14 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_jobs import (SAMPLED99_FILE, collect, fit_figures, merge_rows, paired, recorded_tests,  # noqa: E402
-                          resumable, resumed_from, run_lock, sampled99, summarise)
+                          resumable, run_lock, sampled99, summarise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -107,9 +106,6 @@ def worker(name: str, seed: int, data: str) -> dict:
     out = run_dir(data) / f"{name}-s{seed}"
     with run_lock(out):
         partial = resumable(out)
-        if partial is None:
-            shutil.rmtree(out, ignore_errors=True)
-        earlier = resumed_from(partial)
         t0 = time.perf_counter()
         run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
                              resume=partial)
@@ -120,7 +116,7 @@ def worker(name: str, seed: int, data: str) -> dict:
     notes = {k: protocol[k] for k in ("knowledge", "subsequence_split", "params_tuned", "params_total",
                                       "tuned_share", "pretrain_seconds", "tune_train_seconds") if k in protocol}
     return {"name": name, "model": model, "seed": seed, "run": os.path.relpath(run.path, ROOT),
-            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall, earlier),
+            "overrides": {k: v for k, v in overrides.items() if k != "seed"}, **fit_figures(run, wall),
             "full": pick(full), "n_users": int(full.get("n_users", 0)), "sampled99": sampled99(run, KEYS),
             "protocol": {k: protocol.get(k) for k in ("exclude", "target_behavior", "ties", "behaviors")},
             "split": protocol.get("split", {}).get("valid"), "notes": notes}

@@ -137,7 +137,7 @@ def test_resumable_takes_the_newest_stopped_run_and_clears_the_rest(tmp_path):
     out = tmp_path / "ckml-s0"
     assert compare_jobs.resumable(out) is None  # no folder yet
     (out / ".partial-ckml-aaa").mkdir(parents=True)  # stopped before its first epoch ended: nothing to resume
-    assert compare_jobs.resumable(out) is None
+    assert compare_jobs.resumable(out) is None and not (out / ".partial-ckml-aaa").exists()
     for name, mtime in ((".partial-ckml-bbb", 100), (".partial-ckml-ccc", 200)):
         ckpt = out / name / "checkpoints" / "last.pt"
         ckpt.parent.mkdir(parents=True)
@@ -147,7 +147,8 @@ def test_resumable_takes_the_newest_stopped_run_and_clears_the_rest(tmp_path):
     (out / "2026-finished-run").mkdir()
     assert compare_jobs.resumable(out) == out / ".partial-ckml-ccc"
     assert [p.name for p in out.iterdir()] == [".partial-ckml-ccc"]  # the rest is cleared
-    assert compare_jobs.resumed_from(None) == {}
+    (out / ".partial-ckml-ccc" / "checkpoints" / "last.pt").unlink()  # nothing left to resume: all cleared
+    assert compare_jobs.resumable(out) is None and not any(out.iterdir())
 
 
 def test_a_killed_comparison_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):

@@ -154,6 +154,11 @@ def test_cli_resume_extends_a_finished_run(tmp_path, capsys):
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (full, resumed))
     assert b["resumed_from"] == str(short)
     assert a["test"]["ndcg@10"] == b["test"]["ndcg@10"] and a["valid"] == b["valid"]
+    # the history names the checkpoint's epoch and the seconds counted before it (a fresh run has neither)
+    short_hist = json.loads((short / "history.json").read_text())
+    mark = json.loads((resumed / "history.json").read_text())["resumed"]
+    assert mark["after_epoch"] == 2 and 0 < mark["seconds_before"] <= short_hist["seconds"]  # as of its last checkpoint
+    assert "resumed" not in short_hist
 
 
 KILL_AT_EPOCH_2 = """

@@ -15,7 +15,8 @@ optimiser, gradient scaler, every random generator the run draws from, the early
 the curve so far and the best weights) and ``best.pt`` at every new best; both are written to a
 temporary file and renamed, so a crash never leaves a torn checkpoint. ``resume_from=last.pt``
 continues from the epoch after it, and ends with the same weights and metrics as a run that was
-never interrupted.
+never interrupted; its history's ``resumed`` names the checkpoint's epoch and the
+seconds counted before it.
 """
 
 from __future__ import annotations
@@ -59,11 +60,14 @@ class TrainHistory:
     interrupted: bool = False
     stopped_early: bool = False
     seconds: float = 0.0
+    #: for a resumed run: the epoch of the checkpoint it continued from and the seconds counted before it
+    resumed: dict | None = None
 
     def as_dict(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_metric": self.best_metric,
                 "interrupted": self.interrupted, "stopped_early": self.stopped_early,
-                "seconds": round(self.seconds, 2), "epochs": self.epochs}
+                "seconds": round(self.seconds, 2), **({"resumed": self.resumed} if self.resumed else {}),
+                "epochs": self.epochs}
 
 
 def lr_factor(model, t: float, updates_per_epoch: int = 1) -> float:
@@ -192,6 +196,7 @@ class Trainer:
         h = blob["history"]
         hist.epochs, hist.best_epoch, hist.best_metric = list(h["epochs"]), h["best_epoch"], h["best_metric"]
         hist.seconds = h.get("seconds", 0.0)
+        hist.resumed = {"after_epoch": int(blob["epoch"]), "seconds_before": round(hist.seconds, 2)}
         log.info("resumed from %s after epoch %d", self.resume_from, blob["epoch"])
         return blob["epoch"], blob["best"], blob["bad"]
 
