@@ -124,19 +124,21 @@ def route(z: torch.Tensor, edges: EdgeList, iterations: int, temperature: float)
     if z.shape[0] > 1 and z.stride(0) == 0:
         return edge_mm(edges, edges.mean, z[0]).unsqueeze(0).expand(z.shape[0], -1, -1)
     k = z.shape[0]
-    val = torch.stack([edge_mm(edges, edges.mean, z[i]) for i in range(k)], 0)
+    # per interest by unbind (its gradient is a stack; indexing would zero-fill all K in the backward pass)
+    zs = z.unbind(0)
+    val = torch.stack([edge_mm(edges, edges.mean, zk) for zk in zs], 0)
     if iterations == 1:
         return val
-    unit = F.normalize(z, dim=-1)
+    unit = F.normalize(z, dim=-1).unbind(0)
     logits = None
     for _ in range(iterations - 1):
-        pull = torch.tanh(F.normalize(val, dim=-1))
-        agree = torch.stack([edge_dot(edges, pull[i], unit[i]) for i in range(k)], 0)  # (K, E)
+        pull = torch.tanh(F.normalize(val, dim=-1)).unbind(0)
+        agree = torch.stack([edge_dot(edges, pk, uk) for pk, uk in zip(pull, unit)], 0)  # (K, E)
         logits = agree if logits is None else logits + agree
         p = torch.softmax(logits / temperature, 0)
         den = p.new_zeros(k, edges.shape[0]).index_add(1, edges.tgt, p)
-        w = p / den.index_select(1, edges.tgt).clamp_min(1e-12)
-        val = torch.stack([edge_mm(edges, w[i], z[i]) for i in range(k)], 0)
+        w = (p / den.index_select(1, edges.tgt).clamp_min(1e-12)).unbind(0)
+        val = torch.stack([edge_mm(edges, wk, zk) for wk, zk in zip(w, zs)], 0)
     return val
 
 
@@ -152,11 +154,26 @@ class BehaviorAttention(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``T`` tokens are few (one per behaviour) and the nodes many, so the (T x T) scores and
+        the weighted sums are elementwise products over token pairs, each over all nodes at once: a
+        batched product of (n x heads) tiny matrices costs several times more on a CPU."""
         t, n, d = x.shape
         h = self.heads
-        q, k, v = (f(x).view(t, n, h, d // h) for f in (self.q, self.k, self.v))
-        att = torch.softmax(torch.einsum("anhe,bnhe->nhab", q, k) / (d / h) ** 0.5, -1)
-        return torch.einsum("nhab,bnhe->anhe", att, v).reshape(t, n, d)
+        # per token (n, h, d / h), by unbind: its gradient is a stack, where indexing would zero-fill
+        q, k, v = (f(x).view(t, n, h, d // h).unbind(0) for f in (self.q, self.k, self.v))
+        scale = (d / h) ** -0.5
+        out = []
+        for qa in q:
+            # token a's scores against every token b (n, h each), their softmax over b written out
+            # (a softmax along a last dimension of T elements is slow), then the weighted sum of values
+            scores = [(qa * kb).sum(-1) * scale for kb in k]
+            top = scores[0]
+            for sc in scores[1:]:
+                top = torch.maximum(top, sc)
+            ex = [torch.exp(sc - top) for sc in scores]
+            total = sum(ex)
+            out.append(sum((e / total).unsqueeze(-1) * vb for e, vb in zip(ex, v)))
+        return torch.stack(out, 0).reshape(t, n, d)
 
 
 class CKML(BehaviorAware, TorchRecommender):
@@ -299,10 +316,16 @@ class CKML(BehaviorAware, TorchRecommender):
         if s == self.n_interests:
             return msgs
         att = (self.net_.att_user if side == "user" else self.net_.att_item)[layer]
-        x = torch.stack(msgs, 0)  # (T, K, n, d)
-        shared = [att[k - s](x[:, k]) + x[:, k].sum(0, keepdim=True) for k in range(s, self.n_interests)]
-        sh = torch.stack(shared, 1)  # (T, K - S, n, d)
-        return [torch.cat([x[b, :s], sh[b]], 0) for b in range(len(msgs))]
+        # per behaviour its K interests (n, d) by unbind, whose gradient is a stack: slicing a stacked
+        # (T, K, n, d) tensor would zero-fill the whole of it in the backward pass once per slice
+        parts = [m.unbind(0) for m in msgs]
+        out = [list(p[:s]) for p in parts]
+        for k in range(s, self.n_interests):
+            tokens = torch.stack([p[k] for p in parts], 0)  # (T, n, d)
+            y = att[k - s](tokens) + tokens.sum(0, keepdim=True)
+            for b, yb in enumerate(y.unbind(0)):
+                out[b].append(yb)
+        return [torch.stack(o, 0) for o in out]
 
     def propagate(self) -> tuple[list, list, list, list]:
         """Over the training graph: per behaviour the users' and items' ``r^{b,·}`` (K, n, d), the
