@@ -24,6 +24,7 @@ from recforge.data.synthetic import make_synthetic
 from recforge.errors import ConfigError
 from recforge.evaluation.batch import Histories
 from recforge.models.graph.propagation import EdgeList, edge_dot, edge_mm
+from recforge.models.multibehavior.base import softmax_parts
 from recforge.models.multibehavior.ckml import BehaviorAttention, route
 from recforge.models.multibehavior.mbgcn import row_mean
 from recforge.models.registry import create
@@ -132,6 +133,21 @@ def test_mesi_gates_by_hand(tiny, monkeypatch):
         pair = m.mesi(task, [x[[1, 2]] for x in u], [x[[3, 5]] for x in it]).numpy()
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pair, [expect[1, 3], expect[2, 5]], rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_across_parts_is_the_softmax_and_its_gradient():
+    """The elementwise softmax across a list of tensors (the scoring of MESI and CKML's attention)
+    against torch.softmax over a stacked last axis, in value and gradient, with logits large
+    enough that an exponential without the shift would overflow."""
+    x = (torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)) * 50).requires_grad_()
+    w = torch.randn(3, 5, 4)
+    got = softmax_parts(list(x.unbind(0)))
+    ref = torch.softmax(x.permute(1, 2, 0), -1).permute(2, 0, 1)
+    torch.testing.assert_close(torch.stack(got, 0), ref)
+    g_got, = torch.autograd.grad(sum((g * wk).sum() for g, wk in zip(got, w)), x)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g_got, g_ref)
+    assert torch.isfinite(torch.stack(got)).all()
 
 
 def test_dynamic_routing_by_hand():

@@ -122,6 +122,21 @@ def history_graphs(model, hist) -> list[sp.csr_matrix]:
     return mats
 
 
+def softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The softmax across a few same-shaped tensors: part ``k`` of the result is
+    ``exp(x_k) / Σ_j exp(x_j)``, elementwise. For a softmax over a short axis (a handful of
+    behaviours or tokens) whose other axes are large: ``torch.softmax`` along a last axis of three
+    elements costs several times these elementwise operations on a CPU."""
+    top = parts[0]
+    for x in parts[1:]:
+        top = torch.maximum(top, x)
+    ex = [torch.exp(x - top) for x in parts]
+    total = ex[0]
+    for e in ex[1:]:
+        total = total + e
+    return [e / total for e in ex]
+
+
 def params_version(net) -> tuple:
     """Changes whenever a parameter of ``net`` is updated in place (a key for cached item tables)."""
     return tuple((id(p), p._version) for p in net.parameters())

@@ -81,7 +81,8 @@ from torch import nn
 
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import sparse_mm, to_torch, torch_pair
-from recforge.models.multibehavior.base import BehaviorAware, behavior_graphs, history_graphs, params_version, row_mean
+from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, history_graphs, params_version, row_mean,
+                                                softmax_parts)
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs, sample_negatives
 
@@ -239,15 +240,15 @@ class CIGF(BehaviorAware, TorchRecommender):
         item axis in chunks so that no (B, chunk, T) tensor exceeds :data:`SCORE_CHUNK` values."""
         lin = self.net_.gate[task]
         d = users[task].shape[1]
-        gu = users[task] @ lin.weight[:, :d].T + lin.bias  # (B, T)
-        gi = items[task] @ lin.weight[:, d:].T  # (N, T)
+        gu = (users[task] @ lin.weight[:, :d].T + lin.bias).T.contiguous()  # (T, B)
+        gi = (items[task] @ lin.weight[:, d:].T).T.contiguous()  # (T, N)
         n_b, n_i, t = users[0].shape[0], items[0].shape[0], len(users)
         step = max(1, SCORE_CHUNK // max(1, n_b * t))
         out = users[0].new_empty(n_b, n_i)
         for lo in range(0, n_i, step):
             hi = min(n_i, lo + step)
-            gate = torch.softmax(gu[:, None, :] + gi[None, lo:hi, :], -1)  # (B, chunk, T)
-            out[:, lo:hi] = sum(gate[..., k] * (u @ i[lo:hi].T) for k, (u, i) in enumerate(zip(users, items)))
+            gate = softmax_parts([gu[k, :, None] + gi[k, None, lo:hi] for k in range(t)])  # T x (B, chunk)
+            out[:, lo:hi] = sum(g * (u @ i[lo:hi].T) for g, u, i in zip(gate, users, items))
         return out
 
     # ---- training -------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ from torch import nn
 from recforge.errors import ConfigError
 from recforge.models.graph.propagation import EdgeList, edge_dot, edge_mm, sparse_mm, torch_pair
 from recforge.models.multibehavior.base import (BehaviorAware, behavior_graphs, binary_rows, history_graphs,
-                                                params_version, row_mean)
+                                                params_version, row_mean, softmax_parts)
 from recforge.models.multibehavior.cigf import LEAKY, SCORE_CHUNK, parse_loss_weights, user_pairs
 from recforge.models.torch_base import TorchRecommender
 from recforge.training.samplers import SeenPairs
@@ -164,15 +164,9 @@ class BehaviorAttention(nn.Module):
         scale = (d / h) ** -0.5
         out = []
         for qa in q:
-            # token a's scores against every token b (n, h each), their softmax over b written out
-            # (a softmax along a last dimension of T elements is slow), then the weighted sum of values
-            scores = [(qa * kb).sum(-1) * scale for kb in k]
-            top = scores[0]
-            for sc in scores[1:]:
-                top = torch.maximum(top, sc)
-            ex = [torch.exp(sc - top) for sc in scores]
-            total = sum(ex)
-            out.append(sum((e / total).unsqueeze(-1) * vb for e, vb in zip(ex, v)))
+            # token a's scores against every token b (n, h each), their softmax over b, the weighted values
+            weights = softmax_parts([(qa * kb).sum(-1) * scale for kb in k])
+            out.append(sum(w.unsqueeze(-1) * vb for w, vb in zip(weights, v)))
         return torch.stack(out, 0).reshape(t, n, d)
 
 
