@@ -82,14 +82,14 @@ def run_lock(out: Path):
     return locked(out.parent / f".{out.name}.lock", wait=False, what=f"run folder {out}")
 
 
-def resumable(out: Path) -> Path | None:
+def resumable(out: Path, resume: bool = True) -> Path | None:
     """The newest run folder a stopped (model, seed) run left in ``out`` (``.partial-*`` with its config
     and last checkpoint), which the next call resumes instead of starting again (the trainer's resumed
     runs end as uninterrupted ones would); everything else in ``out`` is removed, all of it when there
-    is none to resume (then None)."""
+    is none to resume, or with ``resume=False`` (a ``--fresh`` call starts its runs over), and then None."""
     stopped = sorted((p for p in out.glob(".partial-*")
                       if (p / "config.yaml").is_file() and (p / "checkpoints" / "last.pt").is_file()),
-                     key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime) if out.is_dir() else []
+                     key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime) if out.is_dir() and resume else []
     keep = stopped[-1] if stopped else None
     for p in out.iterdir() if out.is_dir() else ():
         if p != keep:
@@ -123,7 +123,8 @@ def merge_rows(out: Path, source: Path, write) -> int:
 def collect(script: str, out: Path, fresh: bool, pairs: list[tuple[str, int]], extra_args: list[str], jobs: int,
             budget: float | None, write, line) -> None:
     """:func:`run_jobs` whose rows are merged into the results file ``out`` as they finish: the rows
-    already there are kept (``fresh``: those there at the start are dropped), a (name, seed) run
+    already there are kept (``fresh``: those there at the start are dropped, and the workers get
+    ``--fresh``, so a stopped run starts over instead of resuming), a (name, seed) run
     again replaces its row, and rows another call adds meanwhile are kept (each write re-reads the
     file under its lock). ``write(rows, wall_seconds)`` writes the file, ``line(row)`` is the
     progress line printed per row."""
@@ -153,7 +154,7 @@ def collect(script: str, out: Path, fresh: bool, pairs: list[tuple[str, int]], e
             print(f"could not write {out} ({type(exc).__name__}: {exc}); the row, to merge by hand:\n"
                   f"{json.dumps(row)}", file=sys.stderr, flush=True)
 
-    run_jobs(script, pairs, extra_args, jobs, budget, on_row)
+    run_jobs(script, pairs, [*extra_args, "--fresh"] if fresh else extra_args, jobs, budget, on_row)
     save()
     print(f"wrote {out}")
 

@@ -133,8 +133,10 @@ def table_label(data: str, sets: dict[str, str]) -> str:
     return "_".join([label] + [f"{k}{v}" for k, v in sets.items()])
 
 
-def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | None = None) -> dict:
-    """Train and evaluate one (model, seed) in this process; its row (per-user table in the run folder)."""
+def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | None = None,
+           fresh: bool = False) -> dict:
+    """Train and evaluate one (model, seed) in this process; its row (per-user table in the run folder).
+    A run a stopped call left part-trained resumes from its last checkpoint, unless ``fresh``."""
     import recforge
 
     sets = sets or {}
@@ -144,7 +146,7 @@ def worker(family: str, name: str, seed: int, data: str, sets: dict[str, str] | 
         overrides.update(threads=1, device="cpu", **sets)
     out = run_dir(family, table_label(data, sets)) / f"{name}-s{seed}"
     with run_lock(out):
-        partial = resumable(out)
+        partial = resumable(out, resume=not fresh)
         t0 = time.perf_counter()
         run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
                              resume=partial)
@@ -226,7 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="default: every model of the family")
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
-    ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
+    ap.add_argument("--fresh", action="store_true",
+                    help="forget earlier rows of this data set and start stopped runs over")
     ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every trained model of this call (e.g. epochs=120); names the results file")
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sets = parse_sets(args.set)
     if args.worker:
-        print(json.dumps(worker(args.family, args.worker[0], int(args.worker[1]), args.data, sets)))
+        print(json.dumps(worker(args.family, args.worker[0], int(args.worker[1]), args.data, sets, args.fresh)))
         return 0
     label = table_label(args.data, sets)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.family}_{label}.json")

@@ -29,9 +29,10 @@ at once, one thread each, so seconds per epoch are two-process figures) and keep
 folder under ``benchmarks/results/runs/mb/<data>/`` (ignored by git), so a later call with other
 ``--models`` adds to the same table; ``--fresh`` starts over. Seconds per epoch are training only.
 A run stopped part-way leaves its checkpoint after the last finished epoch, and the next call for the
-same (model, seed) resumes it from there (``compare_jobs.resumable``: the trainer's resumed runs end
-as uninterrupted ones would); its row says so (``resumed``: the epoch, and the training seconds before
-the stop, which its wall time includes; its peak memory is the resumed process's).
+same (model, seed) resumes it from there, unless the call is ``--fresh`` (``compare_jobs.resumable``:
+the trainer's resumed runs end as uninterrupted ones would); its row says so (``resumed``: the epoch,
+and the training seconds before the stop, which its wall time includes; its peak memory is the resumed
+process's).
 
 Writes ``benchmarks/results/mb_<data>.json``.
 """
@@ -96,16 +97,16 @@ def overrides_of(name: str, data: str, seed: int) -> dict:
     return o
 
 
-def worker(name: str, seed: int, data: str) -> dict:
+def worker(name: str, seed: int, data: str, fresh: bool = False) -> dict:
     """Train and evaluate one (model, seed) in this process; its row, and per-user tables on disk. A run
-    a stopped call left part-trained resumes from its last checkpoint (``resumable``)."""
+    a stopped call left part-trained resumes from its last checkpoint (``resumable``), unless ``fresh``."""
     import recforge
 
     model, _ = MODELS[name]
     overrides = overrides_of(name, data, seed)
     out = run_dir(data) / f"{name}-s{seed}"
     with run_lock(out):
-        partial = resumable(out)
+        partial = resumable(out, resume=not fresh)
         t0 = time.perf_counter()
         run = recforge.train(model, data=str(DATASETS.get(data, data)), overrides=overrides, out=out, verbose=False,
                              resume=partial)
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=None, help="no new run after this many seconds")
-    ap.add_argument("--fresh", action="store_true", help="forget earlier rows of this data set")
+    ap.add_argument("--fresh", action="store_true",
+                    help="forget earlier rows of this data set and start stopped runs over")
     ap.add_argument("--jobs", type=int, default=1, help="(model, seed) runs at once, one thread each")
     ap.add_argument("--merge", metavar="FILE", default=None,
                     help="merge the JSON rows in FILE (one per line, e.g. a log's rows that could not be written) "
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.data)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.data, args.fresh)))
         return 0
     label = args.data if args.data in DATASETS else Path(args.data).name
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"mb_{label}.json")

@@ -151,6 +151,24 @@ def test_resumable_takes_the_newest_stopped_run_and_clears_the_rest(tmp_path):
     assert compare_jobs.resumable(out) is None and not any(out.iterdir())
 
 
+def test_fresh_starts_stopped_runs_over(tmp_path, monkeypatch):
+    """resumable(resume=False) clears a run folder that holds a checkpoint, and a --fresh call hands
+    --fresh to its workers (so their stopped runs start over); a plain call does not."""
+    out = tmp_path / "ckml-s0"
+    ckpt = out / ".partial-ckml-aaa" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    (out / ".partial-ckml-aaa" / "config.yaml").write_text("model: {name: ckml}\n")
+    assert compare_jobs.resumable(out, resume=False) is None and not any(out.iterdir())
+
+    calls = []
+    monkeypatch.setattr(compare_jobs, "run_jobs", lambda script, pairs, extra, *rest: calls.append(extra))
+    results = tmp_path / "mb_x.json"
+    for fresh in (True, False):
+        compare_jobs.collect("x.py", results, fresh, [("ckml", 0)], ["--data", "x"], 1, None, write_rows(results), str)
+    assert calls == [["--data", "x", "--fresh"], ["--data", "x"]]
+
+
 def test_a_killed_comparison_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """mb_compare's worker: a run folder killed after epoch 2 (its partial folder, as a kill leaves it)
     continues to epoch 3 and ends with the metrics of a run never interrupted; its row says where it
@@ -177,6 +195,8 @@ def test_a_killed_comparison_run_resumes_to_the_uninterrupted_result(tmp_path, m
     assert resumed["wall_s"] >= resumed["resumed"]["seconds_before"] > 0
     assert [p.name for p in folder.iterdir()] == [Path(resumed["run"]).name]  # the partials are gone
 
-    fresh = mb_compare.worker("lightgcn-buy", 0, data)  # nothing left to resume: starts over
+    (folder / Path(resumed["run"]).name).rename(folder / ".partial-lightgcn-again")  # a checkpoint to resume...
+    fresh = mb_compare.worker("lightgcn-buy", 0, data, fresh=True)  # ...which a --fresh call starts over
     assert "resumed" not in fresh and fresh["epochs_run"] == 3
+    assert [p.name for p in folder.iterdir()] == [Path(fresh["run"]).name]
     assert fresh["full"] == resumed["full"] and fresh["sampled99"] == resumed["sampled99"]
