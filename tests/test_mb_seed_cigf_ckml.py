@@ -239,6 +239,9 @@ def test_edge_products_match_gathers_with_gradients():
     mean = edge_mm(edges, edges.mean, x.detach())
     torch.testing.assert_close(mean, torch.from_numpy(row_mean(mat) @ x.detach().numpy()))
     assert mean[-1].abs().sum() == 0
+    # the same edges with vectors of another dtype afterwards (the edge pattern follows the dtype)
+    a64, x64 = a.detach().double(), x.detach().double()
+    torch.testing.assert_close(edge_dot(edges, a64, x64), (a64[tgt] * x64[src]).sum(1))
 
 
 @pytest.mark.parametrize("iterations", [2, 3])

@@ -134,7 +134,7 @@ class EdgeList:
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``⟨a[tgt[e]], b[src[e]]⟩`` per edge (E,), without gradient (a sampled dense-dense product)."""
-        if self._pattern is None:
+        if self._pattern is None or self._pattern.dtype != a.dtype or self._pattern.device != a.device:
             self._pattern = self.matrix(torch.ones(len(self), dtype=a.dtype, device=a.device))
         return torch.sparse.sampled_addmm(self._pattern, a.contiguous(), b.contiguous().T, beta=0.0).values()
 
