@@ -291,6 +291,28 @@ def test_attention_across_behaviours_by_hand():
     np.testing.assert_allclose(att(x)[:, 0].detach().numpy(), w @ v, rtol=1e-5)
 
 
+def test_ckml_last_layer_for_some_nodes_equals_the_whole_graph(tiny):
+    """A training step's propagation computes the last layer into its own users and items only: their
+    representations, and the gradient of anything computed from them, are the whole graph's."""
+    _, models = tiny
+    m = models["ckml"]
+    users, items = np.array([0, 3, 7, 20]), np.array([1, 2, 5, 11, 30])
+    some_u, some_i, _, _ = m.propagate(users, items)
+    all_u, all_i, _, _ = m.propagate()
+    for b in range(len(all_u)):
+        torch.testing.assert_close(some_u[b], all_u[b][:, users])
+        torch.testing.assert_close(some_i[b], all_i[b][:, items])
+    params = list(m.net_.parameters())
+    pick = lambda u, i: sum((x * y).sum() for x, y in zip(u, i))  # noqa: E731
+    g_some = torch.autograd.grad(pick(some_u, [x[:, :4] for x in some_i]), params, allow_unused=True)
+    g_all = torch.autograd.grad(pick([x[:, users] for x in all_u], [x[:, items[:4]] for x in all_i]), params,
+                                allow_unused=True)
+    for a, b in zip(g_some, g_all):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_ckml_shared_interest_mixes_behaviours(tiny):
     """A specific interest keeps its behaviour's message; a shared one is attention plus the sum
     over behaviours."""

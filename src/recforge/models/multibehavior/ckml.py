@@ -65,7 +65,8 @@ Deviations from the paper and design choices its text leaves open:
 * the authors' code adds a learned embedding of each interaction's time slot (5-day slots) to
   the routed embeddings; left out, because ranking-time histories carry no timestamps;
 * the authors train on a sampled subgraph of 15-25k users and items a step and score on another;
-  we propagate over the whole training graph every step;
+  we propagate over the whole training graph every step (the last layer only into the step's users
+  and sampled items, the only nodes the loss reads: the same values as over the whole graph);
 * knowledge: the authors' item-item graphs are per-behaviour co-interaction graphs and a
   same-category graph, each cut to 100k random pairs; here the relations of ``split.knowledge``
   (``co-interaction``: pairs more than N users had within a behaviour; ``category``: items sharing
@@ -240,20 +241,22 @@ class CKML(BehaviorAware, TorchRecommender):
 
     def graphs(self) -> dict:
         """Torch graphs on the model's device (built on first use): per behaviour the routing
-        edges (:class:`EdgeList`) into users and into items, and per relation the row-mean
-        item → tail (and, for entity relations, entity → item) matrices."""
+        edges (:class:`EdgeList`) into users and into items (and the scipy matrices they come from,
+        for the last layer's subsets), and per relation the row-mean item → tail (and, for entity
+        relations, entity → item) matrices."""
         g = getattr(self, "_graphs", None)
         if g is None:
             dev = self.device_
             # per behaviour: into users (sources: items) and into items (sources: users)
-            beh = [(EdgeList(r, dev), EdgeList(r.T, dev)) for r in self.user_graphs_]
+            mats = [(sp.csr_matrix(r), sp.csr_matrix(r.T)) for r in self.user_graphs_]
+            beh = [(EdgeList(a, dev), EdgeList(b, dev)) for a, b in mats]
             kg = []
             for (_, kind, _), m in zip(self.relations_, self.relation_graphs_):
                 hops = [torch_pair(row_mean(m), dev)]
                 if kind == "entity":
                     hops.insert(0, torch_pair(row_mean(sp.csr_matrix(m.T)), dev))  # entity ← items first
                 kg.append(hops)
-            g = self._graphs = {"edges": beh, "kg": kg}
+            g = self._graphs = {"edges": beh, "mats": mats, "kg": kg}
         return g
 
     def on_device(self, device: torch.device) -> None:
@@ -321,9 +324,16 @@ class CKML(BehaviorAware, TorchRecommender):
                 out[b].append(yb)
         return [torch.stack(o, 0) for o in out]
 
-    def propagate(self) -> tuple[list, list, list, list]:
+    def propagate(self, users: np.ndarray | None = None,
+                  items: np.ndarray | None = None) -> tuple[list, list, list, list]:
         """Over the training graph: per behaviour the users' and items' ``r^{b,·}`` (K, n, d), the
-        items' layer inputs ``z_0..z_{L-1}`` per behaviour, and the knowledge embeddings ``x^r``."""
+        items' layer inputs ``z_0..z_{L-1}`` per behaviour, and the knowledge embeddings ``x^r``.
+
+        With ``users`` / ``items`` (node ids), ``r`` is computed for those nodes only, in that order
+        (a training step needs its own users and sampled items): every layer but the last still runs
+        over every node, since the last one reads them, but the last layer's routing and attention
+        only into the given ones. A node's routing reads only its own incoming edges, so its values
+        are those of the whole graph's."""
         g, net = self.graphs(), self.net_
         kg = self.knowledge_items()
         zi = self.initial_items(kg)
@@ -331,14 +341,24 @@ class CKML(BehaviorAware, TorchRecommender):
         item_layers = [[z] for z in zi]
         out_u = out_i = None
         for layer in range(self.n_layers):
+            last = layer + 1 == self.n_layers
+            edges = g["edges"]
+            if last and (users is not None or items is not None):
+                edges = [(eu if users is None else EdgeList(mu_[users], self.device_),
+                          ei if items is None else EdgeList(mi_[items], self.device_))
+                         for (eu, ei), (mu_, mi_) in zip(g["edges"], g["mats"])]
+                if out_u is not None and users is not None:
+                    out_u = [o[:, torch.as_tensor(users, device=o.device)] for o in out_u]
+                if out_i is not None and items is not None:
+                    out_i = [o[:, torch.as_tensor(items, device=o.device)] for o in out_i]
             mu, mi = [], []
-            for b, (into_users, into_items) in enumerate(g["edges"]):
+            for b, (into_users, into_items) in enumerate(edges):
                 mu.append(self.act(route(zi[b], into_users, self.n_iterations, self.temperature)))
                 mi.append(self.act(route(zu[b], into_items, self.n_iterations, self.temperature)))
             yu, yi = self.across_behaviors(layer, mu, "user"), self.across_behaviors(layer, mi, "item")
-            zu = [z + y for z, y in zip(zu, yu)]
-            zi = [z + y for z, y in zip(zi, yi)]
-            if layer + 1 < self.n_layers:
+            if not last:  # the last layer's z would feed no further layer
+                zu = [z + y for z, y in zip(zu, yu)]
+                zi = [z + y for z, y in zip(zi, yi)]
                 for b, z in enumerate(zi):
                     item_layers[b].append(z)
             out_u = yu if out_u is None else [o + y for o, y in zip(out_u, yu)]
@@ -366,15 +386,20 @@ class CKML(BehaviorAware, TorchRecommender):
     def loss(self, batch):
         self._cache = None
         net = self.net_
-        users, items, _, kg = self.propagate()
+        # r only for the step's users and items (their positions in these sorted ids index it)
+        used = [p for b, p in enumerate(batch["pairs"]) if p.shape[1] and self.loss_weights_[b] != 0]
+        u_ids = torch.unique(torch.cat([p[0] for p in used])) if used else torch.zeros(0, dtype=torch.long)
+        i_ids = torch.unique(torch.cat([p[1:].reshape(-1) for p in used])) if used else u_ids
+        users, items, _, kg = self.propagate(u_ids.cpu().numpy(), i_ids.cpu().numpy())
         total = users[0].new_zeros(())
         l2 = users[0].new_zeros(())
         for b, pairs in enumerate(batch["pairs"]):
             if pairs.shape[1] == 0 or self.loss_weights_[b] == 0:
                 continue
             u, i, j = pairs
-            ub = users[b][:, u]
-            diff = self.predict(ub, items[b][:, i]) - self.predict(ub, items[b][:, j])
+            ub = users[b][:, torch.searchsorted(u_ids, u)]
+            diff = (self.predict(ub, items[b][:, torch.searchsorted(i_ids, i)])
+                    - self.predict(ub, items[b][:, torch.searchsorted(i_ids, j)]))
             n_users = torch.unique(u).numel()
             total = total + self.loss_weights_[b] * F.relu(self.margin - diff).sum() / n_users
             l2 = l2 + (net.user.weight[u].pow(2).sum() + net.item.weight[i].pow(2).sum()
