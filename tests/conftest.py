@@ -18,6 +18,9 @@ def _isolated_cache(tmp_path_factory):
     mp.setenv("RECFORGE_CACHE", str(tmp_path_factory.mktemp("recforge-cache")))
     # eager ranking in tests (no compile time per test process); test_ranking_kernel checks the fused path
     mp.setenv("RECFORGE_COMPILE", "0")
+    # ranx (the metrics cross-check, imported inside its tests) compiles each metric with numba on first
+    # use: 147 s of a fresh environment's run on 2 busy cores; interpreted, the same checks take seconds
+    mp.setenv("NUMBA_DISABLE_JIT", "1")
     # tiny tensors: one thread avoids oversubscription when the machine is busy
     import torch
 

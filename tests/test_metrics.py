@@ -7,7 +7,6 @@ Every expected value below is worked out by hand from the 1-based target ranks.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -251,10 +250,6 @@ def test_many_target_slots_match_brute_force_with_padding_duplicates_and_some_ti
 
 # ---- cross-check with ranx -------------------------------------------------------------------
 
-# ranx compiles every metric with numba on first use (about 2 minutes of a fresh environment's test
-# run on 2 cores); interpreted, its same code checks these 50 users in seconds. Only ranx uses numba
-# here, and it is imported inside the tests below, after this is set.
-os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
 def _ranx_setup(seed=0, n_users=50, n_items=200):
     rng = np.random.default_rng(seed)
